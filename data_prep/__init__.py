@@ -1,0 +1,1 @@
+"""Converters from source datasets into fedsilo shard sets (thin over fedsilo.shards)."""

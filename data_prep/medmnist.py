@@ -1,0 +1,94 @@
+"""MedMNIST v2 ``.npz`` files (Yang et al., "MedMNIST v2", Scientific Data 10, 41, 2023).
+
+Any 2-D MedMNIST set works: keys ``{train,val,test}_{images,labels}`` with images
+(N, H, W) for grayscale or (N, H, W, 3) for RGB, and labels (N, 1).  Multi-label sets
+(ChestMNIST, labels (N, 14)) are refused: fedsilo trains single-label classifiers.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.source import SOURCE_SPLITS, SourceData
+from fedsilo.errors import DataError
+from fedsilo.shards import sha256_file
+
+
+def load_medmnist(npz_path: str | os.PathLike[str]) -> SourceData:
+    """Load a MedMNIST 2-D ``.npz`` as uint8 NCHW images and int64 labels."""
+    path = Path(npz_path)
+    if not path.is_file():
+        raise DataError(f"MedMNIST file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            missing = [k for k in ("train_images", "train_labels") if k not in keys]
+            if missing:
+                raise DataError(f"{path}: missing keys {missing} (has {sorted(keys)})")
+            raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            for split in SOURCE_SPLITS:
+                pair = (f"{split}_images", f"{split}_labels")
+                present = [k for k in pair if k in keys]
+                if len(present) == 1:
+                    absent = [k for k in pair if k not in keys]
+                    raise DataError(f"{path}: has {present[0]!r} but missing keys {absent}")
+                if present:
+                    raw[split] = (npz[pair[0]], npz[pair[1]])
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        # ValueError: object arrays refused by allow_pickle=False, or a mangled member
+        raise DataError(f"{path}: not a readable MedMNIST .npz file: {exc}") from exc
+
+    splits = {
+        split: (_to_nchw(images, path, split), _to_labels(labels, len(images), path, split))
+        for split, (images, labels) in raw.items()
+    }
+    if len(splits["train"][1]) == 0:
+        raise DataError(f"{path}: the train split is empty")
+    num_classes = 1 + max(int(labels.max()) for _, labels in splits.values() if labels.size)
+    return SourceData(
+        name=path.stem,
+        num_classes=num_classes,
+        splits=splits,
+        provenance={
+            "kind": "medmnist",
+            "name": path.stem,
+            "path": str(path.resolve()),
+            "sha256": sha256_file(path),
+        },
+    )
+
+
+def _to_nchw(images: np.ndarray, path: Path, split: str) -> np.ndarray:
+    if images.dtype != np.uint8:
+        raise DataError(f"{path}: {split}_images must be uint8, got {images.dtype}")
+    if images.ndim == 3:
+        return images[:, None, :, :]
+    if images.ndim == 4 and images.shape[-1] in (1, 3):
+        return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    raise DataError(
+        f"{path}: {split}_images has shape {images.shape}; expected (N, H, W) or (N, H, W, 3)"
+    )
+
+
+def _to_labels(labels: np.ndarray, num_images: int, path: Path, split: str) -> np.ndarray:
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        raise DataError(
+            f"{path}: {split}_labels has shape {labels.shape}: multi-label data "
+            f"({labels.shape[1]} labels per image) is not supported"
+        )
+    if labels.ndim == 2:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{path}: {split}_labels must be integers of shape (N,) or (N, 1), "
+            f"got {labels.dtype} {labels.shape}"
+        )
+    if len(labels) != num_images:
+        raise DataError(f"{path}: {num_images} {split} images but {len(labels)} labels")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{path}: {split}_labels has negative label {int(labels.min())}")
+    return labels.astype(np.int64)

@@ -1,0 +1,5 @@
+import sys
+
+from fedsilo.cli import main
+
+sys.exit(main())

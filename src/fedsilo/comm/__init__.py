@@ -1,0 +1,12 @@
+"""Everything that touches MPI.  The rest of fedsilo never imports mpi4py.
+
+Following Horovod, the user never sees MPI: a :class:`World` wraps a *duplicate* of the
+communicator it is given, weights travel through uppercase buffer collectives, only small
+metadata through the pickling lowercase ones, and :func:`run_guarded` turns an unexpected
+exception on any rank into ``MPI_Abort`` so that no rank waits forever.
+"""
+
+from fedsilo.comm.world import COORDINATOR, World
+from fedsilo.comm.guard import run_guarded
+
+__all__ = ["COORDINATOR", "World", "run_guarded"]

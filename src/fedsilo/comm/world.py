@@ -1,0 +1,126 @@
+"""The job's communicator and the collectives fedsilo uses."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from mpi4py import MPI
+
+from fedsilo.errors import AgreedError, FedsiloError
+
+COORDINATOR = 0
+
+
+class World:
+    """Rank 0 coordinates; ranks 1..P are participants (participant k is rank k)."""
+
+    def __init__(self, comm: "MPI.Comm | None" = None, *, poll_s: float = 0.001) -> None:
+        self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.poll_s = poll_s
+        shared = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = shared.Get_rank()
+        self.local_size = shared.Get_size()
+        shared.Free()
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == COORDINATOR
+
+    @property
+    def num_participants(self) -> int:
+        return self.size - 1
+
+    # -- metadata (small, pickled) --------------------------------------------------
+
+    def bcast_obj(self, obj: Any) -> Any:
+        return self.comm.bcast(obj, root=COORDINATOR)
+
+    def allgather_obj(self, obj: Any) -> list[Any]:
+        return self.comm.allgather(obj)
+
+    # -- weights (flat float32 buffers) ------------------------------------------------
+
+    def bcast_weights(self, buffer: np.ndarray) -> None:
+        """Broadcast the coordinator's ``buffer`` into every rank's ``buffer`` in place."""
+        self.comm.Bcast([_check_f32(buffer), MPI.FLOAT], root=COORDINATOR)
+
+    def reduce_sum(self, buffer: np.ndarray) -> None:
+        """Sum every rank's ``buffer`` into the coordinator's ``buffer`` (in place there).
+
+        The coordinator contributes what its buffer holds (callers zero it), so this is one
+        plain ``MPI_Reduce`` over the whole job: O(model) memory at rank 0, log P depth.
+        """
+        buffer = _check_f32(buffer)
+        if self.is_coordinator:
+            self.comm.Reduce(MPI.IN_PLACE, [buffer, MPI.FLOAT], op=MPI.SUM, root=COORDINATOR)
+        else:
+            self.comm.Reduce([buffer, MPI.FLOAT], None, op=MPI.SUM, root=COORDINATOR)
+
+    # -- synchronisation ---------------------------------------------------------------
+
+    def quiet_barrier(self) -> None:
+        """A barrier that sleeps instead of spinning.
+
+        Open MPI busy-polls inside blocking collectives; a rank waiting there for minutes
+        of someone else's training would burn a core the trainers need when ranks share a
+        node.  Polling a non-blocking barrier with short sleeps costs about ``poll_s`` of
+        latency and no CPU.
+        """
+        request = self.comm.Ibarrier()
+        while not request.Test():
+            time.sleep(self.poll_s)
+
+    def agree(self, error: FedsiloError | None, *, stage: str) -> None:
+        """Every rank reports its foreseeable error (or None); if any rank failed, every
+        rank raises the same :class:`AgreedError` naming each failing rank and its cause."""
+        report = None if error is None else (type(error).__name__, str(error), error.exit_code)
+        reports = self.comm.allgather(report)
+        failures = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+        if failures:
+            raise AgreedError(_describe_failures(stage, failures, self.size),
+                              exit_code=failures[0][1][2])
+
+    def agree_gather(self, payload: Any, error: FedsiloError | None, *, stage: str) -> list[Any]:
+        """Allgather every rank's small ``payload``; if any rank reports an error, every
+        rank raises the same :class:`AgreedError` instead (one collective for both)."""
+        report = None if error is None else (type(error).__name__, str(error), error.exit_code)
+        gathered = self.comm.allgather((payload, report))
+        failures = [(rank, r) for rank, (_, r) in enumerate(gathered) if r is not None]
+        if failures:
+            raise AgreedError(_describe_failures(stage, failures, self.size),
+                              exit_code=failures[0][1][2])
+        return [p for p, _ in gathered]
+
+    def agree_from_coordinator(self, payload: Any, error: FedsiloError | None, *, stage: str) -> Any:
+        """Broadcast the coordinator's ``payload``, or its error to be raised on every rank."""
+        report = None if error is None else (type(error).__name__, str(error), error.exit_code)
+        payload, report = self.comm.bcast((payload, report) if self.is_coordinator else None,
+                                          root=COORDINATOR)
+        if report is not None:
+            raise AgreedError(_describe_failures(stage, [(COORDINATOR, report)], self.size),
+                              exit_code=report[2])
+        return payload
+
+    def abort(self, code: int = 1) -> None:
+        self.comm.Abort(code)
+
+
+def _describe_failures(stage: str, failures: Sequence[tuple[int, tuple]], size: int) -> str:
+    parts = [f"rank {rank}/{size} ({_role(rank)}): {name}: {message}"
+             for rank, (name, message, _) in failures]
+    return f"{stage} failed on {len(failures)} of {size} ranks: " + "; ".join(parts) \
+        if len(failures) > 1 else f"{stage} failed on " + parts[0]
+
+
+def _role(rank: int) -> str:
+    return "coordinator" if rank == COORDINATOR else f"participant {rank}"
+
+
+def _check_f32(buffer: np.ndarray) -> np.ndarray:
+    if buffer.dtype != np.float32 or not buffer.flags.c_contiguous:
+        raise TypeError("weights must travel as one contiguous float32 buffer")
+    return buffer

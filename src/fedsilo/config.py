@@ -1,0 +1,290 @@
+"""Run configuration: a YAML file plus ``--set key=value`` overrides, frozen and validated.
+
+The configuration is loaded once (on rank 0 under MPI) into frozen dataclasses that check
+themselves; unknown keys and ill-typed values fail with the key's dotted path.
+
+>>> cfg = load_config(None, overrides=["rounds=3", "model.name=resnet18"])
+>>> cfg.rounds, cfg.model.name, cfg.train.epochs
+(3, 'resnet18', 1)
+>>> load_config(None, overrides=["train.epochz=2"])
+Traceback (most recent call last):
+...
+fedsilo.errors.ConfigError: unknown config key 'train.epochz'; known keys of 'train': batch_size, epochs, lr, max_steps, momentum, optimizer, weight_decay
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from fedsilo.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    #: directory of the shard set written by ``fedsilo prep``
+    dir: str = "shards"
+    #: pixel normalization: global (manifest statistics, combined from per-site sums),
+    #: site (each participant its own statistics; the coordinator uses global), none ([0, 1])
+    normalize: Literal["global", "site", "none"] = "global"
+    #: verify every shard's sha256 against the manifest before training
+    verify_hashes: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "small_cnn"
+    #: groups of GroupNorm layers (ResNet); channels must be divisible by it
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        from fedsilo.models import MODELS
+
+        MODELS.get(self.name)  # fails early with the known names
+        _check(self.norm_groups >= 1, "model.norm_groups", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each participant, per round."""
+
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.01
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    #: cap on local steps per round (None: whole epochs)
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Server strategy: ``name`` plus that strategy's own options (validated by it)."""
+
+    name: str = "fedavg"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from fedsilo.strategies import STRATEGIES
+
+        STRATEGIES.get(self.name).validate_options(self.options)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    #: evaluate the global model on the test shard every N rounds (and always at the end)
+    every: int = 1
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "eval.every", "must be >= 1")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    #: checkpoint every N rounds (and always after the last)
+    every: int = 1
+    #: complete checkpoints kept on disk (older ones are deleted)
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "checkpoint.every", "must be >= 1")
+        _check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    #: auto: cuda:(node-local rank mod device count) when CUDA is present, else cpu
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: torch threads per rank; 0 = the node's cores divided among its ranks
+    threads: int = 0
+    #: progress bar on rank 0: auto (only on a TTY), on, off
+    progress: Literal["auto", "on", "off"] = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.threads >= 0, "runtime.threads", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    rounds: int = 10
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "rounds", "must be >= 1")
+        _check(self.seed >= 0, "seed", "must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+def load_config(path: str | Path | None, *, overrides: Sequence[str] = ()) -> Config:
+    """Read ``path`` (YAML; None for defaults), apply ``key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    for item in overrides:
+        apply_override(data, item)
+    return config_from_dict(data)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested dict in place."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+# -- building dataclasses from plain data ---------------------------------------------
+
+
+def _check(ok: bool, key: str, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {what}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config key '{where}' must be a mapping, got {_describe(data)}")
+    if cls is StrategyConfig:
+        return _build_strategy(data, prefix)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'; known keys of '{where}': {known}"
+            )
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _build_strategy(data: Mapping[str, Any], prefix: str) -> StrategyConfig:
+    name = data.get("name", StrategyConfig.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"config key '{prefix}name' must be a string, got {_describe(name)}")
+    options = {k: v for k, v in data.items() if k != "name"}
+    if "options" in options and isinstance(options["options"], Mapping):
+        options = {**options.pop("options"), **options}  # accept the dumped form too
+    return StrategyConfig(name=name, options=options)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"config key '{key}' is invalid")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(
+                f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}"
+            )
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {_describe(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {_describe(value)}")
+        return value
+    if origin in (Mapping, dict) or hint in (Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {_describe(value)}")
+        return dict(value)
+    raise TypeError(f"config type {hint!r} of '{key}' is not supported")  # a bug, not user error
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, StrategyConfig):
+        return {"name": obj.name, **{k: _to_plain(v) for k, v in obj.options.items()}}
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj

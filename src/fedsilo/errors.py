@@ -1,0 +1,59 @@
+"""Errors fedsilo raises on purpose.
+
+Every foreseeable problem is a :class:`FedsiloError` subclass.  The MPI layer agrees on
+these across ranks at fixed points, so every rank stops with the same message; anything
+that is not a ``FedsiloError`` is a bug and aborts the whole job (see ``fedsilo.comm``).
+"""
+
+from __future__ import annotations
+
+
+class FedsiloError(Exception):
+    """Base class of every error fedsilo raises deliberately."""
+
+    #: process exit status used when this error ends a command
+    exit_code: int = 2
+
+
+class ConfigError(FedsiloError):
+    """A configuration file, override or command-line value is invalid."""
+
+
+class ShardError(FedsiloError):
+    """A shard file or shard set is missing, corrupt, or inconsistent."""
+
+
+class DataError(FedsiloError):
+    """Source data for preprocessing is unusable."""
+
+
+class ModelError(FedsiloError):
+    """A model cannot be built or does not fit the data."""
+
+
+class UpdateError(FedsiloError):
+    """A participant produced an update that cannot be aggregated (NaN/Inf, wrong size)."""
+
+
+class PrivacyBudgetError(FedsiloError):
+    """A differential-privacy budget is exhausted or cannot be met."""
+
+
+class CommunicationError(FedsiloError):
+    """The MPI job is not set up as the run needs (rank count, launcher, peers)."""
+
+
+class CheckpointError(FedsiloError):
+    """A checkpoint is missing, incomplete or does not match the run."""
+
+
+class AgreedError(FedsiloError):
+    """An error every rank knows about, raised on every rank at the same agreement point.
+
+    Ranks that raise it can exit normally (all of them stop at the same place), so no rank
+    is left waiting in a collective.
+    """
+
+    def __init__(self, message: str, *, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

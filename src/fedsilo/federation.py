@@ -1,0 +1,177 @@
+"""The federated training job: setup, the round loop, and the end of the run.
+
+Every rank runs :func:`run_job`.  The sequence of collectives is written once, in
+:func:`_run_rounds`, and is the same on every rank; what differs between the coordinator
+and a participant is only the local work between collectives (``roles.py``)::
+
+    quiet barrier · plan (bcast) · weights (Bcast) · local training · quiet barrier ·
+    reports + errors (allgather) · weighted updates (Reduce) · server step, eval, checkpoint
+
+Foreseeable errors are agreed at fixed points (configuration, data, each round's reports),
+so every rank stops with the same message; anything else aborts the job (``fedsilo.comm``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from fedsilo.comm import World
+from fedsilo.config import Config, dump_config, load_config
+from fedsilo.errors import (AgreedError, CheckpointError, CommunicationError, ConfigError,
+                            FedsiloError)
+from fedsilo.rundir import RunDir, atomic_write_text
+from fedsilo.shards import Manifest, load_manifest
+
+log = logging.getLogger("fedsilo")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the coordinator decides before training and broadcasts to every rank."""
+
+    config: Config
+    run_dir: str
+    manifest: Manifest
+    #: last round with a complete checkpoint (0: start from scratch)
+    resume_round: int
+
+
+def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
+            out_dir: str | None, resume_dir: str | None) -> int:
+    """Run ``fedsilo train`` on this rank; returns the exit status."""
+    if world.size < 2:
+        raise AgreedError(
+            f"fedsilo train needs at least 2 MPI ranks (rank 0 coordinates, ranks 1..P are "
+            f"participants), but it was started with {world.size}; launch it as "
+            f"'mpirun -n P+1 fedsilo train ...' (or srun under SLURM), P = number of shards")
+
+    setup, error = None, None
+    if world.is_coordinator:
+        try:
+            setup = _prepare(world, config_path=config_path, overrides=overrides,
+                             out_dir=out_dir, resume_dir=resume_dir)
+        except FedsiloError as exc:
+            error = exc
+    setup = world.agree_from_coordinator(setup, error, stage="configuration")
+
+    from fedsilo.roles import Coordinator, Participant  # torch is imported from here on
+
+    role, error = None, None
+    try:
+        cls = Coordinator if world.is_coordinator else Participant
+        role = cls(world=world, config=setup.config, manifest=setup.manifest,
+                   run_dir=RunDir(setup.run_dir), resume_round=setup.resume_round)
+    except FedsiloError as exc:
+        error = exc
+    world.agree(error, stage="loading data and model")
+
+    _run_rounds(world, role, setup)
+    return 0
+
+
+def _run_rounds(world: World, role: Any, setup: Setup) -> None:
+    config = setup.config
+    for round_index in range(setup.resume_round + 1, config.rounds + 1):
+        timer = PhaseTimer()
+        with timer("coordination"):
+            world.quiet_barrier()
+            plan = world.bcast_obj(role.plan(round_index) if world.is_coordinator else None)
+        if plan["stop"]:
+            break
+        with timer("broadcast"):
+            world.bcast_weights(role.global_weights)
+        report, error = role.local_round(plan)
+        with timer("local"):
+            world.quiet_barrier()
+        with timer("coordination"):
+            reports = world.agree_gather(report, error, stage=f"round {round_index}")
+        with timer("aggregate"):
+            world.reduce_sum(role.reduce_buffer)
+        role.finish_round(plan, reports, timer)
+
+    world.quiet_barrier()
+    world.bcast_weights(role.global_weights)
+    report, error = role.final_validation()
+    reports = world.agree_gather(report, error, stage="final validation")
+    role.finish_job(reports)
+
+
+class PhaseTimer:
+    """Accumulates wall-clock seconds per named phase of a round."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def __call__(self, name: str) -> "_Phase":
+        return _Phase(self, name)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+class _Phase:
+    def __init__(self, timer: PhaseTimer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.begin = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.add(self.name, time.perf_counter() - self.begin)
+
+
+def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
+             out_dir: str | None, resume_dir: str | None) -> Setup:
+    """Coordinator only: resolve the configuration, the run directory and the resume point."""
+    if resume_dir is not None:
+        if config_path is not None:
+            raise ConfigError("--resume continues a run with its own config.yaml; give changes "
+                              "with --set instead of --config")
+        if out_dir is not None and Path(out_dir).resolve() != Path(resume_dir).resolve():
+            raise ConfigError("--out and --resume name different directories; --resume RUN_DIR "
+                              "writes into RUN_DIR")
+        run = RunDir(resume_dir)
+        if not run.config.is_file():
+            raise CheckpointError(f"--resume {resume_dir}: no config.yaml there, so it is not a "
+                                  f"fedsilo run directory")
+        config = load_config(run.config, overrides=overrides)
+        complete = run.complete_rounds()
+        resume_round = complete[-1] if complete else 0
+        if resume_round:
+            log.info("resuming %s from the checkpoint of round %d", run.root, resume_round)
+        else:
+            log.info("resuming %s: no complete checkpoint, starting from round 1", run.root)
+        run.truncate_metrics(last_round=resume_round)
+    else:
+        if out_dir is None:
+            raise ConfigError("fedsilo train needs --out RUN_DIR (or --resume RUN_DIR)")
+        config = load_config(config_path, overrides=overrides)
+        run = RunDir(out_dir)
+        if run.holds_run():
+            raise ConfigError(f"{run.root} already holds a run (metrics or checkpoints); continue "
+                              f"it with --resume {run.root}, or choose another --out")
+        resume_round = 0
+
+    # Pin the data directory so the saved config means the same thing from any directory.
+    data_dir = Path(config.data.dir).expanduser().resolve()
+    from dataclasses import replace
+    config = replace(config, data=replace(config.data, dir=str(data_dir)))
+    manifest = load_manifest(data_dir)
+    if manifest.num_sites != world.num_participants:
+        raise CommunicationError(
+            f"the shard set {data_dir} has {manifest.num_sites} sites, so the job needs "
+            f"{manifest.num_sites + 1} MPI ranks (1 coordinator + {manifest.num_sites} "
+            f"participants), but it was started with {world.size}; use "
+            f"'mpirun -n {manifest.num_sites + 1} ...'")
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.config, dump_config(config))
+    return Setup(config=config, run_dir=str(run.root.resolve()), manifest=manifest,
+                 resume_round=resume_round)

@@ -1,0 +1,324 @@
+"""What each rank does between the collectives of a round: the coordinator and a participant.
+
+Neither class calls MPI; :mod:`fedsilo.federation` owns the order of collectives.
+Participant ``k`` is MPI rank ``k`` and owns shard ``site-(k-1)``; no other rank opens it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from fedsilo import __version__
+from fedsilo.aggregate import count_nonfinite
+from fedsilo.comm import World
+from fedsilo.config import Config
+from fedsilo.errors import CheckpointError, FedsiloError, ModelError, UpdateError
+from fedsilo.models import build_model
+from fedsilo.progress import RoundProgress
+from fedsilo.rundir import RunDir, atomic_torch_save, dump_json, finite_json, load_torch
+from fedsilo.runtime import configure_threads, select_device
+from fedsilo.shards import Manifest, check_shard, read_shard
+from fedsilo.strategies import build_strategy
+from fedsilo.training import TensorSplit, evaluate, make_optimizer, round_seed, train_local
+from fedsilo.weights import WeightLayout
+
+log = logging.getLogger("fedsilo")
+
+
+class _Role:
+    """What both roles share: device, threads, the model and its flat weight buffers."""
+
+    def __init__(self, *, world: World, config: Config, manifest: Manifest, run_dir: RunDir,
+                 resume_round: int) -> None:
+        self.world, self.config, self.manifest, self.run_dir = world, config, manifest, run_dir
+        self.resume_round = resume_round
+        self.threads = configure_threads(config.runtime.threads, local_size=world.local_size)
+        self.device = select_device(config.runtime.device, local_rank=world.local_rank,
+                                    is_coordinator=world.is_coordinator)
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        channels, height, width = manifest.image_shape
+        self.model = build_model(config.model.name, in_channels=channels,
+                                 num_classes=manifest.num_classes, image_size=(height, width),
+                                 norm_groups=config.model.norm_groups).to(self.device)
+        self.layout = WeightLayout.of(self.model)
+        self.global_weights = self.layout.flatten(self.model)
+
+    def _check_model_fits(self, sample: torch.Tensor) -> None:
+        try:
+            with torch.no_grad():
+                self.model.eval()
+                logits = self.model(sample[:1])
+        except RuntimeError as exc:
+            raise ModelError(f"model {self.config.model.name!r} cannot process images of shape "
+                             f"{tuple(sample.shape[1:])}: {exc}") from None
+        if logits.shape[-1] != self.manifest.num_classes:
+            raise ModelError(f"model {self.config.model.name!r} outputs {logits.shape[-1]} "
+                             f"classes, the shard set has {self.manifest.num_classes}")
+
+    def _normalization(self, split: Any) -> tuple[Any, Any]:
+        mode = self.config.data.normalize
+        if mode == "none":
+            channels = self.manifest.image_shape[0]
+            return [0.0] * channels, [1.0] * channels
+        if mode == "site" and split is not None:
+            return split.mean, np.maximum(split.std, 1e-6)
+        return self.manifest.normalization_mean, np.maximum(self.manifest.normalization_std, 1e-6)
+
+
+class Participant(_Role):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        world, manifest, config = self.world, self.manifest, self.config
+        self.site = world.rank - 1
+        entry = manifest.sites[self.site]
+        path = Path(config.data.dir) / entry.file
+        check_shard(path, kind="site",
+                    expected_sha256=entry.sha256 if config.data.verify_hashes else None,
+                    image_shape=tuple(manifest.image_shape), num_classes=manifest.num_classes,
+                    required_splits=("train", "val"))
+        shard = read_shard(path)
+        mean, std = self._normalization(shard.splits["train"])
+        self.train_data = TensorSplit.from_arrays(shard.splits["train"].images,
+                                                  shard.splits["train"].labels,
+                                                  mean=mean, std=std, device=self.device)
+        val = shard.splits["val"]
+        self.val_data = TensorSplit.from_arrays(val.images, val.labels, mean=mean, std=std,
+                                                device=self.device)
+        self._check_model_fits(self.train_data.images)
+        self.local_weights = self.layout.empty()
+        self.reduce_buffer = self.layout.empty()
+        self.rounds_trained = 0
+        if self.resume_round:
+            self._load_checkpoint(self.resume_round)
+
+    # -- state that stays on this rank --------------------------------------------------
+
+    def state_dict(self, round_index: int) -> dict[str, Any]:
+        # Each round's randomness is derived from (seed, round, site), so no RNG state is
+        # needed to continue exactly; later capabilities (DP accountants, control variates)
+        # add their state here.
+        return {"round": round_index, "site": self.site, "rounds_trained": self.rounds_trained}
+
+    def _load_checkpoint(self, round_index: int) -> None:
+        path = self.run_dir.participant_checkpoint(round_index, self.site)
+        state = load_torch(path)
+        if state.get("site") != self.site or state.get("round") != round_index:
+            raise CheckpointError(f"checkpoint {path} belongs to site {state.get('site')} round "
+                                  f"{state.get('round')}, expected site {self.site} round "
+                                  f"{round_index}")
+        self.rounds_trained = int(state["rounds_trained"])
+
+    # -- a round ----------------------------------------------------------------------
+
+    def plan(self, round_index: int) -> None:  # only the coordinator plans
+        raise AssertionError("participants do not plan rounds")
+
+    def local_round(self, plan: dict[str, Any]) -> tuple[dict[str, Any], FedsiloError | None]:
+        round_index = plan["round"]
+        weight = plan["weights"][self.site]
+        begin = time.perf_counter()
+        self.layout.load(self.model, self.global_weights)
+        validation = evaluate(self.model, self.val_data, batch_size=self.config.eval.batch_size)
+        val_seconds = time.perf_counter() - begin
+
+        seed = round_seed(self.config.seed, round_index, self.site)
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = make_optimizer(self.model, self.config.train)
+        stats = train_local(self.model, self.train_data, config=self.config.train,
+                            optimizer=optimizer, generator=generator)
+        self.rounds_trained += 1
+
+        # u_k = n_k / Σn · (w_k − w): weighted here so the transport only adds.
+        self.layout.flatten(self.model, out=self.local_weights)
+        np.subtract(self.local_weights, self.global_weights, out=self.reduce_buffer)
+        self.reduce_buffer *= np.float32(weight)
+        error = None
+        bad = count_nonfinite(self.reduce_buffer)
+        if bad:
+            error = UpdateError(f"participant {self.site} (site-{self.site:03d}) produced an update "
+                                f"with {bad} non-finite values (NaN/Inf) in round {round_index}; "
+                                f"lower train.lr or check its data")
+            self.reduce_buffer.fill(0)
+
+        begin_ckpt = time.perf_counter()
+        if _checkpoint_due(self.config, round_index) and error is None:
+            atomic_torch_save(self.run_dir.participant_checkpoint(round_index, self.site),
+                              self.state_dict(round_index))
+        report = {"site": self.site, "num_samples": len(self.train_data), "steps": stats.steps,
+                  "train_loss": stats.loss, "train_s": stats.seconds, "val": validation,
+                  "val_s": val_seconds, "checkpoint_s": time.perf_counter() - begin_ckpt}
+        return report, error
+
+    def finish_round(self, plan: dict[str, Any], reports: Sequence[Any], timer: Any) -> None:
+        pass
+
+    def final_validation(self) -> tuple[dict[str, Any], None]:
+        self.layout.load(self.model, self.global_weights)
+        validation = evaluate(self.model, self.val_data, batch_size=self.config.eval.batch_size)
+        return {"site": self.site, "val": validation}, None
+
+    def finish_job(self, reports: Sequence[Any]) -> None:
+        pass
+
+
+class Coordinator(_Role):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        config, manifest = self.config, self.manifest
+        path = Path(config.data.dir) / manifest.test.file
+        check_shard(path, kind="test",
+                    expected_sha256=manifest.test.sha256 if config.data.verify_hashes else None,
+                    image_shape=tuple(manifest.image_shape), num_classes=manifest.num_classes,
+                    required_splits=("test",))
+        split = read_shard(path).splits["test"]
+        mean, std = self._normalization(None)
+        self.test_data = TensorSplit.from_arrays(split.images, split.labels, mean=mean, std=std,
+                                                 device=self.device)
+        self._check_model_fits(self.test_data.images)
+        self.strategy = build_strategy(config.strategy.name, dict(config.strategy.options))
+        self.num_samples = {i: int(site.num_samples["train"]) for i, site in enumerate(manifest.sites)}
+        self.reduce_buffer = self.layout.empty()
+        self.last_test: dict[str, Any] | None = None
+        self.started = time.perf_counter()
+        if self.resume_round:
+            self._load_checkpoint(self.resume_round)
+        self.progress = RoundProgress(total=config.rounds, done=self.resume_round,
+                                      mode=config.runtime.progress)
+        log.info("%d participants, model %s with %d parameters (%.1f MB per transfer), "
+                 "%d threads per rank, device %s", self.world.num_participants, config.model.name,
+                 self.layout.numel, self.layout.numel * 4 / 1e6, self.threads, self.device)
+
+    def _load_checkpoint(self, round_index: int) -> None:
+        path = self.run_dir.coordinator_checkpoint(round_index)
+        state = load_torch(path)
+        if list(state.get("layout", [])) != list(self.layout.names):
+            raise CheckpointError(f"checkpoint {path} holds a different model than "
+                                  f"{self.config.model.name!r}")
+        self.global_weights[:] = state["weights"].numpy()
+        self.strategy.load_state_dict({k: v.numpy() if torch.is_tensor(v) else v
+                                       for k, v in state["strategy"].items()})
+        self.last_test = state.get("last_test")
+        rows = self.run_dir.read_metrics()
+        if (not rows or rows[-1]["round"] < round_index) and state.get("metrics_row"):
+            self.run_dir.append_metrics(json.loads(state["metrics_row"]))
+
+    def plan(self, round_index: int) -> dict[str, Any]:
+        participants = sorted(self.num_samples)
+        return {"round": round_index, "stop": False, "participants": participants,
+                "weights": self.strategy.client_weights({k: self.num_samples[k] for k in participants})}
+
+    def local_round(self, plan: dict[str, Any]) -> tuple[None, None]:
+        self.reduce_buffer.fill(0)  # the coordinator adds nothing to the sum
+        return None, None
+
+    def finish_round(self, plan: dict[str, Any], reports: Sequence[Any], timer: Any) -> None:
+        round_index = plan["round"]
+        with timer("server_step"):
+            self.strategy.server_step(self.global_weights, self.reduce_buffer,
+                                      out=self.global_weights)
+            if count_nonfinite(self.global_weights):
+                raise UpdateError(f"the aggregated model of round {round_index} is not finite")
+        test = None
+        if round_index % self.config.eval.every == 0 or round_index == self.config.rounds:
+            with timer("evaluate"):
+                self.layout.load(self.model, self.global_weights)
+                test = evaluate(self.model, self.test_data, batch_size=self.config.eval.batch_size)
+            self.last_test = test
+        row = self._metrics_row(plan, reports[1:], timer, test)
+        if _checkpoint_due(self.config, round_index):
+            begin = time.perf_counter()
+            atomic_torch_save(self.run_dir.coordinator_checkpoint(round_index), {
+                "round": round_index,
+                "weights": torch.from_numpy(self.global_weights.copy()),
+                "layout": list(self.layout.names),
+                "strategy": {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
+                             for k, v in self.strategy.state_dict().items()},
+                "last_test": self.last_test,
+                # the row goes in too: a crash between this file and metrics.jsonl loses nothing
+                "metrics_row": json.dumps(finite_json(row)),
+                "fedsilo_version": __version__,
+            })
+            self.run_dir.prune(keep=self.config.checkpoint.keep, current=round_index)
+            row["seconds"]["checkpoint"] = time.perf_counter() - begin
+        self.run_dir.append_metrics(row)
+        self.progress.update(round_index, row)
+
+    def _metrics_row(self, plan: dict[str, Any], reports: Sequence[dict[str, Any]], timer: Any,
+                     test: dict[str, Any] | None) -> dict[str, Any]:
+        seconds = dict(timer.seconds)
+        seconds["local_train_max"] = max(r["train_s"] for r in reports)
+        seconds["local_val_max"] = max(r["val_s"] for r in reports)
+        seconds["round"] = timer.total()
+        n = len(reports)
+        weight_bytes = self.layout.numel * 4
+        row: dict[str, Any] = {"round": plan["round"]}
+        if test is not None:
+            row.update(acc=test["acc"], auc=test["auc"], loss=test["loss"])
+        row["val"] = _weighted_validation(reports)
+        row["participants"] = {str(r["site"]): {
+            "num_samples": r["num_samples"], "steps": r["steps"], "train_loss": r["train_loss"],
+            "train_s": r["train_s"], "val_acc": r["val"]["acc"], "val_auc": r["val"]["auc"],
+        } for r in reports}
+        row["seconds"] = seconds
+        row["bytes"] = {"broadcast": weight_bytes * n, "reduce": weight_bytes * n,
+                        "metadata": len(pickle.dumps(plan)) + len(pickle.dumps(list(reports)))}
+        return row
+
+    def final_validation(self) -> tuple[None, None]:
+        return None, None
+
+    def finish_job(self, reports: Sequence[Any]) -> None:
+        self.progress.close()
+        if self.last_test is None or self.resume_round == self.config.rounds:
+            self.layout.load(self.model, self.global_weights)
+            self.last_test = evaluate(self.model, self.test_data,
+                                      batch_size=self.config.eval.batch_size)
+        atomic_torch_save(self.run_dir.model, self.layout.to_state_dict(self.global_weights))
+        rows = self.run_dir.read_metrics()
+        validations = [r for r in reports[1:]]
+        summary = {
+            "fedsilo_version": __version__,
+            "rounds": self.config.rounds,
+            "rounds_completed": rows[-1]["round"] if rows else 0,
+            "model": self.config.model.name,
+            "num_parameters": self.layout.numel,
+            "participants": {str(k): {"num_samples": v} for k, v in self.num_samples.items()},
+            "test": self.last_test,
+            "val": _weighted_validation(validations),
+            "val_per_site": {str(r["site"]): r["val"] for r in validations},
+            "best_acc": max((r["acc"] for r in rows if "acc" in r), default=None),
+            "seconds_this_process": time.perf_counter() - self.started,
+            "resumed_from_round": self.resume_round or None,
+        }
+        dump_json(self.run_dir.summary, summary)
+        log.info("finished: test acc %.4f auc %.4f loss %.4f -> %s", self.last_test["acc"],
+                 self.last_test["auc"], self.last_test["loss"], self.run_dir.root)
+
+
+def _checkpoint_due(config: Config, round_index: int) -> bool:
+    return round_index % config.checkpoint.every == 0 or round_index == config.rounds
+
+
+def _weighted_validation(reports: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Federated validation: sample-weighted mean of the sites' own validation metrics."""
+    total = sum(r["val"]["num_samples"] for r in reports)
+    if not total:
+        return {}
+    out = {}
+    for key in ("acc", "loss"):
+        out[key] = sum(r["val"][key] * r["val"]["num_samples"] for r in reports) / total
+    aucs = [(r["val"]["auc"], r["val"]["num_samples"]) for r in reports
+            if not np.isnan(r["val"]["auc"])]
+    if aucs:
+        out["auc"] = sum(a * n for a, n in aucs) / sum(n for _, n in aucs)
+    out["num_samples"] = total
+    return out

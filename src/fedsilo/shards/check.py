@@ -1,0 +1,190 @@
+"""Up-front validation of one shard file, run before any training starts.
+
+Every problem becomes a :class:`ShardError` whose message names the file and the cause,
+so a rank with a bad shard can stop the whole job with one clear line.  Pixel and label
+data are scanned block by block, never loaded whole.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+from fedsilo.errors import ShardError
+from fedsilo.shards.hdf5 import FORMAT_VERSION, SPLITS_BY_KIND, ShardInfo, sha256_file
+from fedsilo.shards.stats import PixelStats
+
+#: HDF5 chunks read per block while scanning
+_CHUNKS_PER_BLOCK = 16
+_STATS_ATTRS = ("pixel_count", "pixel_sum", "pixel_sumsq")
+
+
+def check_shard(
+    path: str | os.PathLike[str],
+    *,
+    kind: str,
+    expected_sha256: str | None = None,
+    image_shape: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    required_splits: Sequence[str] | None = None,
+) -> ShardInfo:
+    """Validate a shard file and return what it holds; raise ShardError if it is unusable."""
+    path = Path(path)
+    if kind not in SPLITS_BY_KIND:
+        raise ShardError(f"{path}: cannot check for unknown shard kind {kind!r}")
+    if not path.exists():
+        raise ShardError(f"shard file not found: {path}")
+    if not path.is_file():
+        raise ShardError(f"{path}: is not a regular file")
+    try:
+        digest = sha256_file(path)
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read file: {exc}") from exc
+    if expected_sha256 is not None and digest != expected_sha256.lower():
+        raise ShardError(
+            f"{path}: sha256 mismatch: expected {expected_sha256[:12]}..., file has "
+            f"{digest[:12]}... (changed or corrupted since the manifest was written)"
+        )
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise ShardError(
+            f"{path}: not a readable HDF5 file (truncated or corrupt?): {exc}"
+        ) from exc
+    with handle as f:
+        try:
+            return _check_open(
+                f, path, digest, kind=kind, image_shape=image_shape,
+                num_classes=num_classes, required_splits=required_splits,
+            )  # fmt: skip
+        except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise ShardError(f"{path}: corrupt shard, reading failed: {exc}") from exc
+
+
+def _check_open(
+    f: h5py.File,
+    path: Path,
+    digest: str,
+    *,
+    kind: str,
+    image_shape: Sequence[int] | None,
+    num_classes: int | None,
+    required_splits: Sequence[str] | None,
+) -> ShardInfo:
+    attrs = f.attrs
+    if "fedsilo_format" not in attrs:
+        raise ShardError(f"{path}: not a fedsilo shard (no 'fedsilo_format' attribute)")
+    version = int(attrs["fedsilo_format"])
+    if version != FORMAT_VERSION:
+        raise ShardError(
+            f"{path}: unsupported fedsilo_format {version} (this fedsilo reads {FORMAT_VERSION})"
+        )
+    for key in ("kind", "num_classes", "image_shape"):
+        if key not in attrs:
+            raise ShardError(f"{path}: missing root attribute {key!r}")
+    file_kind = attrs["kind"]
+    file_kind = file_kind.decode() if isinstance(file_kind, bytes) else str(file_kind)
+    if file_kind != kind:
+        raise ShardError(f"{path}: is a {file_kind!r} shard, expected a {kind!r} shard")
+    file_classes = int(attrs["num_classes"])
+    if num_classes is not None and file_classes != int(num_classes):
+        raise ShardError(
+            f"{path}: num_classes is {file_classes} in the file but {num_classes} was expected"
+        )
+    file_shape = tuple(int(v) for v in np.asarray(attrs["image_shape"]).ravel())
+    if image_shape is not None and file_shape != tuple(int(v) for v in image_shape):
+        raise ShardError(
+            f"{path}: image shape is {_fmt_shape(file_shape)} but "
+            f"{_fmt_shape(image_shape)} was expected"
+        )
+
+    splits = list(required_splits) if required_splits is not None else list(SPLITS_BY_KIND[kind])
+    splits += sorted(k for k in f.keys() if k not in splits and isinstance(f[k], h5py.Group))
+    num_samples: dict[str, int] = {}
+    class_counts: dict[str, tuple[int, ...]] = {}
+    stats: dict[str, PixelStats] = {}
+    for split in splits:
+        n, counts, split_stats = _check_split(f, path, split, file_shape, file_classes)
+        num_samples[split], class_counts[split], stats[split] = n, counts, split_stats
+    if num_samples.get("train", 1) == 0:
+        raise ShardError(f"{path}: training split is empty (0 samples)")
+    return ShardInfo(
+        path=path, sha256=digest, kind=kind, num_classes=file_classes,
+        image_shape=file_shape, num_samples=num_samples, class_counts=class_counts, stats=stats,
+    )  # fmt: skip
+
+
+def _check_split(
+    f: h5py.File, path: Path, split: str, shape: tuple[int, ...], num_classes: int
+) -> tuple[int, tuple[int, ...], PixelStats]:
+    where = f"{path} [{split}]"
+    if split not in f or not isinstance(f[split], h5py.Group):
+        raise ShardError(f"{path}: missing split group {split!r}")
+    group = f[split]
+    for name in ("images", "labels"):
+        if name not in group or not isinstance(group[name], h5py.Dataset):
+            raise ShardError(f"{where}: missing dataset {name!r}")
+    images, labels = group["images"], group["labels"]
+    if images.ndim != 4 or tuple(images.shape[1:]) != shape:
+        raise ShardError(
+            f"{where}: images have shape {images.shape}, expected (N, {', '.join(map(str, shape))})"
+        )
+    is_float = np.issubdtype(images.dtype, np.floating)
+    if images.dtype != np.uint8 and not is_float:
+        raise ShardError(f"{where}: images have dtype {images.dtype}, expected uint8 or float")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ShardError(
+            f"{where}: labels must be a 1-D integer dataset, got shape {labels.shape} "
+            f"dtype {labels.dtype}"
+        )
+    n = images.shape[0]
+    if labels.shape[0] != n:
+        raise ShardError(f"{where}: {n} images but {labels.shape[0]} labels")
+
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for start, stop in _blocks(labels):
+        block = labels[start:stop].astype(np.int64)
+        bad = block[(block < 0) | (block >= num_classes)]
+        if bad.size:
+            raise ShardError(
+                f"{where}: labels out of range [0, {num_classes}): found {int(bad[0])}"
+            )
+        counts += np.bincount(block, minlength=num_classes)
+    if is_float:
+        for start, stop in _blocks(images):
+            if not np.isfinite(images[start:stop]).all():
+                raise ShardError(f"{where}: non-finite pixel values (NaN or Inf) in images")
+
+    attrs = group.attrs
+    missing = [k for k in ("num_samples", "class_counts", *_STATS_ATTRS) if k not in attrs]
+    if missing:
+        raise ShardError(f"{where}: missing split attributes {missing}")
+    if int(attrs["num_samples"]) != n:
+        raise ShardError(
+            f"{where}: num_samples attribute is {int(attrs['num_samples'])} but it holds {n}"
+        )
+    if np.asarray(attrs["class_counts"]).tolist() != counts.tolist():
+        raise ShardError(
+            f"{where}: class_counts attribute {np.asarray(attrs['class_counts']).tolist()} "
+            f"disagrees with the labels {counts.tolist()}"
+        )
+    split_stats = PixelStats(
+        tuple(int(v) for v in np.asarray(attrs["pixel_count"]).ravel()),
+        tuple(float(v) for v in np.asarray(attrs["pixel_sum"]).ravel()),
+        tuple(float(v) for v in np.asarray(attrs["pixel_sumsq"]).ravel()),
+    )
+    return n, tuple(int(v) for v in counts), split_stats
+
+
+def _blocks(dataset: h5py.Dataset) -> list[tuple[int, int]]:
+    step = (dataset.chunks[0] if dataset.chunks else 256) * _CHUNKS_PER_BLOCK
+    n = dataset.shape[0]
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "x".join(str(int(v)) for v in shape)

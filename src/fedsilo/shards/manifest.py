@@ -1,0 +1,276 @@
+"""``manifest.json``: what a shard set holds and how it was made.
+
+The manifest records, for every shard file, its sha256 and per-split sample and class
+counts, plus the source, partition, seed, image shape and the global normalization
+(combined from the sites' per-split pixel sums, so no pixels are read twice).  It is
+written last and atomically, so a directory with a manifest is a complete shard set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from fedsilo import __version__
+from fedsilo.errors import ShardError
+from fedsilo.shards.hdf5 import ShardInfo
+from fedsilo.shards.stats import combine
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "fedsilo-shards"
+MANIFEST_VERSION = 1
+TEST_FILE = "test.h5"
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def site_file_name(site: int) -> str:
+    """File name of site ``site``'s shard: ``site-000.h5``, ``site-001.h5``, ..."""
+    return f"site-{site:03d}.h5"
+
+
+@dataclass(frozen=True)
+class SiteEntry:
+    """One shard file as the manifest records it."""
+
+    file: str
+    sha256: str
+    num_samples: dict[str, int]
+    class_counts: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def from_info(cls, info: ShardInfo) -> "SiteEntry":
+        return cls(
+            file=info.path.name,
+            sha256=info.sha256,
+            num_samples=dict(info.num_samples),
+            class_counts={k: tuple(v) for k, v in info.class_counts.items()},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "num_samples": dict(self.num_samples),
+            "class_counts": {k: list(v) for k, v in self.class_counts.items()},
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Contents of ``manifest.json`` (see :func:`load_manifest`)."""
+
+    num_sites: int
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    partition: str
+    seed: int
+    source: dict[str, Any]
+    normalization_mean: tuple[float, ...]
+    normalization_std: tuple[float, ...]
+    sites: tuple[SiteEntry, ...]
+    test: SiteEntry
+    created_by: str = field(default=f"fedsilo {__version__}")
+    format_version: int = MANIFEST_VERSION
+
+    def path_of(self, entry: SiteEntry, directory: str | os.PathLike[str]) -> Path:
+        return Path(directory) / entry.file
+
+    def site_path(self, directory: str | os.PathLike[str], site: int) -> Path:
+        return self.path_of(self.sites[site], directory)
+
+    def test_path(self, directory: str | os.PathLike[str]) -> Path:
+        return self.path_of(self.test, directory)
+
+    def total_samples(self, split: str) -> int:
+        """Samples of ``split`` summed over all shards (sites and test)."""
+        return sum(e.num_samples.get(split, 0) for e in (*self.sites, self.test))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "format_version": self.format_version,
+            "created_by": self.created_by,
+            "source": dict(self.source),
+            "partition": self.partition,
+            "seed": self.seed,
+            "num_sites": self.num_sites,
+            "num_classes": self.num_classes,
+            "image_shape": list(self.image_shape),
+            "normalization": {
+                "mean": list(self.normalization_mean),
+                "std": list(self.normalization_std),
+            },
+            "sites": [s.to_dict() for s in self.sites],
+            "test": self.test.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = MANIFEST_FILE) -> "Manifest":
+        """Parse and validate a manifest's JSON object; ShardError names what is wrong."""
+        return _parse(data, where)
+
+
+def build_manifest(
+    *,
+    sites: Sequence[ShardInfo],
+    test: ShardInfo,
+    source: Mapping[str, Any],
+    partition: str,
+    seed: int,
+) -> Manifest:
+    """Manifest for freshly written shards; normalization from the sites' train sums."""
+    if not sites:
+        raise ShardError("a shard set needs at least one site")
+    norm = combine(info.stats["train"] for info in sites)
+    return Manifest(
+        num_sites=len(sites),
+        num_classes=test.num_classes,
+        image_shape=test.image_shape,
+        partition=partition,
+        seed=int(seed),
+        source=dict(source),
+        normalization_mean=norm.mean,
+        normalization_std=norm.std,
+        sites=tuple(SiteEntry.from_info(info) for info in sites),
+        test=SiteEntry.from_info(test),
+    )
+
+
+def write_manifest(directory: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Write ``directory/manifest.json`` atomically (temporary file, then rename)."""
+    path = Path(directory) / MANIFEST_FILE
+    tmp = path.with_name(f".{MANIFEST_FILE}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest.to_dict(), f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
+    """Read and validate the manifest of a shard set (a directory, or the file itself)."""
+    path = Path(directory)
+    if path.is_dir():
+        path = path / MANIFEST_FILE
+    if not path.is_file():
+        raise ShardError(f"no shard-set manifest at {path} (run 'fedsilo prep' to make one)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ShardError(f"cannot read manifest {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"manifest {path} is not valid JSON: {exc}") from exc
+    return _parse(data, str(path))
+
+
+# --- validation -------------------------------------------------------------------------
+
+
+def _parse(data: Any, where: str) -> Manifest:
+    def fail(what: str) -> ShardError:
+        return ShardError(f"manifest {where}: {what}")
+
+    def get(obj: Any, key: str, kind: type | tuple[type, ...], label: str) -> Any:
+        if not isinstance(obj, dict) or key not in obj:
+            raise fail(f"missing {label!r}")
+        value = obj[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise fail(f"{label!r} has the wrong type ({type(value).__name__})")
+        return value
+
+    if not isinstance(data, dict):
+        raise fail("top level is not a JSON object")
+    if data.get("format") != MANIFEST_FORMAT:
+        raise fail(f"'format' is {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    version = get(data, "format_version", int, "format_version")
+    if version != MANIFEST_VERSION:
+        raise fail(f"unsupported format_version {version} (this fedsilo reads {MANIFEST_VERSION})")
+    num_sites = get(data, "num_sites", int, "num_sites")
+    num_classes = get(data, "num_classes", int, "num_classes")
+    if num_sites < 1 or num_classes < 1:
+        raise fail("num_sites and num_classes must be positive")
+    shape = get(data, "image_shape", list, "image_shape")
+    if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
+        raise fail(f"'image_shape' must be [C, H, W] of positive integers, got {shape}")
+    norm = get(data, "normalization", dict, "normalization")
+    mean = get(norm, "mean", list, "normalization.mean")
+    std = get(norm, "std", list, "normalization.std")
+    for label, values in (("normalization.mean", mean), ("normalization.std", std)):
+        if len(values) != shape[0] or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        ):
+            raise fail(f"{label!r} must hold {shape[0]} numbers (one per channel)")
+    raw_sites = get(data, "sites", list, "sites")
+    if len(raw_sites) != num_sites:
+        raise fail(f"'num_sites' is {num_sites} but 'sites' lists {len(raw_sites)} files")
+    sites = tuple(
+        _parse_entry(entry, f"sites[{i}]", num_classes, fail) for i, entry in enumerate(raw_sites)
+    )
+    test = _parse_entry(get(data, "test", dict, "test"), "test", num_classes, fail)
+    files = [e.file for e in (*sites, test)]
+    if len(set(files)) != len(files):
+        raise fail(f"shard file names repeat: {files}")
+    return Manifest(
+        num_sites=num_sites,
+        num_classes=num_classes,
+        image_shape=(shape[0], shape[1], shape[2]),
+        partition=str(get(data, "partition", str, "partition")),
+        seed=get(data, "seed", int, "seed"),
+        source=dict(get(data, "source", dict, "source")),
+        normalization_mean=tuple(float(v) for v in mean),
+        normalization_std=tuple(float(v) for v in std),
+        sites=sites,
+        test=test,
+        created_by=str(data.get("created_by", "")),
+        format_version=version,
+    )
+
+
+def _parse_entry(entry: Any, label: str, num_classes: int, fail: Any) -> SiteEntry:
+    if not isinstance(entry, dict):
+        raise fail(f"{label!r} is not an object")
+    file = entry.get("file")
+    # a bare file name: a manifest must not point outside its own directory
+    if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+        raise fail(f"'{label}.file' must be a plain file name, got {file!r}")
+    sha = entry.get("sha256")
+    if not isinstance(sha, str) or not _SHA256.match(sha):
+        raise fail(f"'{label}.sha256' must be 64 lowercase hex digits, got {sha!r}")
+    samples = entry.get("num_samples")
+    counts = entry.get("class_counts")
+    if not isinstance(samples, dict) or not isinstance(counts, dict) or not samples:
+        raise fail(f"'{label}' needs 'num_samples' and 'class_counts' objects keyed by split")
+    for split, n in samples.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise fail(f"'{label}.num_samples.{split}' must be a non-negative integer, got {n!r}")
+        hist = counts.get(split)
+        if (
+            not isinstance(hist, list)
+            or len(hist) != num_classes
+            or not all(isinstance(v, int) and v >= 0 for v in hist)
+        ):
+            raise fail(
+                f"'{label}.class_counts.{split}' must be {num_classes} non-negative integers"
+            )
+        if sum(hist) != n:
+            raise fail(f"'{label}.class_counts.{split}' sums to {sum(hist)}, not num_samples {n}")
+    if set(counts) != set(samples):
+        raise fail(f"'{label}': num_samples and class_counts name different splits")
+    return SiteEntry(
+        file=file,
+        sha256=sha,
+        num_samples=dict(samples),
+        class_counts={k: tuple(v) for k, v in counts.items()},
+    )

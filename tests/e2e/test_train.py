@@ -1,0 +1,132 @@
+"""prep → train → resume, as real MPI jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import mpirun
+
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+
+
+def train_args(shards: Path, out: Path, *extra: str, rounds: int = 3) -> list[str]:
+    return ["train", "--set", f"data.dir={shards}", "--set", f"rounds={rounds}",
+            "--set", "train.lr=0.05", "--set", "train.batch_size=32", *extra, "--out", str(out)]
+
+
+def load_model(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def test_train_writes_the_run_directory(shards3: Path, tmp_path: Path) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name": "small_cnn"}, "checkpoint": {"keep": 2},
+                                      "train": {"epochs": 1}}))
+    run = tmp_path / "run"
+    job = mpirun(4, ["train", "--config", str(config), *train_args(shards3, run, rounds=3)[1:]],
+                 timeout=240)
+    assert job.returncode == 0, job.output[-4000:]
+
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["rounds"] == 3 and resolved["train"]["lr"] == 0.05
+    assert Path(resolved["data"]["dir"]).is_absolute()
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert {"acc", "auc", "loss", "val", "seconds", "bytes", "participants"} <= set(row)
+        assert {"broadcast", "local", "aggregate", "evaluate", "coordination", "round",
+                "local_train_max"} <= set(row["seconds"])
+        assert set(row["participants"]) == {"0", "1", "2"}
+        assert row["bytes"]["broadcast"] > 0 and row["bytes"]["reduce"] > 0
+    # the synthetic data has class structure: the federation learns it (chance is 1/3)
+    assert rows[-1]["acc"] > 0.6, rows[-1]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-0002", "round-0003"]
+    assert sorted(p.name for p in (run / "checkpoints" / "round-0003").iterdir()) == [
+        "coordinator.pt", "site-000.pt", "site-001.pt", "site-002.pt"]
+
+    state = load_model(run / "model.pt")  # a plain state_dict, no pickled objects
+    from fedsilo.models import build_model
+    model = build_model("small_cnn", in_channels=1, num_classes=3, image_size=(28, 28))
+    model.load_state_dict(state)
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds_completed"] == 3 and summary["test"]["acc"] == rows[-1]["acc"]
+    assert set(summary["val_per_site"]) == {"0", "1", "2"}
+    # rank 0 logs one line per round when not on a terminal
+    assert job.stderr.count("INFO round ") == 3
+
+
+def test_two_ranks_one_participant(shards1: Path, tmp_path: Path) -> None:
+    job = mpirun(2, train_args(shards1, tmp_path / "run", rounds=2), timeout=180)
+    assert job.returncode == 0, job.output[-4000:]
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2
+
+
+def test_resume_after_a_crash_is_bit_identical(shards3: Path, tmp_path: Path) -> None:
+    rounds = 6
+    reference = tmp_path / "reference"
+    job = mpirun(4, train_args(shards3, reference, rounds=rounds), timeout=300)
+    assert job.returncode == 0, job.output[-4000:]
+
+    # Same run, killed (SIGKILL, every rank) once round 2 has a complete checkpoint.
+    crashed = tmp_path / "crashed"
+    from fedsilo.launch import mpirun_command, rank_environment
+    command = mpirun_command(4, train_args(shards3, crashed, rounds=rounds))
+    process = subprocess.Popen(command, env=rank_environment(4), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    marker = crashed / "checkpoints" / "round-0002" / "coordinator.pt"
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert marker.exists()
+    assert not (crashed / "summary.json").exists(), "the run finished before it was killed"
+
+    job = mpirun(4, ["train", "--resume", str(crashed)], timeout=300)
+    assert job.returncode == 0, job.output[-4000:]
+    assert "resuming" in job.stderr
+
+    expected, actual = load_model(reference / "model.pt"), load_model(crashed / "model.pt")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), f"{name} differs after resume"
+    rows_ref = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    rows_res = [json.loads(x) for x in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows_res] == list(range(1, rounds + 1))
+    assert [r["acc"] for r in rows_res] == [r["acc"] for r in rows_ref]
+    assert json.loads((crashed / "summary.json").read_text())["resumed_from_round"] >= 2
+
+
+def test_resume_extends_a_finished_run(shards1: Path, tmp_path: Path) -> None:
+    """A finished 2-round run resumed with rounds=3 equals a 3-round run."""
+    short, full = tmp_path / "short", tmp_path / "full"
+    assert mpirun(2, train_args(shards1, short, rounds=2), timeout=180).returncode == 0
+    assert mpirun(2, train_args(shards1, full, rounds=3), timeout=180).returncode == 0
+    job = mpirun(2, ["train", "--resume", str(short), "--set", "rounds=3"], timeout=180)
+    assert job.returncode == 0, job.output[-3000:]
+    a, b = load_model(short / "model.pt"), load_model(full / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_help_lists_defaults() -> None:
+    for argv in (["--help"], ["train", "--help"], ["demo", "--help"], ["prep", "medmnist", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "fedsilo", *argv], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        if argv != ["--help"]:
+            assert "(default:" in out.stdout, argv

@@ -1,0 +1,64 @@
+"""Test helpers: paths, and running real multi-rank MPI jobs with a hard time limit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PNEUMONIA = SHARED / "data" / "pneumoniamnist.npz"
+
+
+@dataclass
+class Job:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def mpirun(num_ranks: int, argv: Sequence[str], *, timeout: float, cwd: Path | None = None,
+           python_args: Sequence[str] = ("-m", "fedsilo")) -> Job:
+    """Run ``python -m fedsilo ARGV`` (or another script) on ``num_ranks`` real MPI ranks.
+
+    A job still running after ``timeout`` seconds is killed and the test fails: a hang is
+    the one outcome no test may tolerate.
+    """
+    from fedsilo.launch import mpirun_command, rank_environment
+
+    command = mpirun_command(num_ranks, [], mpirun=None)
+    command = command[: command.index(sys.executable)] + [sys.executable, *python_args, *argv]
+    env = rank_environment(num_ranks)
+    env["PYTHONUNBUFFERED"] = "1"
+    start = time.monotonic()
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"MPI job hung: still running after {timeout} s: {' '.join(command)}\n"
+                    f"--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-3000:]}")
+    return Job(process.returncode, stdout, stderr, time.monotonic() - start)
+
+
+def fedsilo_cli(argv: Sequence[str], *, timeout: float = 120, cwd: Path | None = None) -> Job:
+    """Run ``python -m fedsilo ARGV`` as a plain process (no MPI launcher)."""
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "fedsilo", *argv], cwd=cwd, text=True,
+                            capture_output=True, timeout=timeout)
+    return Job(result.returncode, result.stdout, result.stderr, time.monotonic() - start)

@@ -1,0 +1,21 @@
+"""Launch the MPI test suites (``suite_*.py``) as real jobs at 2 and 4 ranks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import mpirun
+
+HERE = Path(__file__).resolve().parent
+SUITES = sorted(p.name for p in HERE.glob("suite_*.py"))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("num_ranks", [2, 4])
+@pytest.mark.parametrize("suite", SUITES)
+def test_suite(suite: str, num_ranks: int) -> None:
+    job = mpirun(num_ranks, [suite], timeout=180, cwd=HERE, python_args=())
+    assert job.returncode == 0, job.output[-5000:]
+    assert "0 failed" in job.stdout and " passed" in job.stdout, job.output[-3000:]

@@ -1,0 +1,63 @@
+import pytest
+
+from fedsilo.config import Config, dump_config, load_config
+from fedsilo.errors import ConfigError
+
+
+def test_defaults_validate():
+    config = load_config(None)
+    assert isinstance(config, Config) and config.strategy.name == "fedavg"
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rounds: 4\ntrain:\n  lr: 0.1\nmodel:\n  name: resnet18\n")
+    config = load_config(path, overrides=["train.lr=0.5", "strategy.server_lr=0.7"])
+    assert config.rounds == 4 and config.train.lr == 0.5 and config.model.name == "resnet18"
+    assert config.strategy.options == {"server_lr": 0.7}
+
+
+def test_dumped_config_loads_back_identically(tmp_path):
+    config = load_config(None, overrides=["rounds=3", "strategy.server_lr=0.5", "train.max_steps=7"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochz=2", "unknown config key 'train.epochz'"),
+    ("bogus=1", "unknown config key 'bogus'"),
+    ("rounds=three", "'rounds' must be an integer, got str 'three'"),
+    ("rounds=2.5", "'rounds' must be an integer"),
+    ("train.lr=-1", "'train.lr' must be > 0"),
+    ("train.lr=true", "'train.lr' must be a number"),
+    ("train.optimizer=rmsprop", "'train.optimizer' must be one of sgd, adam"),
+    ("model.name=vgg99", "unknown model 'vgg99'; known: resnet18, small_cnn"),
+    ("strategy.name=nope", "unknown strategy 'nope'"),
+    ("data=3", "'data' must be a mapping"),
+    ("rounds", "not of the form key=value"),
+    ("data.verify_hashes=maybe", "'data.verify_hashes' must be true or false"),
+])
+def test_bad_keys_and_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides=[override])
+    assert message in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listy)
+
+
+def test_config_is_frozen():
+    config = load_config(None)
+    with pytest.raises(Exception):
+        config.rounds = 5  # type: ignore[misc]
