@@ -61,3 +61,13 @@ def test_config_is_frozen():
     config = load_config(None)
     with pytest.raises(Exception):
         config.rounds = 5  # type: ignore[misc]
+
+
+def test_scientific_notation_is_a_number_for_float_keys(tmp_path):
+    # PyYAML (YAML 1.1) reads "1e-3" as a string; users mean 0.001
+    assert load_config(None, overrides=["train.lr=1e-3"]).train.lr == 0.001
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 5E-2\n")
+    assert load_config(path).train.lr == 0.05
+    with pytest.raises(ConfigError, match="must be an integer"):
+        load_config(None, overrides=["rounds=1e3"])

@@ -1,0 +1,227 @@
+"""Fault injection: every foreseeable error ends every rank quickly with one clear message;
+anything else aborts the whole job.  Never a hang (helpers.mpirun fails a test on timeout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from helpers import mpirun
+
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+
+HERE = Path(__file__).resolve().parent
+#: generous for a loaded 2-core CI machine; a job that starts 4 Python processes with torch
+#: takes 5-15 s there.  What matters is that it ends: a hang fails after the mpirun timeout.
+LIMIT_S = 60
+
+
+@pytest.fixture
+def shards(shards3: Path, tmp_path: Path) -> Path:
+    """A private copy of the 3-site shard set, free to break."""
+    return Path(shutil.copytree(shards3, tmp_path / "shards"))
+
+
+def train(shards: Path, out: Path, *extra: str, ranks: int = 4, verify: bool = True):
+    args = ["train", "--set", f"data.dir={shards}", "--set", "rounds=2", *extra, "--out", str(out)]
+    if not verify:
+        args[1:1] = ["--set", "data.verify_hashes=false"]
+    return mpirun(ranks, args, timeout=240)
+
+
+def assert_agreed_failure(job, *needles: str, ranks: int = 4) -> None:
+    """Non-zero exit, fast, and every rank logged the same error naming the cause."""
+    assert job.returncode != 0, job.output[-3000:]
+    assert job.seconds < LIMIT_S, f"took {job.seconds:.1f} s"
+    for needle in needles:
+        assert needle in job.stderr, f"{needle!r} not in:\n{job.stderr[-3000:]}"
+    error_lines = [line for line in job.stderr.splitlines() if " ERROR " in line]
+    for rank in range(ranks):
+        mine = [line for line in error_lines if line.startswith(f"[rank {rank}/{ranks}]")]
+        assert mine, f"rank {rank} did not report the error:\n{job.stderr[-3000:]}"
+        assert all(n in mine[0] for n in needles), mine[0]
+    assert "Traceback" not in job.stderr, "a foreseeable error must not print a traceback"
+
+
+def site(shards: Path, k: int) -> Path:
+    return shards / f"site-{k:03d}.h5"
+
+
+# -- configuration and launch ------------------------------------------------------------
+
+
+def test_unknown_config_key(shards, tmp_path):
+    job = train(shards, tmp_path / "run", "--set", "train.epochz=2")
+    assert_agreed_failure(job, "unknown config key 'train.epochz'", "coordinator")
+
+
+def test_ill_typed_config_key(shards, tmp_path):
+    job = train(shards, tmp_path / "run", "--set", "train.batch_size=big")
+    assert_agreed_failure(job, "'train.batch_size' must be an integer")
+
+
+def test_too_few_ranks(shards, tmp_path):
+    job = train(shards, tmp_path / "run", ranks=1)
+    assert job.returncode != 0 and job.seconds < LIMIT_S
+    assert "needs at least 2 MPI ranks" in job.stderr, job.stderr[-2000:]
+
+
+def test_rank_count_must_match_the_shard_set(shards, tmp_path):
+    job = train(shards, tmp_path / "run", ranks=3)
+    assert_agreed_failure(job, "has 3 sites, so the job needs 4 MPI ranks", ranks=3)
+
+
+def test_missing_manifest(tmp_path):
+    (tmp_path / "empty").mkdir()
+    job = train(tmp_path / "empty", tmp_path / "run", ranks=2)
+    assert_agreed_failure(job, "no shard-set manifest", ranks=2)
+
+
+def test_corrupt_manifest(shards, tmp_path):
+    (shards / "manifest.json").write_text("{ not json")
+    job = train(shards, tmp_path / "run")
+    assert_agreed_failure(job, "is not valid JSON")
+
+
+def test_existing_run_is_never_overwritten(shards, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"round": 1}\n')
+    job = train(shards, run)
+    assert_agreed_failure(job, "already holds a run")
+    assert (run / "metrics.jsonl").read_text() == '{"round": 1}\n'
+
+
+# -- shards ------------------------------------------------------------------------------
+
+
+def test_missing_shard(shards, tmp_path):
+    site(shards, 1).unlink()
+    job = train(shards, tmp_path / "run")
+    assert_agreed_failure(job, "shard file not found", "site-001.h5", "participant 2")
+
+
+def test_shard_hash_differs_from_manifest(shards, tmp_path):
+    with h5py.File(site(shards, 0), "r+") as f:  # still a valid file, different content
+        f["train/images"][0, 0, 0, 0] ^= 0xFF
+    job = train(shards, tmp_path / "run")
+    assert_agreed_failure(job, "site-000.h5", "sha256 mismatch", "participant 1")
+
+
+def test_corrupt_shard(shards, tmp_path):
+    site(shards, 2).write_bytes(os.urandom(4096))
+    job = train(shards, tmp_path / "run", verify=False)
+    assert_agreed_failure(job, "site-002.h5", "not a readable HDF5 file")
+
+
+def test_truncated_shard(shards, tmp_path):
+    data = site(shards, 1).read_bytes()
+    site(shards, 1).write_bytes(data[: len(data) // 2])
+    job = train(shards, tmp_path / "run", verify=False)
+    assert_agreed_failure(job, "site-001.h5")
+    assert "HDF5" in job.stderr or "corrupt" in job.stderr
+
+
+def test_image_shape_differs_across_shards(shards, tmp_path):
+    from fedsilo.shards import write_shard
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (20, 1, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, 3, 20)
+    write_shard(site(shards, 1), kind="site", num_classes=3,
+                splits={"train": (images, labels), "val": (images[:4], labels[:4])})
+    job = train(shards, tmp_path / "run", verify=False)
+    assert_agreed_failure(job, "site-001.h5", "image shape is 1x32x32 but 1x28x28 was expected")
+
+
+def test_class_count_differs(shards, tmp_path):
+    with h5py.File(site(shards, 2), "r+") as f:
+        f.attrs["num_classes"] = 5
+    job = train(shards, tmp_path / "run", verify=False)
+    assert_agreed_failure(job, "site-002.h5", "num_classes is 5 in the file but 3 was expected")
+
+
+def test_labels_out_of_range(shards, tmp_path):
+    with h5py.File(site(shards, 0), "r+") as f:
+        f["train/labels"][3] = 7
+    job = train(shards, tmp_path / "run", verify=False)
+    assert_agreed_failure(job, "site-000.h5", "labels out of range [0, 3): found 7")
+
+
+def test_nan_pixels(shards, tmp_path):
+    with h5py.File(site(shards, 1), "r+") as f:
+        images = f["train/images"][...].astype(np.float32) / 255
+        images[5, 0, 3, 3] = np.nan
+        del f["train/images"]
+        f["train"].create_dataset("images", data=images)
+    job = train(shards, tmp_path / "run", verify=False)
+    assert_agreed_failure(job, "site-001.h5", "non-finite pixel values")
+
+
+def test_empty_shard(shards, tmp_path):
+    from fedsilo.shards import write_shard
+    empty = np.zeros((0, 1, 28, 28), np.uint8), np.zeros(0, np.int64)
+    write_shard(site(shards, 0), kind="site", num_classes=3, splits={"train": empty, "val": empty})
+    job = train(shards, tmp_path / "run", verify=False)
+    assert_agreed_failure(job, "site-000.h5", "training split is empty")
+
+
+def test_several_failing_ranks_are_all_named(shards, tmp_path):
+    site(shards, 0).unlink()
+    site(shards, 2).unlink()
+    job = train(shards, tmp_path / "run")
+    assert_agreed_failure(job, "failed on 2 of 4 ranks", "site-000.h5", "site-002.h5")
+
+
+# -- during training ---------------------------------------------------------------------
+
+
+def test_nan_update_is_rejected_naming_the_participant(shards, tmp_path):
+    job = train(shards, tmp_path / "run", "--set", "train.lr=1e30", "--set", "train.momentum=0")
+    assert_agreed_failure(job, "round 1 failed", "non-finite values (NaN/Inf)", "participant 0")
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_unexpected_exception_aborts_the_job(shards, tmp_path):
+    os.environ["FEDSILO_TEST_FAULT"] = "raise:2:2"
+    try:
+        job = mpirun(4, ["train", "--set", f"data.dir={shards}", "--set", "rounds=3",
+                         "--out", str(tmp_path / "run")], timeout=240,
+                     python_args=(str(HERE / "inject.py"),))
+    finally:
+        del os.environ["FEDSILO_TEST_FAULT"]
+    assert job.returncode != 0 and job.seconds < LIMIT_S, job.output[-3000:]
+    assert "[rank 2/4] fedsilo: unexpected RuntimeError, aborting the job" in job.stderr
+    assert "injected failure in local training" in job.stderr  # with its traceback
+    # round 1 completed and its checkpoint survives the abort intact
+    from fedsilo.rundir import RunDir
+    assert RunDir(tmp_path / "run").complete_rounds() == [1]
+
+
+def test_a_rank_that_dies_ends_the_job(shards, tmp_path):
+    os.environ["FEDSILO_TEST_FAULT"] = "exit:3:1"
+    try:
+        job = mpirun(4, ["train", "--set", f"data.dir={shards}", "--set", "rounds=3",
+                         "--out", str(tmp_path / "run")], timeout=240,
+                     python_args=(str(HERE / "inject.py"),))
+    finally:
+        del os.environ["FEDSILO_TEST_FAULT"]
+    assert job.returncode != 0 and job.seconds < LIMIT_S, job.output[-3000:]
+
+
+def test_resume_without_participant_checkpoint(shards, tmp_path):
+    run = tmp_path / "run"
+    assert train(shards, run).returncode == 0
+    (run / "checkpoints" / "round-0002" / "site-001.pt").unlink()
+    job = mpirun(4, ["train", "--resume", str(run)], timeout=240)
+    assert_agreed_failure(job, "site-001.pt is missing", "participant 2")
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
+    job = mpirun(2, ["train", "--resume", str(tmp_path)], timeout=240)
+    assert_agreed_failure(job, "no config.yaml there", ranks=2)
