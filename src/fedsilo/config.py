@@ -194,6 +194,7 @@ def dump_config(config: Config) -> str:
 # -- building dataclasses from plain data ---------------------------------------------
 
 
+_BOOL_WORDS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -250,6 +251,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         raise ConfigError(errors[0] if errors else f"config key '{key}' is invalid")
     if origin is Literal:
         choices = typing.get_args(hint)
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            value = next((c for c in choices if c in _BOOL_WORDS[value]), value)
         if value not in choices:
             raise ConfigError(
                 f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}"

@@ -70,10 +70,14 @@ def test_train_writes_the_run_directory(shards3: Path, tmp_path: Path) -> None:
 
 
 def test_two_ranks_one_participant(shards1: Path, tmp_path: Path) -> None:
-    job = mpirun(2, train_args(shards1, tmp_path / "run", rounds=2), timeout=180)
+    job = mpirun(2, train_args(shards1, tmp_path / "run", "--set", "runtime.progress=on",
+                               rounds=2), timeout=180)
     assert job.returncode == 0, job.output[-4000:]
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2
+    # a progress bar instead of log lines (as on a terminal), redrawn in place
+    # (text-mode pipes turn the bar's \r into \n)
+    assert "[" + "#" * 24 + "] 2/2" in job.stderr and "INFO round " not in job.stderr
 
 
 def test_resume_after_a_crash_is_bit_identical(shards3: Path, tmp_path: Path) -> None:

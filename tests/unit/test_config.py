@@ -71,3 +71,10 @@ def test_scientific_notation_is_a_number_for_float_keys(tmp_path):
     assert load_config(path).train.lr == 0.05
     with pytest.raises(ConfigError, match="must be an integer"):
         load_config(None, overrides=["rounds=1e3"])
+
+
+def test_on_off_words_survive_yaml_booleans():
+    assert load_config(None, overrides=["runtime.progress=off"]).runtime.progress == "off"
+    assert load_config(None, overrides=["runtime.progress=on"]).runtime.progress == "on"
+    with pytest.raises(ConfigError, match="must be one of auto, cpu, cuda"):
+        load_config(None, overrides=["runtime.device=yes"])
