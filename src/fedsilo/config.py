@@ -9,7 +9,7 @@ themselves; unknown keys and ill-typed values fail with the key's dotted path.
 >>> load_config(None, overrides=["train.epochz=2"])
 Traceback (most recent call last):
 ...
-fedsilo.errors.ConfigError: unknown config key 'train.epochz'; known keys of 'train': batch_size, epochs, lr, max_steps, momentum, optimizer, weight_decay
+fedsilo.errors.ConfigError: unknown config key 'train.epochz'; known keys of 'train': batch_size, epochs, lr, lr_decay, max_steps, momentum, optimizer, weight_decay
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 64
     lr: float = 0.01
+    #: the local learning rate of round r is lr * lr_decay ** (r - 1); damps the round-to-round
+    #: swings of the global model when sites are strongly non-IID
+    lr_decay: float = 1.0
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -68,6 +71,7 @@ class TrainConfig:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(0 < self.lr_decay <= 1, "train.lr_decay", "must be in (0, 1]")
         _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")

@@ -132,7 +132,7 @@ class Participant(_Role):
         seed = round_seed(self.config.seed, round_index, self.site)
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
-        optimizer = make_optimizer(self.model, self.config.train)
+        optimizer = make_optimizer(self.model, self.config.train, round_index=round_index)
         stats = train_local(self.model, self.train_data, config=self.config.train,
                             optimizer=optimizer, generator=generator)
         self.rounds_trained += 1

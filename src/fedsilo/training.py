@@ -47,10 +47,17 @@ class LocalStats:
     seconds: float
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def round_lr(config: TrainConfig, round_index: int) -> float:
+    """The local learning rate of round ``round_index`` (1-based)."""
+    return config.lr * config.lr_decay ** (round_index - 1)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, *, round_index: int = 1
+                   ) -> torch.optim.Optimizer:
+    lr = round_lr(config, round_index)
     if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum,
                            weight_decay=config.weight_decay)
 
 

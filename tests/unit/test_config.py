@@ -78,3 +78,11 @@ def test_on_off_words_survive_yaml_booleans():
     assert load_config(None, overrides=["runtime.progress=on"]).runtime.progress == "on"
     with pytest.raises(ConfigError, match="must be one of auto, cpu, cuda"):
         load_config(None, overrides=["runtime.device=yes"])
+
+
+def test_lr_decay_schedule():
+    from fedsilo.training import round_lr
+    config = load_config(None, overrides=["train.lr=0.1", "train.lr_decay=0.5"]).train
+    assert [round_lr(config, r) for r in (1, 2, 3)] == [0.1, 0.05, 0.025]
+    with pytest.raises(ConfigError, match="'train.lr_decay' must be in"):
+        load_config(None, overrides=["train.lr_decay=1.5"])
