@@ -6,15 +6,18 @@ For every run it prints the median over rounds of each phase the coordinator rec
 ``seconds`` (a phase missing from a round counts as 0 s there, e.g. ``evaluate`` when
 ``eval.every > 1``), then two shares of the round:
 
-- *not training or evaluating*: ``(round - local_train_max - local_val_max - evaluate) / round``
+- *not training or evaluating*: ``(round - local_compute_max - evaluate) / round``, where
+  ``local_compute_max`` is the slowest participant's training + validation (runs recorded
+  before that key existed use ``local_train_max + local_val_max``, the two maxima taken
+  separately, which can overstate the work)
   (what federating costs on top of the work itself: transport, waiting for the slowest
   participant beyond its own training, weighting and checking updates, the server step);
 - *pure communication*: ``(broadcast + aggregate + coordination) / round``.
 
 Each share is given as the median of the per-round shares and as the share of the summed
-times over all rounds.  ``round`` is taken as recorded; the coordinator measures it before
-it writes its checkpoint, so checkpoint time is outside it (printed separately, and the
-shares are repeated with ``round + checkpoint`` as the denominator).
+times over all rounds.  ``round`` is taken as recorded.  It includes the coordinator's
+checkpoint; in runs recorded before that was so (no ``local_compute_max``), the shares are
+repeated with ``round + checkpoint`` as the denominator.
 
 Plain standard library: no MPI, no numpy, no torch.
 """
@@ -28,8 +31,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-PHASES = ("broadcast", "local", "local_train_max", "local_val_max", "aggregate", "server_step",
-          "evaluate", "checkpoint", "coordination", "round")
+PHASES = ("broadcast", "local", "local_train_max", "local_val_max", "local_compute_max",
+          "aggregate", "server_step", "evaluate", "checkpoint", "coordination", "round")
 LABELS = {"local": "local (wait)"}
 
 
@@ -58,10 +61,14 @@ def read_rows(run: Path) -> list[dict]:
 def analyse(rows: Sequence[dict]) -> dict:
     """Phase medians and overhead shares of a run's rounds."""
     seconds = [{name: float(row["seconds"].get(name, 0.0)) for name in PHASES} for row in rows]
+    for s, row in zip(seconds, rows):
+        s["new_format"] = "local_compute_max" in row["seconds"]
     medians = {name: statistics.median(s[name] for s in seconds) for name in PHASES}
     totals = {name: sum(s[name] for s in seconds) for name in PHASES}
 
     def work(s: dict) -> float:
+        if s["new_format"]:
+            return s["local_compute_max"] + s["evaluate"]
         return s["local_train_max"] + s["local_val_max"] + s["evaluate"]
 
     def comm(s: dict) -> float:
@@ -69,7 +76,8 @@ def analyse(rows: Sequence[dict]) -> dict:
 
     shares = {}
     for label, denominator in (("round", lambda s: s["round"]),
-                               ("round+checkpoint", lambda s: s["round"] + s["checkpoint"])):
+                               ("round+checkpoint",
+                                lambda s: s["round"] + (0.0 if s["new_format"] else s["checkpoint"]))):
         shares[label] = {
             "not_training_median": statistics.median(
                 (denominator(s) - work(s)) / denominator(s) for s in seconds),

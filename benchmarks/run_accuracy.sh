@@ -35,7 +35,7 @@ while [[ $# -gt 0 ]]; do
         --shards) SHARDS=$2; shift 2 ;;
         --runs) RUNS=$2; shift 2 ;;
         --timeout) TIMEOUT=$2; shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         resnet18|small_cnn) MODELS+=("$1"); shift ;;
         *) echo "run_accuracy.sh: unknown argument '$1' (models: resnet18, small_cnn)" >&2; exit 2 ;;
     esac

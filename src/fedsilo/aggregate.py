@@ -42,7 +42,8 @@ def weighted_sum(updates: Sequence[np.ndarray], weights: Sequence[float]) -> np.
 
 def count_nonfinite(vector: np.ndarray) -> int:
     """How many entries are NaN or ±Inf (cheap check before an update leaves a rank)."""
-    # Sum is finite iff every element is; only count when it is not (the rare path).
-    if np.isfinite(vector.sum(dtype=np.float64)):
+    # A finite sum proves every element finite; an infinite one (NaN/Inf, or a float32
+    # overflow of finite values) falls through to the exact count.  float32 is 4x faster.
+    if np.isfinite(vector.sum(dtype=np.float32)):
         return 0
     return int(vector.size - np.count_nonzero(np.isfinite(vector)))

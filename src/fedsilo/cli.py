@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run directory to create (config, metrics, checkpoints, model)")
     train.add_argument("--resume", metavar="RUN_DIR", default=None,
                        help="continue the run in RUN_DIR from its last complete checkpoint")
+    train.add_argument("--auto-resume", action="store_true", default=False,
+                       help="if --out already holds a run, resume it (for requeued batch jobs)")
     train.add_argument("--verbose", action="store_true", default=False,
                        help="debug logging on every rank")
     train.set_defaults(func=_train)
@@ -76,7 +78,8 @@ def _train(args: argparse.Namespace) -> int:
     world = World()
     setup_logging(world.rank, world.size, verbose=args.verbose)
     return run_guarded(lambda: run_job(world, config_path=args.config, overrides=args.overrides,
-                                       out_dir=args.out, resume_dir=args.resume))
+                                       out_dir=args.out, resume_dir=args.resume,
+                                       auto_resume=args.auto_resume))
 
 
 def _demo(args: argparse.Namespace) -> int:

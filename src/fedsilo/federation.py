@@ -25,6 +25,7 @@ from fedsilo.errors import (AgreedError, CheckpointError, CommunicationError, Co
                             FedsiloError)
 from fedsilo.rundir import RunDir, atomic_write_text
 from fedsilo.shards import Manifest, load_manifest
+from fedsilo.stopping import EXIT_PREEMPTED, StopFlag
 
 log = logging.getLogger("fedsilo")
 
@@ -41,7 +42,7 @@ class Setup:
 
 
 def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
-            out_dir: str | None, resume_dir: str | None) -> int:
+            out_dir: str | None, resume_dir: str | None, auto_resume: bool = False) -> int:
     """Run ``fedsilo train`` on this rank; returns the exit status."""
     if world.size < 2:
         raise AgreedError(
@@ -52,6 +53,11 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
     setup, error = None, None
     if world.is_coordinator:
         try:
+            if auto_resume and out_dir is not None and RunDir(out_dir).config.is_file() \
+                    and RunDir(out_dir).holds_run() and resume_dir is None:
+                log.info("--auto-resume: %s holds a run; resuming it with its own config.yaml",
+                         out_dir)
+                config_path, resume_dir = None, out_dir
             setup = _prepare(world, config_path=config_path, overrides=overrides,
                              out_dir=out_dir, resume_dir=resume_dir)
         except FedsiloError as exc:
@@ -69,35 +75,48 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
         error = exc
     world.agree(error, stage="loading data and model")
 
-    _run_rounds(world, role, setup)
+    if not _run_rounds(world, role, setup, stop=StopFlag().install()):
+        return EXIT_PREEMPTED
     return 0
 
 
-def _run_rounds(world: World, role: Any, setup: Setup) -> None:
+def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> bool:
+    """The rounds, then the final validation; False if a signal stopped the run early."""
     config = setup.config
+    stop_seen = False  # coordinator: some rank reported a stop signal
     for round_index in range(setup.resume_round + 1, config.rounds + 1):
         timer = PhaseTimer()
         with timer("coordination"):
             world.quiet_barrier()
-            plan = world.bcast_obj(role.plan(round_index) if world.is_coordinator else None)
+            plan = None
+            if world.is_coordinator:
+                plan = role.plan(round_index)
+                plan["stop"] = plan["stop"] or stop_seen or stop.requested
+            plan = world.bcast_obj(plan)
         if plan["stop"]:
-            break
+            log.warning("stopping before round %d on a signal; --resume continues from the "
+                        "last complete checkpoint (exit status %d asks for a requeue)",
+                        round_index, EXIT_PREEMPTED)
+            return False
         with timer("broadcast"):
             world.bcast_weights(role.global_weights)
         report, error = role.local_round(plan)
         with timer("local"):
             world.quiet_barrier()
         with timer("coordination"):
-            reports = world.agree_gather(report, error, stage=f"round {round_index}")
+            gathered = world.agree_gather((report, stop.requested), error,
+                                          stage=f"round {round_index}")
+        stop_seen = any(flag for _, flag in gathered)
         with timer("aggregate"):
             world.reduce_sum(role.reduce_buffer)
-        role.finish_round(plan, reports, timer)
+        role.finish_round(plan, [r for r, _ in gathered], timer)
 
     world.quiet_barrier()
     world.bcast_weights(role.global_weights)
     report, error = role.final_validation()
     reports = world.agree_gather(report, error, stage="final validation")
     role.finish_job(reports)
+    return True
 
 
 class PhaseTimer:

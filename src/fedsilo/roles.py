@@ -153,9 +153,11 @@ class Participant(_Role):
         if _checkpoint_due(self.config, round_index) and error is None:
             atomic_torch_save(self.run_dir.participant_checkpoint(round_index, self.site),
                               self.state_dict(round_index))
+        now = time.perf_counter()
         report = {"site": self.site, "num_samples": len(self.train_data), "steps": stats.steps,
                   "train_loss": stats.loss, "train_s": stats.seconds, "val": validation,
-                  "val_s": val_seconds, "checkpoint_s": time.perf_counter() - begin_ckpt}
+                  "val_s": val_seconds, "checkpoint_s": now - begin_ckpt,
+                  "local_s": now - begin}
         return report, error
 
     def finish_round(self, plan: dict[str, Any], reports: Sequence[Any], timer: Any) -> None:
@@ -217,8 +219,7 @@ class Coordinator(_Role):
                 "weights": self.strategy.client_weights({k: self.num_samples[k] for k in participants})}
 
     def local_round(self, plan: dict[str, Any]) -> tuple[None, None]:
-        self.reduce_buffer.fill(0)  # the coordinator adds nothing to the sum
-        return None, None
+        return None, None  # the coordinator adds nothing to the sum (World.reduce_sum)
 
     def finish_round(self, plan: dict[str, Any], reports: Sequence[Any], timer: Any) -> None:
         round_index = plan["round"]
@@ -249,6 +250,7 @@ class Coordinator(_Role):
             })
             self.run_dir.prune(keep=self.config.checkpoint.keep, current=round_index)
             row["seconds"]["checkpoint"] = time.perf_counter() - begin
+        row["seconds"]["round"] = timer.total()  # everything, the checkpoint included
         self.run_dir.append_metrics(row)
         self.progress.update(round_index, row)
 
@@ -257,7 +259,9 @@ class Coordinator(_Role):
         seconds = dict(timer.seconds)
         seconds["local_train_max"] = max(r["train_s"] for r in reports)
         seconds["local_val_max"] = max(r["val_s"] for r in reports)
-        seconds["round"] = timer.total()
+        # the critical path of local work: the slowest participant's training + validation
+        seconds["local_compute_max"] = max(r["train_s"] + r["val_s"] for r in reports)
+        seconds["round"] = timer.total()  # provisional: finish_round adds the checkpoint
         n = len(reports)
         weight_bytes = self.layout.numel * 4
         row: dict[str, Any] = {"round": plan["round"]}
@@ -266,7 +270,8 @@ class Coordinator(_Role):
         row["val"] = _weighted_validation(reports)
         row["participants"] = {str(r["site"]): {
             "num_samples": r["num_samples"], "steps": r["steps"], "train_loss": r["train_loss"],
-            "train_s": r["train_s"], "val_acc": r["val"]["acc"], "val_auc": r["val"]["auc"],
+            "train_s": r["train_s"], "val_s": r["val_s"], "checkpoint_s": r["checkpoint_s"],
+            "local_s": r["local_s"], "val_acc": r["val"]["acc"], "val_auc": r["val"]["auc"],
         } for r in reports}
         row["seconds"] = seconds
         row["bytes"] = {"broadcast": weight_bytes * n, "reduce": weight_bytes * n,

@@ -134,3 +134,44 @@ def test_cli_help_lists_defaults() -> None:
         assert out.returncode == 0, out.stderr
         if argv != ["--help"]:
             assert "(default:" in out.stdout, argv
+
+
+def test_signal_stops_at_a_round_boundary_and_auto_resume_finishes_identically(
+        shards1: Path, tmp_path: Path) -> None:
+    """SLURM's --signal=USR1@T (or pre-emption's SIGTERM) reaches every task: the run stops
+    after a complete round with exit status 75, and a requeued job resumes it exactly."""
+    from fedsilo.stopping import EXIT_PREEMPTED
+    rounds = 8
+    reference = tmp_path / "reference"
+    assert mpirun(2, train_args(shards1, reference, rounds=rounds), timeout=240).returncode == 0
+
+    run = tmp_path / "run"
+    from fedsilo.launch import mpirun_command, rank_environment
+    args = train_args(shards1, run, "--auto-resume", rounds=rounds)
+    process = subprocess.Popen(mpirun_command(2, args), env=rank_environment(2),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    marker = run / "checkpoints" / "round-0002" / "coordinator.pt"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # the ranks (not mpirun, which does not forward USR1) get the signal, as under srun
+    ranks = subprocess.run(["pgrep", "-f", f"fedsilo train.*--out {run}$"], capture_output=True,
+                           text=True).stdout.split()
+    ranks = [int(p) for p in ranks if int(p) != process.pid]
+    assert len(ranks) == 2, ranks
+    for pid in ranks:
+        os.kill(pid, signal.SIGUSR1)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert "received SIGUSR1" in output and not (run / "model.pt").exists()
+    stopped_after = max(json.loads(x)["round"]
+                        for x in (run / "metrics.jsonl").read_text().splitlines())
+    assert stopped_after < rounds
+
+    # the requeued job: same command line
+    job = mpirun(2, args, timeout=240)
+    assert job.returncode == 0, job.output[-3000:]
+    assert "--auto-resume" in job.stderr and "holds a run" in job.stderr
+    a, b = load_model(reference / "model.pt"), load_model(run / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)

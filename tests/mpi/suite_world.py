@@ -22,13 +22,14 @@ def test_bcast_weights_copies_the_coordinator_buffer() -> None:
 
 
 def test_reduce_sum_adds_every_participant_at_the_coordinator() -> None:
-    n = 257
-    buffer = np.zeros(n, dtype=np.float32) if world.is_coordinator \
-        else np.full(n, float(world.rank), dtype=np.float32)
-    world.reduce_sum(buffer)
-    if world.is_coordinator:
-        expected = sum(range(1, world.size))
-        assert np.array_equal(buffer, np.full(n, expected, dtype=np.float32)), buffer[:4]
+    for n in (257, 1000):  # a second size re-allocates the coordinator's zero buffer
+        for _ in range(2):  # the coordinator's stale buffer content must not leak in
+            buffer = np.full(n, 1e6, dtype=np.float32) if world.is_coordinator \
+                else np.full(n, float(world.rank), dtype=np.float32)
+            world.reduce_sum(buffer)
+            if world.is_coordinator:
+                expected = sum(range(1, world.size))
+                assert np.array_equal(buffer, np.full(n, expected, dtype=np.float32)), buffer[:4]
 
 
 def test_weights_must_be_contiguous_float32() -> None:

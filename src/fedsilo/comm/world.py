@@ -21,6 +21,7 @@ class World:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.poll_s = poll_s
+        self._zeros: np.ndarray | None = None  # the coordinator's contribution to reduce_sum
         shared = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = shared.Get_rank()
         self.local_size = shared.Get_size()
@@ -49,14 +50,21 @@ class World:
         self.comm.Bcast([_check_f32(buffer), MPI.FLOAT], root=COORDINATOR)
 
     def reduce_sum(self, buffer: np.ndarray) -> None:
-        """Sum every rank's ``buffer`` into the coordinator's ``buffer`` (in place there).
+        """Sum the participants' ``buffer`` into the coordinator's ``buffer``.
 
-        The coordinator contributes what its buffer holds (callers zero it), so this is one
-        plain ``MPI_Reduce`` over the whole job: O(model) memory at rank 0, log P depth.
+        One plain ``MPI_Reduce`` over the whole job (O(model) memory at rank 0, log P depth);
+        the coordinator's own contribution is zero and its ``buffer`` is overwritten.  The
+        coordinator sends from a zero buffer kept between calls rather than ``MPI_IN_PLACE``:
+        for large vectors Open MPI's in-place path allocates and page-faults a model-sized
+        temporary on every call, measured at 1.65x the bare Reduce for ResNet-18
+        (benchmarks/RESULTS.md).
         """
         buffer = _check_f32(buffer)
         if self.is_coordinator:
-            self.comm.Reduce(MPI.IN_PLACE, [buffer, MPI.FLOAT], op=MPI.SUM, root=COORDINATOR)
+            if self._zeros is None or self._zeros.size != buffer.size:
+                self._zeros = np.zeros(buffer.size, dtype=np.float32)
+            self.comm.Reduce([self._zeros, MPI.FLOAT], [buffer, MPI.FLOAT], op=MPI.SUM,
+                             root=COORDINATOR)
         else:
             self.comm.Reduce([buffer, MPI.FLOAT], None, op=MPI.SUM, root=COORDINATOR)
 
