@@ -8,6 +8,7 @@ left to propagate: ``fedsilo``'s main turns them into one error line and exit st
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from data_prep.medmnist import load_medmnist
 from data_prep.pipeline import prepare_shards
 from data_prep.source import SourceData
 from data_prep.synthetic import make_synthetic
-from fedsilo.errors import ShardError
+from fedsilo.errors import ConfigError, ShardError
 from fedsilo.shards import Manifest, load_manifest, verify_shard_set
 
 _FORMATTER = argparse.ArgumentDefaultsHelpFormatter
@@ -96,6 +97,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         "when the source has no test split")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a shard set already in --out")
+    parser.add_argument("--only", metavar="site:K|test|array", default=None,
+                        help="write one file of the set, for parallel preparation (e.g. a "
+                        "SLURM array): site:K, test, or 'array' to take it from "
+                        "SLURM_ARRAY_TASK_ID (0..P-1 = sites, P = test). The task that "
+                        "completes the set writes manifest.json")
 
 
 def _run_medmnist(args: argparse.Namespace) -> int:
@@ -122,10 +128,23 @@ def _prepare(source: SourceData, args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         overwrite=args.overwrite,
+        only=_only(args),
     )
+    if manifest is None:
+        print(f"wrote {_only(args)} to {args.out}; the set is not complete yet")
+        return 0
     print(f"wrote {manifest.num_sites} site shards, test.h5 and manifest.json to {args.out}")
     print(format_class_table(manifest))
     return 0
+
+
+def _only(args: argparse.Namespace) -> str | None:
+    if args.only != "array":
+        return args.only
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if task is None or not task.isdigit():
+        raise ConfigError("--only array needs SLURM_ARRAY_TASK_ID (run it as a SLURM array task)")
+    return "test" if int(task) == args.participants else f"site:{task}"
 
 
 def _run_verify(args: argparse.Namespace) -> int:

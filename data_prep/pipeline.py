@@ -24,6 +24,8 @@ from fedsilo.shards import (
     ShardInfo,
     ShardWriter,
     build_manifest,
+    check_shard,
+    read_shard_attrs,
     site_file_name,
     write_manifest,
 )
@@ -44,8 +46,14 @@ def prepare_shards(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     overwrite: bool = False,
-) -> Manifest:
+    only: str | None = None,
+) -> Manifest | None:
     """Write ``site-000.h5 ...``, ``test.h5`` and ``manifest.json`` into ``out_dir``.
+
+    ``only="site:K"`` or ``only="test"`` writes that one file (one task of a SLURM array:
+    the partition is recomputed identically in every task, so the files equal the serial
+    ones); the task that finds the whole set present and consistent writes the manifest
+    and returns it, the others return None.
 
     The source's train split is partitioned over ``participants`` sites.  Its val split,
     if any, follows each site's label mix (:func:`assign_like`); otherwise each site
@@ -77,12 +85,18 @@ def prepare_shards(
     site_train = [pool[p] for p in parts]
     site_val, val_source = _validation(source, site_train, val_fraction=val_fraction, seed=seed)
 
+    attrs = {"partition": partition, "seed": int(seed), "num_sites": int(participants),
+             "source": source.name}  # fmt: skip
+    if only is not None:
+        return _prepare_one(source, out, only=only, participants=participants, attrs=attrs,
+                            site_train=site_train, site_val=site_val, val_source=val_source,
+                            test=(test_images, test_labels, test_idx), overwrite=overwrite,
+                            partition=partition, seed=seed)
+
     # only now, with every split decided, is the directory touched: a bad spec or
     # fraction must not cost an existing shard set its manifest
     stale = _claim(out, overwrite=overwrite)
 
-    attrs = {"partition": partition, "seed": int(seed), "num_sites": int(participants),
-             "source": source.name}  # fmt: skip
     site_infos: list[ShardInfo] = []
     for k in range(participants):
         with ShardWriter(
@@ -107,6 +121,58 @@ def prepare_shards(
     for path in stale:
         if path.name not in keep:
             path.unlink(missing_ok=True)
+    return manifest
+
+
+def _prepare_one(source: SourceData, out: Path, *, only: str, participants: int, attrs: dict,
+                 site_train: list, site_val: list, val_source: tuple, test: tuple,
+                 overwrite: bool, partition: str, seed: int) -> Manifest | None:
+    """One file of the set (an array task), then the manifest if the set is complete."""
+    kind, _, index = only.partition(":")
+    if not (only == "test" or (kind == "site" and index.isdigit()
+                               and int(index) < participants)):
+        raise ConfigError(f"--only must be 'test' or 'site:K' with 0 <= K < {participants}, "
+                          f"got {only!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST_FILE
+    if manifest_path.exists():
+        if not overwrite:
+            raise DataError(f"{out} already holds a shard set ({MANIFEST_FILE}); pass "
+                            f"--overwrite to replace it")
+        manifest_path.unlink(missing_ok=True)  # it would vouch for a mix of old and new files
+    images, labels = source.splits["train"]
+    if only == "test":
+        with ShardWriter(out / TEST_FILE, kind="test", image_shape=source.image_shape,
+                         num_classes=source.num_classes, attrs=attrs) as writer:
+            _append(writer, "test", *test)
+    else:
+        k = int(index)
+        with ShardWriter(out / site_file_name(k), kind="site", image_shape=source.image_shape,
+                         num_classes=source.num_classes, attrs={**attrs, "site": k}) as writer:
+            _append(writer, "train", images, labels, site_train[k])
+            _append(writer, "val", *val_source, site_val[k])
+    return _finish_if_complete(out, participants=participants, attrs=attrs, source=source,
+                               partition=partition, seed=seed)
+
+
+def _finish_if_complete(out: Path, *, participants: int, attrs: dict, source: SourceData,
+                        partition: str, seed: int) -> Manifest | None:
+    """Write the manifest when every file of this set is there (files appear atomically)."""
+    paths = [out / site_file_name(k) for k in range(participants)] + [out / TEST_FILE]
+    if not all(p.exists() for p in paths):
+        return None
+    infos = []
+    for k, path in enumerate(paths):
+        kind = "test" if path.name == TEST_FILE else "site"
+        file_attrs = read_shard_attrs(path)
+        expected = attrs if kind == "test" else {**attrs, "site": k}
+        if any(file_attrs.get(key) != value for key, value in expected.items()):
+            return None  # a file of another shard set: its own task has not rewritten it yet
+        infos.append(check_shard(path, kind=kind, image_shape=source.image_shape,
+                                 num_classes=source.num_classes))
+    manifest = build_manifest(sites=infos[:-1], test=infos[-1], source=source.provenance,
+                              partition=partition, seed=seed)
+    write_manifest(out, manifest)
     return manifest
 
 

@@ -13,6 +13,7 @@ from fedsilo.shards.hdf5 import (
     ShardWriter,
     SplitData,
     read_shard,
+    read_shard_attrs,
     sha256_file,
     write_shard,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "combine_stats",
     "load_manifest",
     "read_shard",
+    "read_shard_attrs",
     "sha256_file",
     "site_file_name",
     "verify_shard_set",

@@ -360,6 +360,12 @@ def read_shard(
     )
 
 
+def read_shard_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The root attributes of a shard file, as plain Python, without reading any pixels."""
+    with h5py.File(path, "r") as f:
+        return {key: to_python(value) for key, value in f.attrs.items()}
+
+
 def to_python(value: Any) -> Any:
     """HDF5 attribute value as plain Python (lists, ints, floats, str)."""
     if isinstance(value, bytes):
