@@ -49,7 +49,9 @@ class _Role:
                                  num_classes=manifest.num_classes, image_size=(height, width),
                                  norm_groups=config.model.norm_groups).to(self.device)
         self.layout = WeightLayout.of(self.model)
-        self.global_weights = self.layout.flatten(self.model)
+        self.pinned = self.device.type == "cuda"
+        self.global_weights = self.layout.flatten(self.model,
+                                                  out=self.layout.empty(pinned=self.pinned))
 
     def _check_model_fits(self, sample: torch.Tensor) -> None:
         try:
@@ -93,8 +95,8 @@ class Participant(_Role):
         self.val_data = TensorSplit.from_arrays(val.images, val.labels, mean=mean, std=std,
                                                 device=self.device)
         self._check_model_fits(self.train_data.images)
-        self.local_weights = self.layout.empty()
-        self.reduce_buffer = self.layout.empty()
+        self.local_weights = self.layout.empty(pinned=self.pinned)
+        self.reduce_buffer = self.layout.empty(pinned=self.pinned)
         self.rounds_trained = 0
         if self.resume_round:
             self._load_checkpoint(self.resume_round)
@@ -188,7 +190,7 @@ class Coordinator(_Role):
         self._check_model_fits(self.test_data.images)
         self.strategy = build_strategy(config.strategy.name, dict(config.strategy.options))
         self.num_samples = {i: int(site.num_samples["train"]) for i, site in enumerate(manifest.sites)}
-        self.reduce_buffer = self.layout.empty()
+        self.reduce_buffer = self.layout.empty(pinned=self.pinned)
         self.last_test: dict[str, Any] | None = None
         self.started = time.perf_counter()
         if self.resume_round:

@@ -32,7 +32,12 @@ class WeightLayout:
             total += int(np.prod(shape, dtype=np.int64))
         return cls(names, shapes, tuple(offsets), total)
 
-    def empty(self) -> np.ndarray:
+    def empty(self, *, pinned: bool = False) -> np.ndarray:
+        """A float32 buffer for the whole model.  ``pinned``: page-locked host memory (when
+        CUDA is present), so copies between the GPU and the buffer MPI sends are DMA
+        transfers instead of staged through pageable memory."""
+        if pinned and torch.cuda.is_available():
+            return torch.empty(self.numel, dtype=torch.float32, pin_memory=True).numpy()
         return np.empty(self.numel, dtype=np.float32)
 
     def flatten(self, model: nn.Module, out: np.ndarray | None = None) -> np.ndarray:
