@@ -187,14 +187,23 @@ def test_nan_update_is_rejected_naming_the_participant(shards, tmp_path):
     assert not (tmp_path / "run" / "model.pt").exists()
 
 
-def test_unexpected_exception_aborts_the_job(shards, tmp_path):
-    os.environ["FEDSILO_TEST_FAULT"] = "raise:2:2"
+def run_with_fault(fault: str, shards: Path, out: Path):
+    """A 4-rank, 3-round training with a fault planted by tests/e2e/inject.py."""
+    env_before = os.environ.get("FEDSILO_TEST_FAULT")
+    os.environ["FEDSILO_TEST_FAULT"] = fault
     try:
-        job = mpirun(4, ["train", "--set", f"data.dir={shards}", "--set", "rounds=3",
-                         "--out", str(tmp_path / "run")], timeout=240,
-                     python_args=(str(HERE / "inject.py"),))
+        return mpirun(4, ["train", "--set", f"data.dir={shards}", "--set", "rounds=3",
+                          "--out", str(out)], timeout=240,
+                      python_args=(str(HERE / "inject.py"),))
     finally:
-        del os.environ["FEDSILO_TEST_FAULT"]
+        if env_before is None:
+            del os.environ["FEDSILO_TEST_FAULT"]
+        else:
+            os.environ["FEDSILO_TEST_FAULT"] = env_before
+
+
+def test_unexpected_exception_aborts_the_job(shards, tmp_path):
+    job = run_with_fault("raise:2:2", shards, tmp_path / "run")
     assert job.returncode != 0 and job.seconds < LIMIT_S, job.output[-3000:]
     assert "[rank 2/4] fedsilo: unexpected RuntimeError, aborting the job" in job.stderr
     assert "injected failure in local training" in job.stderr  # with its traceback
@@ -204,13 +213,7 @@ def test_unexpected_exception_aborts_the_job(shards, tmp_path):
 
 
 def test_a_rank_that_dies_ends_the_job(shards, tmp_path):
-    os.environ["FEDSILO_TEST_FAULT"] = "exit:3:1"
-    try:
-        job = mpirun(4, ["train", "--set", f"data.dir={shards}", "--set", "rounds=3",
-                         "--out", str(tmp_path / "run")], timeout=240,
-                     python_args=(str(HERE / "inject.py"),))
-    finally:
-        del os.environ["FEDSILO_TEST_FAULT"]
+    job = run_with_fault("exit:3:1", shards, tmp_path / "run")
     assert job.returncode != 0 and job.seconds < LIMIT_S, job.output[-3000:]
 
 
