@@ -23,7 +23,7 @@ from fedsilo.comm import World
 from fedsilo.config import Config, dump_config, load_config
 from fedsilo.errors import (AgreedError, CheckpointError, CommunicationError, ConfigError,
                             FedsiloError)
-from fedsilo.rundir import RunDir, atomic_write_text
+from fedsilo.rundir import RunDir, atomic_write_text, dump_json
 from fedsilo.shards import Manifest, load_manifest
 from fedsilo.stopping import EXIT_PREEMPTED, StopFlag
 
@@ -92,6 +92,13 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> boo
             if world.is_coordinator:
                 plan = role.plan(round_index)
                 plan["stop"] = plan["stop"] or stop_seen or stop.requested
+                if plan["stop"]:
+                    # before any rank learns of the stop, so before any rank exits: a batch
+                    # script reads this marker even if the launcher kills slow ranks and
+                    # reports their status instead of ours
+                    dump_json(RunDir(setup.run_dir).stopped, {
+                        "signal": stop.signal_name or "received by a participant",
+                        "before_round": round_index, "exit_status": EXIT_PREEMPTED})
             plan = world.bcast_obj(plan)
         if plan["stop"]:
             log.warning("stopping before round %d on a signal; --resume continues from the "
@@ -191,6 +198,7 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
             f"participants), but it was started with {world.size}; use "
             f"'mpirun -n {manifest.num_sites + 1} ...'")
     run.root.mkdir(parents=True, exist_ok=True)
+    run.stopped.unlink(missing_ok=True)  # this run goes on
     atomic_write_text(run.config, dump_config(config))
     return Setup(config=config, run_dir=str(run.root.resolve()), manifest=manifest,
                  resume_round=resume_round)

@@ -81,6 +81,8 @@ class RunDir:
     model = property(lambda self: self.root / "model.pt")
     summary = property(lambda self: self.root / "summary.json")
     checkpoints = property(lambda self: self.root / CHECKPOINTS)
+    #: written by the coordinator when a signal stops the run early (for batch scripts)
+    stopped = property(lambda self: self.root / "stopped.json")
 
     def round_dir(self, round_index: int) -> Path:
         return self.checkpoints / f"round-{round_index:04d}"

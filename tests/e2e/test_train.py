@@ -165,6 +165,8 @@ def test_signal_stops_at_a_round_boundary_and_auto_resume_finishes_identically(
     output, _ = process.communicate(timeout=120)
     assert process.returncode == EXIT_PREEMPTED, output[-3000:]
     assert "received SIGUSR1" in output and not (run / "model.pt").exists()
+    marker = json.loads((run / "stopped.json").read_text())  # what batch scripts look at
+    assert marker["exit_status"] == EXIT_PREEMPTED and marker["signal"] == "SIGUSR1"
     stopped_after = max(json.loads(x)["round"]
                         for x in (run / "metrics.jsonl").read_text().splitlines())
     assert stopped_after < rounds
@@ -173,5 +175,6 @@ def test_signal_stops_at_a_round_boundary_and_auto_resume_finishes_identically(
     job = mpirun(2, args, timeout=240)
     assert job.returncode == 0, job.output[-3000:]
     assert "--auto-resume" in job.stderr and "holds a run" in job.stderr
+    assert not (run / "stopped.json").exists()
     a, b = load_model(reference / "model.pt"), load_model(run / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
