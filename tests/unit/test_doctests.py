@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["fedsilo.registry", "fedsilo.config", "fedsilo.aggregate", "fedsilo.metrics",
-           "fedsilo.partition", "fedsilo.shards.hdf5", "data_prep.synthetic"]
+           "fedsilo.partition", "fedsilo.shards.hdf5", "data_prep.synthetic",
+           "fedsilo.privacy.accounting"]
 
 
 @pytest.mark.parametrize("name", MODULES)
