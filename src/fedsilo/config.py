@@ -138,6 +138,23 @@ class SiteDP:
 
 
 @dataclass(frozen=True)
+class UserDPConfig:
+    """User-level (site-level) DP-FedAvg (McMahan et al. 2018): clip each participant's
+    model delta to ``clip_norm``, add Gaussian noise of σ·C·max_k w_k to the sum."""
+
+    enabled: bool = False
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    #: central: the coordinator adds the noise; distributed: each of the P participants
+    #: adds an independent share N(0, σ²C²max_w²/P) before sending (composes with encryption)
+    noise: Literal["central", "distributed"] = "central"
+
+    def __post_init__(self) -> None:
+        _check(self.clip_norm > 0, "dp.user.clip_norm", "must be > 0")
+        _check(self.noise_multiplier > 0, "dp.user.noise_multiplier", "must be > 0")
+
+
+@dataclass(frozen=True)
 class DPConfig:
     """Sample-level DP-SGD on every participant (see docs/privacy.md).
 
@@ -159,9 +176,14 @@ class DPConfig:
     #: a participant whose next round would exceed its budget: stop contributing (the
     #: federation continues without it), or abort the whole job
     budget_policy: Literal["stop", "abort"] = "stop"
-    #: per-sample gradient method: auto (fastest correct one for the model), hooks (Opacus)
-    grad_sample_mode: Literal["auto", "hooks"] = "auto"
+    #: per-sample clipping method: mixed (fedsilo's mixed ghost clipping: Linear, Conv2d,
+    #: GroupNorm), hooks (Opacus's explicit per-sample gradients, any Opacus-supported
+    #: layer), auto (mixed where it covers the model, else hooks)
+    grad_sample_mode: Literal["auto", "mixed", "hooks"] = "auto"
     sites: Mapping[Any, Any] = field(default_factory=dict)
+    #: user-level DP-FedAvg, independent of (and combinable with) sample-level DP-SGD;
+    #: accounted over rounds at dp.delta and reported as ``user_epsilon``
+    user: UserDPConfig = field(default_factory=UserDPConfig)
 
     def __post_init__(self) -> None:
         _check_site_dp("dp", self.target_epsilon, self.noise_multiplier, self.delta,

@@ -22,6 +22,7 @@ from fedsilo.comm import World
 from fedsilo.config import Config
 from fedsilo.errors import CheckpointError, FedsiloError, ModelError, UpdateError
 from fedsilo.models import build_model
+from fedsilo.privacy import PrivacyAccountant, userlevel
 from fedsilo.progress import RoundProgress
 from fedsilo.rundir import RunDir, atomic_torch_save, dump_json, finite_json, load_torch
 from fedsilo.runtime import configure_threads, select_device
@@ -32,6 +33,9 @@ from fedsilo.training import (LocalStats, TensorSplit, evaluate, make_optimizer,
 from fedsilo.weights import WeightLayout
 
 log = logging.getLogger("fedsilo")
+
+#: seeds the user-level DP noise apart from every other random stream of a (round, site)
+_NOISE_STREAM = 0x5EED_D9
 
 
 class _Role:
@@ -105,7 +109,7 @@ class Participant(_Role):
                 self.model, site=self.site, settings=config.dp.for_site(self.site),
                 mechanism=config.dp.accountant, num_samples=len(self.train_data),
                 train=config.train, rounds=config.rounds, model_name=config.model.name,
-                sample=self.train_data.images)
+                sample=self.train_data.images, mode=config.dp.grad_sample_mode)
         if self.resume_round:
             self._load_checkpoint(self.resume_round)
 
@@ -176,7 +180,14 @@ class Participant(_Role):
         # u_k = n_k / Σn · (w_k − w): weighted here so the transport only adds.
         self.layout.flatten(self.model, out=self.local_weights)
         np.subtract(self.local_weights, self.global_weights, out=self.reduce_buffer)
+        user_dp = self.config.dp.user
+        delta_norm = None
+        if user_dp.enabled:  # DP-FedAvg: clip Δ_k before weighting, noise share after
+            delta_norm = userlevel.clip_in_place(self.reduce_buffer, clip_norm=user_dp.clip_norm)
         self.reduce_buffer *= np.float32(weight)
+        if user_dp.enabled and user_dp.noise == "distributed":
+            userlevel.add_noise(self.reduce_buffer, std=plan["user_noise_std"],
+                                seed=(self.config.seed, round_index, self.site, _NOISE_STREAM))
         error = None
         bad = count_nonfinite(self.reduce_buffer)
         if bad:
@@ -192,7 +203,8 @@ class Participant(_Role):
         report = {"site": self.site, "num_samples": len(self.train_data), "steps": stats.steps,
                   "train_loss": stats.loss, "train_s": stats.seconds, "val": validation,
                   "val_s": val_seconds, "checkpoint_s": time.perf_counter() - begin_ckpt,
-                  "contributed": True, "privacy": self._privacy_report()}
+                  "contributed": True, "privacy": self._privacy_report(),
+                  "update_norm": delta_norm}
         return report, error
 
     def _privacy_report(self) -> dict[str, Any] | None:
@@ -245,6 +257,7 @@ class Coordinator(_Role):
         #: each participant's latest privacy report, and the round a site stopped in
         self.privacy: dict[int, dict[str, Any]] = {}
         self.stopped: dict[int, int] = {}
+        self.user_accountant = PrivacyAccountant("rdp") if config.dp.user.enabled else None
         self.started = time.perf_counter()
         if self.resume_round:
             self._load_checkpoint(self.resume_round)
@@ -267,6 +280,8 @@ class Coordinator(_Role):
         privacy = json.loads(state.get("privacy", "{}"))
         self.privacy = {int(k): v for k, v in privacy.get("reports", {}).items()}
         self.stopped = {int(k): v for k, v in privacy.get("stopped", {}).items()}
+        if self.user_accountant is not None:
+            self.user_accountant.load_state_dict(privacy["user_accountant"])
         rows = self.run_dir.read_metrics()
         if (not rows or rows[-1]["round"] < round_index) and state.get("metrics_row"):
             self.run_dir.append_metrics(json.loads(state["metrics_row"]))
@@ -281,8 +296,15 @@ class Coordinator(_Role):
             log.warning("every participant has spent its privacy budget; the job ends before "
                         "round %d", round_index)
             return {"round": round_index, "stop": True, "participants": [], "weights": {}}
-        return {"round": round_index, "stop": False, "participants": participants,
-                "weights": self.strategy.client_weights({k: self.num_samples[k] for k in participants})}
+        weights = self.strategy.client_weights({k: self.num_samples[k] for k in participants})
+        plan = {"round": round_index, "stop": False, "participants": participants,
+                "weights": weights}
+        user_dp = self.config.dp.user
+        if user_dp.enabled:
+            plan["user_noise_std"] = userlevel.noise_std(
+                noise_multiplier=user_dp.noise_multiplier, clip_norm=user_dp.clip_norm,
+                weights=weights, share=user_dp.noise == "distributed")
+        return plan
 
     def local_round(self, plan: dict[str, Any]) -> tuple[None, None]:
         self.reduce_buffer.fill(0)  # the coordinator adds nothing to the sum
@@ -297,6 +319,13 @@ class Coordinator(_Role):
                           if r["contributed"] and r["site"] in plan["weights"])
         if 0 < contributed < 1 - 1e-6:
             self.reduce_buffer *= np.float32(1 / contributed)
+        if self.user_accountant is not None:
+            if self.config.dp.user.noise == "central":
+                userlevel.add_noise(self.reduce_buffer, std=plan["user_noise_std"],
+                                    seed=(self.config.seed, round_index, _NOISE_STREAM))
+            # every participant is in every round: sampling rate = participation fraction 1
+            self.user_accountant.spend(noise_multiplier=self.config.dp.user.noise_multiplier,
+                                       sample_rate=1.0, num_steps=1)
         with timer("server_step"):
             self.strategy.server_step(self.global_weights, self.reduce_buffer,
                                       out=self.global_weights)
@@ -318,7 +347,10 @@ class Coordinator(_Role):
                 "strategy": {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
                              for k, v in self.strategy.state_dict().items()},
                 "last_test": self.last_test,
-                "privacy": json.dumps({"reports": self.privacy, "stopped": self.stopped}),
+                "privacy": json.dumps({
+                    "reports": self.privacy, "stopped": self.stopped,
+                    "user_accountant": self.user_accountant.state_dict()
+                    if self.user_accountant is not None else None}),
                 # the row goes in too: a crash between this file and metrics.jsonl loses nothing
                 "metrics_row": json.dumps(finite_json(row)),
                 "fedsilo_version": __version__,
@@ -370,6 +402,11 @@ class Coordinator(_Role):
             row["delta"] = {str(k): v["delta"] for k, v in sorted(self.privacy.items())}
             row["stopped"] = {str(k): v for k, v in sorted(self.stopped.items())}
         row["sat_out"] = [r["site"] for r in everyone if not r["contributed"]]
+        if self.user_accountant is not None:
+            row["user_epsilon"] = self.user_accountant.epsilon(delta=self.config.dp.delta)
+            row["user_delta"] = self.config.dp.delta
+            for r in reports:
+                row["participants"][str(r["site"])]["update_norm"] = r["update_norm"]
         row["seconds"] = seconds
         row["bytes"] = {"broadcast": weight_bytes * n, "reduce": weight_bytes * n,
                         "metadata": len(pickle.dumps(plan)) + len(pickle.dumps(list(everyone)))}
@@ -408,9 +445,17 @@ class Coordinator(_Role):
                 "noise_multiplier": r["privacy"]["noise_multiplier"],
                 "sample_rate": r["privacy"]["sample_rate"], "steps": r["privacy"]["steps"],
                 "accountant": self.config.dp.accountant,
+                "grad_sample_mode": r["privacy"]["grad_sample_mode"],
                 "stopped_round": self.stopped.get(r["site"]),
             } for r in validations}
             summary["stopped"] = {str(k): v for k, v in sorted(self.stopped.items())}
+        if self.user_accountant is not None:
+            user_dp = self.config.dp.user
+            summary["user_privacy"] = {
+                "epsilon": self.user_accountant.epsilon(delta=self.config.dp.delta),
+                "delta": self.config.dp.delta, "noise_multiplier": user_dp.noise_multiplier,
+                "clip_norm": user_dp.clip_norm, "noise": user_dp.noise,
+                "rounds": self.user_accountant.num_steps, "accountant": "rdp"}
         dump_json(self.run_dir.summary, summary)
         log.info("finished: test acc %.4f auc %.4f loss %.4f -> %s", self.last_test["acc"],
                  self.last_test["auc"], self.last_test["loss"], self.run_dir.root)

@@ -4,6 +4,7 @@ overrides, budgets that run out mid-job (stop and abort), and resume after a kil
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -138,3 +139,49 @@ def test_budget_abort_ends_every_rank(shards3: Path, tmp_path: Path) -> None:
         assert mine and needle in mine[0] and "PrivacyBudgetError" in mine[0], job.stderr[-3000:]
     assert "Traceback" not in job.stderr
     assert [r["round"] for r in rows_of(tmp_path / "run")] == [1, 2]
+
+
+# -- user-level DP (DP-FedAvg) -------------------------------------------------------------
+
+
+def initial_and_round1(run: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat global weights before training (seed 0) and after round 1."""
+    from fedsilo.models import build_model
+    from fedsilo.weights import WeightLayout
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", in_channels=1, num_classes=3, image_size=(28, 28))
+    start = torch.from_numpy(WeightLayout.of(model).flatten(model).copy())
+    state = torch.load(run / "checkpoints" / "round-0001" / "coordinator.pt", weights_only=True)
+    return start, state["weights"]
+
+
+@pytest.mark.parametrize("noise, sigma", [("central", 1e-3), ("distributed", 3.0)])
+def test_user_level_dp(shards3: Path, tmp_path: Path, noise: str, sigma: float) -> None:
+    """Updates are clipped to C (σ tiny: the model moves by at most C) and the noise has the
+    planned scale σ·C·max_k w_k on the sum, whoever adds it; user ε is reported per round."""
+    run, clip = tmp_path / "run", 0.01
+    job = mpirun(4, ["train", "--set", f"data.dir={shards3}", "--set", "rounds=2",
+                     "--set", "train.max_steps=2", "--set", "checkpoint.keep=3",
+                     "--set", "dp.user.enabled=true", "--set", f"dp.user.clip_norm={clip}",
+                     "--set", f"dp.user.noise_multiplier={sigma}", "--set", f"dp.user.noise={noise}",
+                     "--out", str(run)], timeout=300)
+    assert job.returncode == 0, job.output[-4000:]
+    rows = rows_of(run)
+    for r, row in enumerate(rows, start=1):
+        acc = PrivacyAccountant("rdp")
+        acc.spend(noise_multiplier=sigma, sample_rate=1.0, num_steps=r)
+        assert row["user_epsilon"] == pytest.approx(acc.epsilon(delta=1e-5), rel=1e-12)
+        assert "epsilon" not in row  # sample-level DP is off: no sample-level ε
+        assert all(p["update_norm"] > clip for p in row["participants"].values())
+    summary = json.loads((run / "summary.json").read_text())["user_privacy"]
+    assert summary["noise"] == noise and summary["rounds"] == 2
+    start, after = initial_and_round1(run)
+    moved = float((after - start).norm())
+    if noise == "central":
+        assert clip * 0.3 < moved <= clip * 1.05  # clipped: nobody moves the model further
+    else:
+        manifest = json.loads((shards3 / "manifest.json").read_text())
+        counts = [s["num_samples"]["train"] for s in manifest["sites"]]
+        expected = sigma * clip * max(counts) / sum(counts) * math.sqrt(start.numel())
+        assert moved == pytest.approx(expected, rel=0.05)

@@ -166,33 +166,54 @@ class _InplaceAdd(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.act = nn.ReLU()
         self.head = nn.Linear(4 * 8 * 8, 2)
 
     def forward(self, x):
-        out = self.act(self.conv(x))
-        out += 1.0  # invisible to a static check
+        out = self.conv(x)
+        out += 1.0  # fine for plain autograd, invisible to a static check
         return self.head(out.flatten(1))
 
 
-def test_trial_backward_catches_inplace_forward_code():
-    from opacus import GradSampleModule
+def make_engine(model, *, mode, sample, clip=1.0, batch=3):
+    from fedsilo.config import SiteDP, TrainConfig
+    from fedsilo.privacy.engine import ParticipantPrivacy
 
+    return ParticipantPrivacy(model, site=0, settings=SiteDP(None, 1.0, 1e-5, clip),
+                              mechanism="rdp", num_samples=len(sample),
+                              train=TrainConfig(batch_size=batch), rounds=1,
+                              model_name="m", sample=sample, mode=mode)
+
+
+@pytest.mark.parametrize("mode, needle", [
+    ("hooks", "out \\+= identity"),
+    ("mixed", "the output of layer 'conv' \\(Conv2d\\) is modified in place")])
+def test_trial_step_catches_inplace_forward_code(mode, needle):
     model = _InplaceAdd()
     check_model(model, name="inplace_add")  # statically fine
-    with pytest.raises(ModelError, match="first per-sample backward pass fails.*out \\+= identity"):
-        check_trainable(GradSampleModule(model), torch.randn(2, 1, 8, 8), name="inplace_add")
+    F = nn.functional
+    F.cross_entropy(model(torch.randn(2, 1, 8, 8)), torch.tensor([0, 1])).backward()  # plain: ok
+    with pytest.raises(ModelError, match="first per-sample backward pass fails.*" + needle):
+        make_engine(model, mode=mode, sample=torch.randn(4, 1, 8, 8))
 
 
+@pytest.mark.parametrize("mode", ["hooks", "mixed"])
 @pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
-def test_model_zoo_is_dp_ready(name):
-    from opacus import GradSampleModule
-
+def test_model_zoo_is_dp_ready(name, mode):
     model = build_model(name, in_channels=1, num_classes=2, image_size=(28, 28), norm_groups=8)
     check_model(model, name=name)
-    module = GradSampleModule(model, loss_reduction="sum")
-    check_trainable(module, torch.randn(2, 1, 28, 28), name=name)
-    assert all(p.grad_sample is None and p.grad is None for p in model.parameters())
+    engine = make_engine(model, mode=mode, sample=torch.randn(4, 1, 28, 28))
+    assert engine.mode == mode
+    assert all(getattr(p, "grad_sample", None) is None and p.grad is None
+               for p in model.parameters())
+
+
+def test_auto_mode_falls_back_to_hooks_for_uncovered_layers():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LayerNorm(72), nn.Linear(72, 2))
+    assert make_engine(model, mode="auto", sample=torch.randn(4, 1, 8, 8)).mode == "hooks"
+    with pytest.raises(ModelError, match="does not cover"):
+        make_engine(model, mode="mixed", sample=torch.randn(4, 1, 8, 8))
+    small = build_model("small_cnn", in_channels=1, num_classes=2, image_size=(28, 28))
+    assert make_engine(small, mode="auto", sample=torch.randn(4, 1, 28, 28)).mode == "mixed"
 
 
 def test_resnet18_keeps_torchvision_parameter_names():
@@ -209,30 +230,94 @@ def test_resnet18_keeps_torchvision_parameter_names():
 # -- the engine's clipping ---------------------------------------------------------------
 
 
-def test_clipped_sum_equals_explicit_per_sample_gradients():
-    """Σ_i min(1, C/‖g_i‖) g_i from the engine equals the same sum over gradients computed
-    one sample at a time."""
-    from fedsilo.config import SiteDP, TrainConfig
-    from fedsilo.privacy.engine import ParticipantPrivacy
+def explicit_clipped_sum(model, x, y, clip):
+    """Σ_i min(1, C/(‖g_i‖+1e-6)) g_i from Opacus's explicit per-sample gradients (hooks)."""
+    from opacus import GradSampleModule
 
+    module = GradSampleModule(model, loss_reduction="sum")
+    nn.functional.cross_entropy(module(x), y, reduction="sum").backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = torch.stack([p.grad_sample.reshape(len(x), -1).norm(2, dim=1) for p in params], 1)
+    norms = norms.norm(2, dim=1)
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    out = [torch.einsum("i,i...->...", factor, p.grad_sample) for p in params]
+    module._close()
+    for p in params:
+        p.grad, p.grad_sample = None, None
+    return out, norms
+
+
+@pytest.mark.parametrize("mode", ["hooks", "mixed"])
+@pytest.mark.parametrize("name, groups", [("small_cnn", 32), ("resnet18", 8)])
+def test_clipped_sum_equals_opacus_explicit_per_sample_gradients(name, groups, mode):
+    """Both clipping methods give the clipped sum Opacus's explicit per-sample gradients give."""
     torch.manual_seed(0)
-    model = build_model("small_cnn", in_channels=1, num_classes=3, image_size=(28, 28))
+    model = build_model(name, in_channels=1, num_classes=3, image_size=(28, 28),
+                        norm_groups=groups)
     x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 3, (6,))
-    engine = ParticipantPrivacy(model, site=0, settings=SiteDP(None, 1.0, 1e-5, 0.5),
-                                mechanism="rdp", num_samples=6, train=TrainConfig(batch_size=3),
-                                rounds=1, model_name="small_cnn", sample=x)
-    loss = engine.loss_fn(engine.module(x), y)
-    loss.backward()
-    engine.clip_and_sum()
-    got = [p.grad.clone() for p in engine.params]
+    expected, norms = explicit_clipped_sum(model, x, y, 0.5)
+    assert (norms > 0.5).all()  # the clipping is exercised
+    engine = make_engine(model, mode=mode, sample=x, clip=0.5)
+    engine.module.train()
+    engine.clipped_sum(x, y)
+    for p, e in zip(engine.params, expected):
+        assert torch.allclose(p.grad, e, atol=1e-6, rtol=1e-3), float((p.grad - e).abs().max())
 
-    expected = [torch.zeros_like(p) for p in engine.params]
-    for i in range(6):
-        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1],
-                                                                reduction="sum"), engine.params)
-        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
-        assert norm > 0.5  # the clipping is exercised
-        for e, g in zip(expected, grads):
-            e += g * min(1.0, 0.5 / (norm + 1e-6))
-    for a, b in zip(got, expected):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+def test_mixed_clipping_of_linear_layers_on_sequences():
+    """The ghost norm of a Linear layer over a sequence (N × T × d input) is exact too."""
+    from fedsilo.privacy.ghost import GhostClipper
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.head = nn.Linear(5, 7), nn.Linear(7 * 4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.proj(x)).flatten(1))
+
+    torch.manual_seed(1)
+    model, x, y = Seq(), torch.randn(5, 4, 5), torch.randint(0, 3, (5,))
+    expected, _ = explicit_clipped_sum(model, x, y, 0.1)
+    GhostClipper(model).clipped_sum(x, y, max_grad_norm=0.1)
+    for p, e in zip(model.parameters(), expected):
+        assert torch.allclose(p.grad, e, atol=1e-6, rtol=1e-3)
+
+
+# -- user-level DP ---------------------------------------------------------------------
+
+
+def test_user_dp_config():
+    cfg = load_config(None, overrides=["dp.user.enabled=true", "dp.user.noise=distributed",
+                                       "dp.user.clip_norm=0.5"])
+    assert cfg.dp.user.enabled and not cfg.dp.enabled and cfg.dp.user.noise == "distributed"
+    with pytest.raises(ConfigError, match="'dp.user.noise' must be one of central, distributed"):
+        load_config(None, overrides=["dp.user.noise=local"])
+    with pytest.raises(ConfigError, match="'dp.user.clip_norm' must be > 0"):
+        load_config(None, overrides=["dp.user.clip_norm=0"])
+
+
+def test_distributed_noise_shares_add_up_to_the_central_noise():
+    import numpy as np
+
+    from fedsilo.privacy.userlevel import add_noise, clip_in_place, noise_std
+
+    weights = {0: 0.2, 1: 0.3, 2: 0.5}
+    central = noise_std(noise_multiplier=1.5, clip_norm=2.0, weights=weights, share=False)
+    share = noise_std(noise_multiplier=1.5, clip_norm=2.0, weights=weights, share=True)
+    assert central == pytest.approx(1.5 * 2.0 * 0.5) and share * math.sqrt(3) == pytest.approx(central)
+    total = np.zeros(200_000, dtype=np.float32)
+    for site in weights:
+        add_noise(total, std=share, seed=(0, 1, site))
+    assert float(total.std()) == pytest.approx(central, rel=0.01)
+    again = np.zeros(10, dtype=np.float32)
+    add_noise(again, std=1.0, seed=(0, 1, 0))
+    same = np.zeros(10, dtype=np.float32)
+    add_noise(same, std=1.0, seed=(0, 1, 0))
+    assert np.array_equal(again, same)  # seeded: a resumed run draws the same noise
+    delta = np.full(100, 1.0, dtype=np.float32)
+    assert clip_in_place(delta, clip_norm=2.0) == pytest.approx(10.0)
+    assert float(np.linalg.norm(delta)) == pytest.approx(2.0, rel=1e-6)
+    small = np.full(4, 0.1, dtype=np.float32)
+    clip_in_place(small, clip_norm=2.0)
+    assert np.allclose(small, 0.1)

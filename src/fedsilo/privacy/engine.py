@@ -1,7 +1,10 @@
 """Sample-level DP-SGD on one participant (Abadi et al., CCS 2016), made once per job.
 
-Per-sample gradients come from Opacus's ``GradSampleModule`` (its hooks), wrapped around
-the participant's model **once**: re-wrapping every round would stack hooks.  The
+Per-sample clipping is done by fedsilo's mixed ghost clipping (``ghost.py``: per-sample
+gradient norms without materializing the per-sample gradients of big layers, then one
+backward pass of the reweighted loss) where it covers the model, else by Opacus's
+``GradSampleModule`` hooks.  Either is attached to the participant's model **once**:
+re-wrapping every round would stack hooks.  The
 sampling, clipping and noise are done here rather than by Opacus's ``DPDataLoader`` and
 ``DPOptimizer`` so that all randomness comes from the round's seeded generator (seed,
 round, site): a resumed run is bit-identical, and the fresh optimizer of each round stays
@@ -24,7 +27,8 @@ from opacus import GradSampleModule
 from torch import nn
 
 from fedsilo.config import SiteDP, TrainConfig
-from fedsilo.errors import PrivacyBudgetError
+from fedsilo.errors import ModelError, PrivacyBudgetError
+from fedsilo.privacy import ghost
 from fedsilo.privacy.accounting import PrivacyAccountant, noise_multiplier_for, plan_steps
 from fedsilo.privacy.validate import check_model, check_trainable
 
@@ -39,7 +43,7 @@ class ParticipantPrivacy:
 
     def __init__(self, model: nn.Module, *, site: int, settings: SiteDP, mechanism: str,
                  num_samples: int, train: TrainConfig, rounds: int, model_name: str,
-                 sample: torch.Tensor) -> None:
+                 sample: torch.Tensor, mode: str = "auto") -> None:
         check_model(model, name=model_name)
         self.site, self.settings, self.train_config = site, settings, train
         self.num_samples = num_samples
@@ -54,10 +58,19 @@ class ParticipantPrivacy:
                 sample_rate=self.sample_rate, num_steps=planned, mechanism=mechanism)
         self.accountant = PrivacyAccountant(mechanism)
         self.stopped_round: int | None = None
-        self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
-        check_trainable(self.module, sample[:2], name=model_name)
+        if mode == "auto":
+            mode = "mixed" if ghost.supports(model) else "hooks"
+        if mode == "mixed" and not ghost.supports(model):
+            raise ModelError(f"model {model_name!r} has layers that dp.grad_sample_mode=mixed "
+                             f"does not cover (it handles {', '.join(t.__name__ for t in ghost.SUPPORTED)}); "
+                             f"use dp.grad_sample_mode=hooks or auto")
+        self.mode = mode
+        self.clipper = ghost.GhostClipper(model) if mode == "mixed" else None
+        self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum") \
+            if mode == "hooks" else model
+        check_trainable(self._trial_step, sample[:2], name=model_name, params=self.params)
 
     # -- budget ---------------------------------------------------------------------------
 
@@ -86,7 +99,8 @@ class ParticipantPrivacy:
         return {"epsilon": self.epsilon, "delta": self.settings.delta,
                 "target_epsilon": self.settings.target_epsilon,
                 "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-                "steps": self.accountant.num_steps, "stopped_round": self.stopped_round}
+                "steps": self.accountant.num_steps, "stopped_round": self.stopped_round,
+                "grad_sample_mode": self.mode}
 
     # -- training ---------------------------------------------------------------------
 
@@ -119,9 +133,7 @@ class ParticipantPrivacy:
         index = index.nonzero().squeeze(1).to(device)
         optimizer.zero_grad(set_to_none=True)
         if index.numel():  # Poisson sampling may draw an empty batch: then noise only
-            loss = self.loss_fn(self.module(data.images[index]), data.labels[index])
-            loss.backward()
-            self.clip_and_sum()
+            loss = self.clipped_sum(data.images[index], data.labels[index])
             samples += int(index.numel())
             loss_sum += float(loss.detach())
         expected_batch = self.sample_rate * self.num_samples
@@ -133,6 +145,21 @@ class ParticipantPrivacy:
             p.grad.add_(noise).div_(expected_batch)
         optimizer.step()
         return samples, loss_sum
+
+    def clipped_sum(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Set each ``p.grad`` to Σ_i min(1, C/‖g_i‖) g_i over the batch; returns Σ_i ℓ_i."""
+        if self.clipper is not None:
+            return self.clipper.clipped_sum(images, labels,
+                                            max_grad_norm=self.settings.max_grad_norm)
+        loss = self.loss_fn(self.module(images), labels)
+        loss.backward()
+        self.clip_and_sum()
+        return loss
+
+    def _trial_step(self, images: torch.Tensor) -> None:
+        self.module.train()
+        labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+        self.clipped_sum(images, labels)
 
     def clip_and_sum(self) -> None:
         """Replace each ``p.grad`` by the sum of the clipped per-sample gradients."""

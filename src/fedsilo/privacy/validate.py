@@ -10,6 +10,7 @@ no static check sees (an ``out += identity`` inside a ``forward``).
 from __future__ import annotations
 
 import warnings
+from typing import Callable, Sequence
 
 import torch
 from opacus.validators import ModuleValidator
@@ -51,19 +52,20 @@ def check_model(model: nn.Module, *, name: str) -> None:
         raise ModelError(f"model {name!r} cannot be trained with DP-SGD: " + "; ".join(problems))
 
 
-def check_trainable(grad_sample_module: nn.Module, sample: torch.Tensor, *, name: str) -> None:
-    """Run one per-sample-gradient forward/backward on ``sample`` (two images) and clear it."""
+def check_trainable(step: Callable[[torch.Tensor], None], sample: torch.Tensor, *, name: str,
+                    params: Sequence[nn.Parameter]) -> None:
+    """Run one clipped per-sample-gradient ``step`` on ``sample`` (two images), then clear
+    the gradients it left; a failure is a :class:`ModelError` naming the likely cause."""
     try:
-        grad_sample_module.train()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            grad_sample_module(sample).sum().backward()
+            step(sample)
     except RuntimeError as exc:
         raise ModelError(
             f"model {name!r} cannot be trained with DP-SGD: its first per-sample backward pass "
             f"fails ({str(exc).splitlines()[0]}); the usual cause is an in-place operation in a "
             f"forward() such as 'out += identity' (write 'out = out + identity')") from None
     finally:
-        for p in grad_sample_module.parameters():
+        for p in params:
             p.grad = None
             p.grad_sample = None
