@@ -143,10 +143,8 @@ def _sync(device: torch.device) -> None:
 
 def peak_memory(name: str, method: str, *, batch: int, device: torch.device) -> float:
     """MB of peak memory of ``method`` alone (child process)."""
-    code = (f"import sys; sys.argv=['x']; import benchmarks.bench_dp_step as b, torch;"
-            f"print(b._child_peak({name!r}, {method!r}, {batch}, {str(device)!r}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, __file__, "--child", name, method, str(batch),
+                          str(device)], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -208,4 +206,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        torch.set_num_threads(1)
+        print(_child_peak(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]))
+        sys.exit(0)
     sys.exit(main())
