@@ -1,4 +1,4 @@
-"""The ``fedsilo`` command: ``train``, ``demo`` and ``prep``."""
+"""The ``fedsilo`` command: ``train``, ``demo``, ``budget`` and ``prep``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
                       help="MPI launcher (default: the one beside this Python, else on PATH)")
     demo.set_defaults(func=_demo)
 
+    budget = sub.add_parser(
+        "budget", formatter_class=Formatter, help="plan a participant's privacy budget offline",
+        description="Noise multiplier for a target epsilon, or epsilon for a noise multiplier, "
+                    "of one participant's DP-SGD over a whole federated job (Poisson sampling "
+                    "at rate B/N, ceil(N/B) steps per local epoch). Give exactly one of "
+                    "--target-epsilon and --noise-multiplier.")
+    budget.add_argument("--samples", type=int, required=True, metavar="N",
+                        help="training samples of the participant (required)")
+    budget.add_argument("--batch-size", type=int, default=64, metavar="B",
+                        help="expected batch size (train.batch_size)")
+    budget.add_argument("--epochs", type=int, default=1, metavar="E",
+                        help="local epochs per round (train.epochs)")
+    budget.add_argument("--max-steps", type=int, default=None,
+                        help="cap on local steps per round (train.max_steps)")
+    budget.add_argument("--rounds", type=int, default=10, metavar="R", help="federated rounds")
+    budget.add_argument("--delta", type=float, default=1e-5, metavar="D", help="target delta")
+    budget.add_argument("--target-epsilon", type=float, default=None, metavar="X",
+                        help="epsilon to spend over the job: prints the noise multiplier")
+    budget.add_argument("--noise-multiplier", type=float, default=None, metavar="S",
+                        help="noise multiplier sigma: prints the epsilon it spends")
+    budget.add_argument("--accountant", choices=["rdp", "prv", "gdp"], default="rdp",
+                        help="privacy accountant")
+    budget.add_argument("--json", action="store_true", default=False,
+                        help="print the plan as JSON")
+    budget.set_defaults(func=_budget)
+
     from data_prep.cli import add_parser as add_prep_parser
 
     add_prep_parser(sub)
@@ -80,6 +106,19 @@ def _train(args: argparse.Namespace) -> int:
     return run_guarded(lambda: run_job(world, config_path=args.config, overrides=args.overrides,
                                        out_dir=args.out, resume_dir=args.resume,
                                        auto_resume=args.auto_resume))
+
+
+def _budget(args: argparse.Namespace) -> int:
+    import json
+
+    from fedsilo.privacy.budget import format_budget, plan_budget
+
+    plan = plan_budget(num_samples=args.samples, batch_size=args.batch_size, epochs=args.epochs,
+                       rounds=args.rounds, delta=args.delta, target_epsilon=args.target_epsilon,
+                       noise_multiplier=args.noise_multiplier, max_steps=args.max_steps,
+                       accountant=args.accountant)
+    print(json.dumps(plan, indent=2) if args.json else format_budget(plan))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

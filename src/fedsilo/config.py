@@ -14,6 +14,7 @@ fedsilo.errors.ConfigError: unknown config key 'train.epochz'; known keys of 'tr
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import re
 import types
@@ -126,6 +127,115 @@ class RuntimeConfig:
         _check(self.threads >= 0, "runtime.threads", "must be >= 0")
 
 
+#: keys a ``dp.sites.K`` override may set (the rest is job-wide)
+SITE_DP_KEYS = ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm")
+
+
+@dataclass(frozen=True)
+class SiteDP:
+    """The sample-level DP settings that apply to one participant (after its overrides)."""
+
+    target_epsilon: float | None
+    noise_multiplier: float | None
+    delta: float
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class UserDPConfig:
+    """User-level (site-level) DP-FedAvg (McMahan et al. 2018): clip each participant's
+    model delta to ``clip_norm``, add Gaussian noise of σ·C·max_k w_k to the sum."""
+
+    enabled: bool = False
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    #: central: the coordinator adds the noise; distributed: each of the P participants
+    #: adds an independent share N(0, σ²C²max_w²/P) before sending (composes with encryption)
+    noise: Literal["central", "distributed"] = "central"
+
+    def __post_init__(self) -> None:
+        _check(self.clip_norm > 0, "dp.user.clip_norm", "must be > 0")
+        _check(self.noise_multiplier > 0, "dp.user.noise_multiplier", "must be > 0")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Sample-level DP-SGD on every participant (see docs/privacy.md).
+
+    ``sites`` overrides the settings of single participants; its keys are **site indexes
+    0..P-1** (the ``site-00K.h5`` shard, run by MPI rank K+1), e.g.
+    ``sites: {2: {target_epsilon: 3}}`` or ``--set dp.sites.2.target_epsilon=3``.
+    """
+
+    enabled: bool = False
+    #: the per-site budget ε; with noise_multiplier unset, σ is chosen to spend exactly
+    #: this over the planned job (rounds × local steps).  None: no budget (ε only reported)
+    target_epsilon: float | None = 8.0
+    delta: float = 1e-5
+    #: σ, given explicitly (then target_epsilon is only the enforced budget)
+    noise_multiplier: float | None = None
+    #: per-sample gradient clipping norm C
+    max_grad_norm: float = 1.0
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    #: a participant whose next round would exceed its budget: stop contributing (the
+    #: federation continues without it), or abort the whole job
+    budget_policy: Literal["stop", "abort"] = "stop"
+    #: per-sample clipping method: mixed (fedsilo's mixed ghost clipping: Linear, Conv2d,
+    #: GroupNorm), hooks (Opacus's explicit per-sample gradients, any Opacus-supported
+    #: layer), auto (mixed where it covers the model, else hooks)
+    grad_sample_mode: Literal["auto", "mixed", "hooks"] = "auto"
+    sites: Mapping[Any, Any] = field(default_factory=dict)
+    #: user-level DP-FedAvg, independent of (and combinable with) sample-level DP-SGD;
+    #: accounted over rounds at dp.delta and reported as ``user_epsilon``
+    user: UserDPConfig = field(default_factory=UserDPConfig)
+
+    def __post_init__(self) -> None:
+        _check_site_dp("dp", self.target_epsilon, self.noise_multiplier, self.delta,
+                       self.max_grad_norm)
+        _check(not self.enabled or self.target_epsilon is not None
+               or self.noise_multiplier is not None, "dp",
+               "needs target_epsilon or noise_multiplier when enabled")
+        sites = {}
+        for key, override in self.sites.items():
+            try:
+                site = int(key)
+            except (TypeError, ValueError):
+                site = -1
+            _check(site >= 0 and str(site) == str(key).strip(), f"dp.sites.{key}",
+                   "must be a site index 0..P-1")
+            if not isinstance(override, Mapping):
+                raise ConfigError(f"config key 'dp.sites.{key}' must be a mapping, "
+                                  f"got {_describe(override)}")
+            clean = {}
+            for name, value in override.items():
+                if name not in SITE_DP_KEYS:
+                    raise ConfigError(f"unknown config key 'dp.sites.{key}.{name}'; known keys "
+                                      f"of 'dp.sites.{key}': {', '.join(sorted(SITE_DP_KEYS))}")
+                hint = typing.get_type_hints(SiteDP)[name]
+                clean[name] = _coerce(hint, value, f"dp.sites.{key}.{name}")
+            resolved = dataclasses.replace(self.for_site(site, _sites={}), **clean)
+            _check_site_dp(f"dp.sites.{key}", resolved.target_epsilon,
+                           resolved.noise_multiplier, resolved.delta, resolved.max_grad_norm)
+            sites[site] = clean
+        object.__setattr__(self, "sites", dict(sorted(sites.items())))
+
+    def for_site(self, site: int, *, _sites: Mapping[int, Any] | None = None) -> SiteDP:
+        """The settings of participant ``site`` (0-based): job-wide ones plus its overrides."""
+        base = SiteDP(target_epsilon=self.target_epsilon, noise_multiplier=self.noise_multiplier,
+                      delta=self.delta, max_grad_norm=self.max_grad_norm)
+        overrides = (self.sites if _sites is None else _sites).get(site, {})
+        return dataclasses.replace(base, **overrides)
+
+
+def _check_site_dp(key: str, target_epsilon: float | None, noise_multiplier: float | None,
+                   delta: float, max_grad_norm: float) -> None:
+    _check(target_epsilon is None or target_epsilon > 0, f"{key}.target_epsilon", "must be > 0")
+    _check(noise_multiplier is None or noise_multiplier > 0, f"{key}.noise_multiplier",
+           "must be > 0")
+    _check(0 < delta < 1, f"{key}.delta", "must be in (0, 1)")
+    _check(max_grad_norm > 0, f"{key}.max_grad_norm", "must be > 0")
+
+
 @dataclass(frozen=True)
 class Config:
     seed: int = 0
@@ -137,6 +247,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "rounds", "must be >= 1")
@@ -280,7 +391,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string, got {_describe(value)}")
         return value
-    if origin in (Mapping, dict) or hint in (Mapping, dict):
+    if origin in (Mapping, dict, collections.abc.Mapping) or hint in (Mapping, dict):
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key '{key}' must be a mapping, got {_describe(value)}")
         return dict(value)

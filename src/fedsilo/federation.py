@@ -197,6 +197,11 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
             f"{manifest.num_sites + 1} MPI ranks (1 coordinator + {manifest.num_sites} "
             f"participants), but it was started with {world.size}; use "
             f"'mpirun -n {manifest.num_sites + 1} ...'")
+    unknown_sites = [k for k in config.dp.sites if k >= manifest.num_sites]
+    if unknown_sites:
+        raise ConfigError(f"config key 'dp.sites' overrides site(s) {unknown_sites}, but the "
+                          f"shard set has sites 0..{manifest.num_sites - 1} (keys are site "
+                          f"indexes: site-00K.h5 is site K, run by MPI rank K+1)")
     run.root.mkdir(parents=True, exist_ok=True)
     run.stopped.unlink(missing_ok=True)  # this run goes on
     atomic_write_text(run.config, dump_config(config))

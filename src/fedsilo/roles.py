@@ -22,15 +22,20 @@ from fedsilo.comm import World
 from fedsilo.config import Config
 from fedsilo.errors import CheckpointError, FedsiloError, ModelError, UpdateError
 from fedsilo.models import build_model
+from fedsilo.privacy import PrivacyAccountant, userlevel
 from fedsilo.progress import RoundProgress
 from fedsilo.rundir import RunDir, atomic_torch_save, dump_json, finite_json, load_torch
 from fedsilo.runtime import configure_threads, select_device
 from fedsilo.shards import Manifest, check_shard, read_shard
 from fedsilo.strategies import build_strategy
-from fedsilo.training import TensorSplit, evaluate, make_optimizer, round_seed, train_local
+from fedsilo.training import (LocalStats, TensorSplit, evaluate, make_optimizer, round_seed,
+                              train_local)
 from fedsilo.weights import WeightLayout
 
 log = logging.getLogger("fedsilo")
+
+#: seeds the user-level DP noise apart from every other random stream of a (round, site)
+_NOISE_STREAM = 0x5EED_D9
 
 
 class _Role:
@@ -98,6 +103,15 @@ class Participant(_Role):
         self.local_weights = self.layout.empty(pinned=self.pinned)
         self.reduce_buffer = self.layout.empty(pinned=self.pinned)
         self.rounds_trained = 0
+        self.privacy = None
+        if config.dp.enabled:
+            from fedsilo.privacy.engine import ParticipantPrivacy
+
+            self.privacy = ParticipantPrivacy(
+                self.model, site=self.site, settings=config.dp.for_site(self.site),
+                mechanism=config.dp.accountant, num_samples=len(self.train_data),
+                train=config.train, rounds=config.rounds, model_name=config.model.name,
+                sample=self.train_data.images, mode=config.dp.grad_sample_mode)
         if self.resume_round:
             self._load_checkpoint(self.resume_round)
 
@@ -107,7 +121,10 @@ class Participant(_Role):
         # Each round's randomness is derived from (seed, round, site), so no RNG state is
         # needed to continue exactly; later capabilities (DP accountants, control variates)
         # add their state here.
-        return {"round": round_index, "site": self.site, "rounds_trained": self.rounds_trained}
+        state = {"round": round_index, "site": self.site, "rounds_trained": self.rounds_trained}
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()
+        return state
 
     def _load_checkpoint(self, round_index: int) -> None:
         path = self.run_dir.participant_checkpoint(round_index, self.site)
@@ -117,6 +134,11 @@ class Participant(_Role):
                                   f"{state.get('round')}, expected site {self.site} round "
                                   f"{round_index}")
         self.rounds_trained = int(state["rounds_trained"])
+        if self.privacy is not None:
+            if "privacy" not in state:
+                raise CheckpointError(f"checkpoint {path} has no privacy accountant, but this "
+                                      f"run trains with DP (dp.enabled); resume it without DP")
+            self.privacy.load_state_dict(state["privacy"])
 
     # -- a round ----------------------------------------------------------------------
 
@@ -125,6 +147,20 @@ class Participant(_Role):
 
     def local_round(self, plan: dict[str, Any]) -> tuple[dict[str, Any], FedsiloError | None]:
         round_index = plan["round"]
+        if self.privacy is not None and not self.privacy.round_fits():
+            if self.config.dp.budget_policy == "abort":
+                return self._sit_out(round_index, reason="budget"), \
+                    self.privacy.budget_error(round_index)
+            if self.privacy.stopped_round is None:
+                self.privacy.stopped_round = round_index
+                log.warning("participant %d stops contributing in round %d: another round "
+                            "would take ε from %.3f to %.3f > budget %s", self.site,
+                            round_index, self.privacy.epsilon,
+                            self.privacy.next_round_epsilon(),
+                            self.privacy.settings.target_epsilon)
+            return self._sit_out(round_index, reason="budget"), None
+        if self.site not in plan["weights"]:
+            return self._sit_out(round_index, reason="not planned"), None
         weight = plan["weights"][self.site]
         begin = time.perf_counter()
         self.layout.load(self.model, self.global_weights)
@@ -135,14 +171,25 @@ class Participant(_Role):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         optimizer = make_optimizer(self.model, self.config.train, round_index=round_index)
-        stats = train_local(self.model, self.train_data, config=self.config.train,
-                            optimizer=optimizer, generator=generator)
+        if self.privacy is None:
+            stats = train_local(self.model, self.train_data, config=self.config.train,
+                                optimizer=optimizer, generator=generator)
+        else:
+            stats = LocalStats(*self.privacy.train_round(self.train_data, optimizer=optimizer,
+                                                         generator=generator))
         self.rounds_trained += 1
 
         # u_k = n_k / Σn · (w_k − w): weighted here so the transport only adds.
         self.layout.flatten(self.model, out=self.local_weights)
         np.subtract(self.local_weights, self.global_weights, out=self.reduce_buffer)
+        user_dp = self.config.dp.user
+        delta_norm = None
+        if user_dp.enabled:  # DP-FedAvg: clip Δ_k before weighting, noise share after
+            delta_norm = userlevel.clip_in_place(self.reduce_buffer, clip_norm=user_dp.clip_norm)
         self.reduce_buffer *= np.float32(weight)
+        if user_dp.enabled and user_dp.noise == "distributed":
+            userlevel.add_noise(self.reduce_buffer, std=plan["user_noise_std"],
+                                seed=(self.config.seed, round_index, self.site, _NOISE_STREAM))
         error = None
         bad = count_nonfinite(self.reduce_buffer)
         if bad:
@@ -159,8 +206,26 @@ class Participant(_Role):
         report = {"site": self.site, "num_samples": len(self.train_data), "steps": stats.steps,
                   "train_loss": stats.loss, "train_s": stats.seconds, "val": validation,
                   "val_s": val_seconds, "checkpoint_s": now - begin_ckpt,
-                  "local_s": now - begin}
+                  "local_s": now - begin, "contributed": True,
+                  "privacy": self._privacy_report(), "update_norm": delta_norm}
         return report, error
+
+    def _privacy_report(self) -> dict[str, Any] | None:
+        if self.privacy is None:
+            return None
+        report = self.privacy.report()
+        # the coordinator plans the next round with this: a site that cannot afford it sits out
+        report["next_round_fits"] = self.privacy.round_fits()
+        return report
+
+    def _sit_out(self, round_index: int, *, reason: str) -> dict[str, Any]:
+        """This round's report of a participant that does not train (its update is zero)."""
+        self.reduce_buffer.fill(0)
+        if _checkpoint_due(self.config, round_index):
+            atomic_torch_save(self.run_dir.participant_checkpoint(round_index, self.site),
+                              self.state_dict(round_index))
+        return {"site": self.site, "num_samples": len(self.train_data), "contributed": False,
+                "reason": reason, "privacy": self._privacy_report()}
 
     def finish_round(self, plan: dict[str, Any], reports: Sequence[Any], timer: Any) -> None:
         pass
@@ -168,7 +233,7 @@ class Participant(_Role):
     def final_validation(self) -> tuple[dict[str, Any], None]:
         self.layout.load(self.model, self.global_weights)
         validation = evaluate(self.model, self.val_data, batch_size=self.config.eval.batch_size)
-        return {"site": self.site, "val": validation}, None
+        return {"site": self.site, "val": validation, "privacy": self._privacy_report()}, None
 
     def finish_job(self, reports: Sequence[Any]) -> None:
         pass
@@ -192,6 +257,10 @@ class Coordinator(_Role):
         self.num_samples = {i: int(site.num_samples["train"]) for i, site in enumerate(manifest.sites)}
         self.reduce_buffer = self.layout.empty(pinned=self.pinned)
         self.last_test: dict[str, Any] | None = None
+        #: each participant's latest privacy report, and the round a site stopped in
+        self.privacy: dict[int, dict[str, Any]] = {}
+        self.stopped: dict[int, int] = {}
+        self.user_accountant = PrivacyAccountant("rdp") if config.dp.user.enabled else None
         self.started = time.perf_counter()
         if self.resume_round:
             self._load_checkpoint(self.resume_round)
@@ -211,20 +280,54 @@ class Coordinator(_Role):
         self.strategy.load_state_dict({k: v.numpy() if torch.is_tensor(v) else v
                                        for k, v in state["strategy"].items()})
         self.last_test = state.get("last_test")
+        privacy = json.loads(state.get("privacy", "{}"))
+        self.privacy = {int(k): v for k, v in privacy.get("reports", {}).items()}
+        self.stopped = {int(k): v for k, v in privacy.get("stopped", {}).items()}
+        if self.user_accountant is not None:
+            self.user_accountant.load_state_dict(privacy["user_accountant"])
         rows = self.run_dir.read_metrics()
         if (not rows or rows[-1]["round"] < round_index) and state.get("metrics_row"):
             self.run_dir.append_metrics(json.loads(state["metrics_row"]))
 
     def plan(self, round_index: int) -> dict[str, Any]:
-        participants = sorted(self.num_samples)
-        return {"round": round_index, "stop": False, "participants": participants,
-                "weights": self.strategy.client_weights({k: self.num_samples[k] for k in participants})}
+        if self.config.dp.budget_policy == "stop":
+            for site, report in sorted(self.privacy.items()):
+                if not report["next_round_fits"]:
+                    self._mark_stopped(site, round_index)
+        participants = [k for k in sorted(self.num_samples) if k not in self.stopped]
+        if not participants:
+            log.warning("every participant has spent its privacy budget; the job ends before "
+                        "round %d", round_index)
+            return {"round": round_index, "stop": True, "participants": [], "weights": {}}
+        weights = self.strategy.client_weights({k: self.num_samples[k] for k in participants})
+        plan = {"round": round_index, "stop": False, "participants": participants,
+                "weights": weights}
+        user_dp = self.config.dp.user
+        if user_dp.enabled:
+            plan["user_noise_std"] = userlevel.noise_std(
+                noise_multiplier=user_dp.noise_multiplier, clip_norm=user_dp.clip_norm,
+                weights=weights, share=user_dp.noise == "distributed")
+        return plan
 
     def local_round(self, plan: dict[str, Any]) -> tuple[None, None]:
         return None, None  # the coordinator adds nothing to the sum (World.reduce_sum)
 
     def finish_round(self, plan: dict[str, Any], reports: Sequence[Any], timer: Any) -> None:
         round_index = plan["round"]
+        self._note_privacy(round_index, reports[1:])
+        # A planned site that sat out (its budget ran out before the coordinator knew) sent
+        # zeros: renormalize the weights over those that did contribute.
+        contributed = sum(plan["weights"][r["site"]] for r in reports[1:]
+                          if r["contributed"] and r["site"] in plan["weights"])
+        if 0 < contributed < 1 - 1e-6:
+            self.reduce_buffer *= np.float32(1 / contributed)
+        if self.user_accountant is not None:
+            if self.config.dp.user.noise == "central":
+                userlevel.add_noise(self.reduce_buffer, std=plan["user_noise_std"],
+                                    seed=(self.config.seed, round_index, _NOISE_STREAM))
+            # every participant is in every round: sampling rate = participation fraction 1
+            self.user_accountant.spend(noise_multiplier=self.config.dp.user.noise_multiplier,
+                                       sample_rate=1.0, num_steps=1)
         with timer("server_step"):
             self.strategy.server_step(self.global_weights, self.reduce_buffer,
                                       out=self.global_weights)
@@ -246,6 +349,10 @@ class Coordinator(_Role):
                 "strategy": {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
                              for k, v in self.strategy.state_dict().items()},
                 "last_test": self.last_test,
+                "privacy": json.dumps({
+                    "reports": self.privacy, "stopped": self.stopped,
+                    "user_accountant": self.user_accountant.state_dict()
+                    if self.user_accountant is not None else None}),
                 # the row goes in too: a crash between this file and metrics.jsonl loses nothing
                 "metrics_row": json.dumps(finite_json(row)),
                 "fedsilo_version": __version__,
@@ -256,15 +363,35 @@ class Coordinator(_Role):
         self.run_dir.append_metrics(row)
         self.progress.update(round_index, row)
 
+    def _note_privacy(self, round_index: int, reports: Sequence[dict[str, Any]]) -> None:
+        for r in reports:
+            if r.get("privacy") is not None:
+                self.privacy[r["site"]] = r["privacy"]
+            if not r["contributed"] and r["reason"] == "budget":
+                self._mark_stopped(r["site"], round_index)
+
+    def _mark_stopped(self, site: int, round_index: int) -> None:
+        """Site ``site`` cannot afford round ``round_index``: plans leave it out from there."""
+        if site in self.stopped:
+            return
+        self.stopped[site] = round_index
+        report = self.privacy[site]
+        log.warning("participant %d has spent its privacy budget (ε = %.3f of %s, δ = %g) and "
+                    "stops contributing from round %d; %d participant(s) continue", site,
+                    report["epsilon"], report["target_epsilon"], report["delta"], round_index,
+                    len(self.num_samples) - len(self.stopped))
+
     def _metrics_row(self, plan: dict[str, Any], reports: Sequence[dict[str, Any]], timer: Any,
                      test: dict[str, Any] | None) -> dict[str, Any]:
         seconds = dict(timer.seconds)
-        seconds["local_train_max"] = max(r["train_s"] for r in reports)
-        seconds["local_val_max"] = max(r["val_s"] for r in reports)
+        everyone, reports = reports, [r for r in reports if r["contributed"]]
+        seconds["local_train_max"] = max((r["train_s"] for r in reports), default=0.0)
+        seconds["local_val_max"] = max((r["val_s"] for r in reports), default=0.0)
         # the critical path of local work: the slowest participant's training + validation
-        seconds["local_compute_max"] = max(r["train_s"] + r["val_s"] for r in reports)
+        seconds["local_compute_max"] = max((r["train_s"] + r["val_s"] for r in reports),
+                                           default=0.0)
         seconds["round"] = timer.total()  # provisional: finish_round adds the checkpoint
-        n = len(reports)
+        n = len(everyone)
         weight_bytes = self.layout.numel * 4
         row: dict[str, Any] = {"round": plan["round"]}
         if test is not None:
@@ -275,9 +402,21 @@ class Coordinator(_Role):
             "train_s": r["train_s"], "val_s": r["val_s"], "checkpoint_s": r["checkpoint_s"],
             "local_s": r["local_s"], "val_acc": r["val"]["acc"], "val_auc": r["val"]["auc"],
         } for r in reports}
+        if self.config.dp.enabled:
+            for r in reports:
+                row["participants"][str(r["site"])]["epsilon"] = r["privacy"]["epsilon"]
+            row["epsilon"] = {str(k): v["epsilon"] for k, v in sorted(self.privacy.items())}
+            row["delta"] = {str(k): v["delta"] for k, v in sorted(self.privacy.items())}
+            row["stopped"] = {str(k): v for k, v in sorted(self.stopped.items())}
+        row["sat_out"] = [r["site"] for r in everyone if not r["contributed"]]
+        if self.user_accountant is not None:
+            row["user_epsilon"] = self.user_accountant.epsilon(delta=self.config.dp.delta)
+            row["user_delta"] = self.config.dp.delta
+            for r in reports:
+                row["participants"][str(r["site"])]["update_norm"] = r["update_norm"]
         row["seconds"] = seconds
         row["bytes"] = {"broadcast": weight_bytes * n, "reduce": weight_bytes * n,
-                        "metadata": len(pickle.dumps(plan)) + len(pickle.dumps(list(reports)))}
+                        "metadata": len(pickle.dumps(plan)) + len(pickle.dumps(list(everyone)))}
         return row
 
     def final_validation(self) -> tuple[None, None]:
@@ -306,6 +445,24 @@ class Coordinator(_Role):
             "seconds_this_process": time.perf_counter() - self.started,
             "resumed_from_round": self.resume_round or None,
         }
+        if self.config.dp.enabled:
+            summary["privacy"] = {str(r["site"]): {
+                "epsilon": r["privacy"]["epsilon"], "delta": r["privacy"]["delta"],
+                "target_epsilon": r["privacy"]["target_epsilon"],
+                "noise_multiplier": r["privacy"]["noise_multiplier"],
+                "sample_rate": r["privacy"]["sample_rate"], "steps": r["privacy"]["steps"],
+                "accountant": self.config.dp.accountant,
+                "grad_sample_mode": r["privacy"]["grad_sample_mode"],
+                "stopped_round": self.stopped.get(r["site"]),
+            } for r in validations}
+            summary["stopped"] = {str(k): v for k, v in sorted(self.stopped.items())}
+        if self.user_accountant is not None:
+            user_dp = self.config.dp.user
+            summary["user_privacy"] = {
+                "epsilon": self.user_accountant.epsilon(delta=self.config.dp.delta),
+                "delta": self.config.dp.delta, "noise_multiplier": user_dp.noise_multiplier,
+                "clip_norm": user_dp.clip_norm, "noise": user_dp.noise,
+                "rounds": self.user_accountant.num_steps, "accountant": "rdp"}
         dump_json(self.run_dir.summary, summary)
         log.info("finished: test acc %.4f auc %.4f loss %.4f -> %s", self.last_test["acc"],
                  self.last_test["auc"], self.last_test["loss"], self.run_dir.root)

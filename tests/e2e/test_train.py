@@ -128,7 +128,8 @@ def test_resume_extends_a_finished_run(shards1: Path, tmp_path: Path) -> None:
 
 
 def test_cli_help_lists_defaults() -> None:
-    for argv in (["--help"], ["train", "--help"], ["demo", "--help"], ["prep", "medmnist", "--help"]):
+    for argv in (["--help"], ["train", "--help"], ["demo", "--help"], ["budget", "--help"],
+                 ["prep", "medmnist", "--help"]):
         out = subprocess.run([sys.executable, "-m", "fedsilo", *argv], capture_output=True,
                              text=True, timeout=60)
         assert out.returncode == 0, out.stderr

@@ -6,7 +6,9 @@ import importlib
 import pytest
 
 MODULES = ["fedsilo.registry", "fedsilo.config", "fedsilo.aggregate", "fedsilo.metrics",
-           "fedsilo.partition", "fedsilo.shards.hdf5", "data_prep.synthetic"]
+           "fedsilo.partition", "fedsilo.shards.hdf5", "data_prep.synthetic",
+           "fedsilo.privacy.accounting", "fedsilo.privacy.budget", "fedsilo.privacy.validate",
+           "fedsilo.privacy.userlevel"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,0 +1,64 @@
+"""``fedsilo budget``: the planning question, offline (like Opacus's ``compute_dp_sgd_privacy``).
+
+Given one participant's data size and its training plan, either the noise multiplier σ that
+spends a target ε over the whole job, or the ε a given σ spends, plus ε after each round.
+
+>>> plan = plan_budget(num_samples=1500, batch_size=64, epochs=1, rounds=3, delta=1e-5,
+...                    noise_multiplier=1.0)
+>>> plan["sample_rate"], plan["steps_per_round"], plan["total_steps"]
+(0.042666666666666665, 24, 72)
+>>> plan["epsilon_per_round"][-1] == plan["epsilon"] > plan["epsilon_per_round"][0]
+True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedsilo.errors import ConfigError
+from fedsilo.privacy.accounting import PrivacyAccountant, noise_multiplier_for, plan_steps
+
+
+def plan_budget(*, num_samples: int, batch_size: int, epochs: int, rounds: int, delta: float,
+                target_epsilon: float | None = None, noise_multiplier: float | None = None,
+                max_steps: int | None = None, accountant: str = "rdp") -> dict[str, Any]:
+    """σ for ``target_epsilon``, or ε for ``noise_multiplier`` (exactly one of the two)."""
+    if (target_epsilon is None) == (noise_multiplier is None):
+        raise ConfigError("give exactly one of --target-epsilon and --noise-multiplier")
+    for name, value in (("--samples", num_samples), ("--batch-size", batch_size),
+                        ("--epochs", epochs), ("--rounds", rounds)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if not 0 < delta < 1:
+        raise ConfigError(f"--delta must be in (0, 1), got {delta}")
+    q, per_round, total = plan_steps(num_samples=num_samples, batch_size=batch_size,
+                                     epochs=epochs, max_steps=max_steps, rounds=rounds)
+    if noise_multiplier is None:
+        if target_epsilon <= 0:
+            raise ConfigError(f"--target-epsilon must be > 0, got {target_epsilon}")
+        noise_multiplier = noise_multiplier_for(target_epsilon=target_epsilon, delta=delta,
+                                                sample_rate=q, num_steps=total,
+                                                mechanism=accountant)
+    elif noise_multiplier <= 0:
+        raise ConfigError(f"--noise-multiplier must be > 0, got {noise_multiplier}")
+    acc = PrivacyAccountant(accountant)
+    per_round_eps = []
+    for _ in range(rounds):
+        acc.spend(noise_multiplier=noise_multiplier, sample_rate=q, num_steps=per_round)
+        per_round_eps.append(acc.epsilon(delta=delta))
+    return {"accountant": accountant, "sample_rate": q, "steps_per_round": per_round,
+            "total_steps": total, "noise_multiplier": noise_multiplier, "delta": delta,
+            "epsilon": per_round_eps[-1], "epsilon_per_round": per_round_eps,
+            "target_epsilon": target_epsilon}
+
+
+def format_budget(plan: dict[str, Any]) -> str:
+    lines = [f"accountant        {plan['accountant']}",
+             f"sample rate q     {plan['sample_rate']:.6g}  (Poisson sampling, B/N)",
+             f"steps             {plan['steps_per_round']} per round, {plan['total_steps']} in all",
+             f"noise multiplier  {plan['noise_multiplier']:.6g}"
+             + ("  (chosen for the target)" if plan["target_epsilon"] is not None else ""),
+             f"epsilon           {plan['epsilon']:.4f} at delta {plan['delta']:g}",
+             "round  epsilon"]
+    lines += [f"{r:5d}  {e:.4f}" for r, e in enumerate(plan["epsilon_per_round"], start=1)]
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""Sample-level DP-SGD on one participant (Abadi et al., CCS 2016), made once per job.
+
+Per-sample clipping is done by fedsilo's mixed ghost clipping (``ghost.py``: per-sample
+gradient norms without materializing the per-sample gradients of big layers, then one
+backward pass of the reweighted loss) where it covers the model, else by Opacus's
+``GradSampleModule`` hooks.  Either is attached to the participant's model **once**:
+re-wrapping every round would stack hooks.  The
+sampling, clipping and noise are done here rather than by Opacus's ``DPDataLoader`` and
+``DPOptimizer`` so that all randomness comes from the round's seeded generator (seed,
+round, site): a resumed run is bit-identical, and the fresh optimizer of each round stays
+a plain torch optimizer.
+
+Each step: Poisson sampling (every sample independently with rate q), per-sample
+gradients g_i, clipping to norm C (factor min(1, C / (‖g_i‖ + 1e-6)), as Opacus),
+Σ clipped + N(0, σ²C²), divided by the expected batch size qN.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any, Mapping
+
+import torch
+from opacus import GradSampleModule
+from torch import nn
+
+from fedsilo.config import SiteDP, TrainConfig
+from fedsilo.errors import ModelError, PrivacyBudgetError
+from fedsilo.privacy import ghost
+from fedsilo.privacy.accounting import PrivacyAccountant, noise_multiplier_for, plan_steps
+from fedsilo.privacy.validate import check_model, check_trainable
+
+log = logging.getLogger("fedsilo")
+
+#: torch warns on every backward through the first layer's hooks (images need no gradient)
+_NO_INPUT_GRAD = "Full backward hook is firing when gradients are computed with respect to"
+
+
+class ParticipantPrivacy:
+    """One participant's DP-SGD engine and accountant for the whole job."""
+
+    def __init__(self, model: nn.Module, *, site: int, settings: SiteDP, mechanism: str,
+                 num_samples: int, train: TrainConfig, rounds: int, model_name: str,
+                 sample: torch.Tensor, mode: str = "auto") -> None:
+        check_model(model, name=model_name)
+        self.site, self.settings, self.train_config = site, settings, train
+        self.num_samples = num_samples
+        self.sample_rate, self.steps_per_round, planned = plan_steps(
+            num_samples=num_samples, batch_size=train.batch_size, epochs=train.epochs,
+            max_steps=train.max_steps, rounds=rounds)
+        if settings.noise_multiplier is not None:
+            self.noise_multiplier = settings.noise_multiplier
+        else:
+            self.noise_multiplier = noise_multiplier_for(
+                target_epsilon=settings.target_epsilon, delta=settings.delta,
+                sample_rate=self.sample_rate, num_steps=planned, mechanism=mechanism)
+        self.accountant = PrivacyAccountant(mechanism)
+        self.stopped_round: int | None = None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        if mode == "auto":
+            mode = "mixed" if ghost.supports(model) else "hooks"
+        if mode == "mixed" and not ghost.supports(model):
+            raise ModelError(f"model {model_name!r} has layers that dp.grad_sample_mode=mixed "
+                             f"does not cover (it handles {', '.join(t.__name__ for t in ghost.SUPPORTED)}); "
+                             f"use dp.grad_sample_mode=hooks or auto")
+        self.mode = mode
+        self.clipper = ghost.GhostClipper(model) if mode == "mixed" else None
+        self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum") \
+            if mode == "hooks" else model
+        check_trainable(self._trial_step, sample[:2], name=model_name, params=self.params)
+
+    # -- budget ---------------------------------------------------------------------------
+
+    @property
+    def epsilon(self) -> float:
+        return self.accountant.epsilon(delta=self.settings.delta)
+
+    def next_round_epsilon(self) -> float:
+        return self.accountant.epsilon_after(
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
+            num_steps=self.steps_per_round, delta=self.settings.delta)
+
+    def round_fits(self) -> bool:
+        """Whether one more round stays within the budget (always, without a budget)."""
+        target = self.settings.target_epsilon
+        return target is None or self.next_round_epsilon() <= target
+
+    def budget_error(self, round_index: int) -> PrivacyBudgetError:
+        return PrivacyBudgetError(
+            f"participant {self.site} (site-{self.site:03d}) would exceed its privacy budget "
+            f"in round {round_index}: ε would reach {self.next_round_epsilon():.3f} > target "
+            f"{self.settings.target_epsilon} (δ = {self.settings.delta}); spent so far "
+            f"ε = {self.epsilon:.3f} (dp.budget_policy=abort)")
+
+    def report(self) -> dict[str, Any]:
+        return {"epsilon": self.epsilon, "delta": self.settings.delta,
+                "target_epsilon": self.settings.target_epsilon,
+                "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
+                "steps": self.accountant.num_steps, "stopped_round": self.stopped_round,
+                "grad_sample_mode": self.mode}
+
+    # -- training ---------------------------------------------------------------------
+
+    def train_round(self, data: Any, *, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator) -> tuple[int, int, float, float]:
+        """One round of DP-SGD on ``data``; returns (steps, samples, mean loss, seconds)."""
+        start = time.perf_counter()
+        self.module.train()
+        device = data.labels.device
+        noise_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=generator)))
+        samples, loss_sum = 0, 0.0
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NO_INPUT_GRAD)
+            for _ in range(self.steps_per_round):
+                samples, loss_sum = self._step(data, optimizer, generator, noise_generator,
+                                               samples, loss_sum)
+        self.accountant.spend(noise_multiplier=self.noise_multiplier,
+                              sample_rate=self.sample_rate, num_steps=self.steps_per_round)
+        return self.steps_per_round, samples, loss_sum / max(samples, 1), \
+            time.perf_counter() - start
+
+    def _step(self, data: Any, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+              noise_generator: torch.Generator, samples: int, loss_sum: float
+              ) -> tuple[int, float]:
+        """One DP-SGD step; returns the running (samples, loss sum)."""
+        device = data.labels.device
+        clip, sigma = self.settings.max_grad_norm, self.noise_multiplier
+        index = (torch.rand(self.num_samples, generator=generator) < self.sample_rate)
+        index = index.nonzero().squeeze(1).to(device)
+        optimizer.zero_grad(set_to_none=True)
+        if index.numel():  # Poisson sampling may draw an empty batch: then noise only
+            loss = self.clipped_sum(data.images[index], data.labels[index])
+            samples += int(index.numel())
+            loss_sum += float(loss.detach())
+        expected_batch = self.sample_rate * self.num_samples
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            noise = torch.normal(0.0, sigma * clip, size=p.shape, device=device,
+                                 generator=noise_generator)
+            p.grad.add_(noise).div_(expected_batch)
+        optimizer.step()
+        return samples, loss_sum
+
+    def clipped_sum(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Set each ``p.grad`` to Σ_i min(1, C/‖g_i‖) g_i over the batch; returns Σ_i ℓ_i."""
+        if self.clipper is not None:
+            return self.clipper.clipped_sum(images, labels,
+                                            max_grad_norm=self.settings.max_grad_norm)
+        loss = self.loss_fn(self.module(images), labels)
+        loss.backward()
+        self.clip_and_sum()
+        return loss
+
+    def _trial_step(self, images: torch.Tensor) -> None:
+        self.module.train()
+        labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+        self.clipped_sum(images, labels)
+
+    def clip_and_sum(self) -> None:
+        """Replace each ``p.grad`` by the sum of the clipped per-sample gradients."""
+        per_sample = [p.grad_sample for p in self.params]
+        batch = per_sample[0].shape[0]
+        norms = torch.stack([g.reshape(batch, -1).norm(2, dim=1) for g in per_sample], dim=1)
+        factor = (self.settings.max_grad_norm / (norms.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
+        for p, g in zip(self.params, per_sample):
+            p.grad = torch.einsum("i,i...->...", factor, g)
+            p.grad_sample = None
+
+    # -- checkpoint -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"accountant": self.accountant.state_dict(), "stopped_round": self.stopped_round,
+                "noise_multiplier": self.noise_multiplier}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        self.stopped_round = state["stopped_round"]
