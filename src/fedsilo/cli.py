@@ -1,4 +1,4 @@
-"""The ``fedsilo`` command: ``train``, ``demo`` and ``prep``."""
+"""The ``fedsilo`` command: ``train``, ``demo``, ``keys`` and ``prep``."""
 
 from __future__ import annotations
 
@@ -53,6 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="MPI launcher (default: the one beside this Python, else on PATH)")
     demo.set_defaults(func=_demo)
 
+    keys = sub.add_parser(
+        "keys", formatter_class=Formatter, help="create a CKKS key set for encrypted aggregation",
+        description="Write DIR/participant.key (secret key, mode 0600: give it to every "
+                    "participant), DIR/coordinator.ctx (no secret key: the coordinator's) and "
+                    "DIR/params.json. Train with --set he.enabled=true --set he.keys=DIR.")
+    keys.add_argument("--out", metavar="DIR", required=True, help="directory to write the keys to")
+    keys.add_argument("--poly-modulus-degree", type=int, default=8192,
+                      help="ring degree N (N/2 values per ciphertext)")
+    keys.add_argument("--data-bits", type=int, default=56,
+                      help="bits of the one data prime (128-bit security bounds apply)")
+    keys.add_argument("--scale-bits", type=int, default=46, help="log2 of the CKKS scale")
+    keys.add_argument("--participants", type=int, default=16,
+                      help="most participants the keys must aggregate precisely")
+    keys.set_defaults(func=_keys)
+
     from data_prep.cli import add_parser as add_prep_parser
 
     add_prep_parser(sub)
@@ -77,6 +92,20 @@ def _train(args: argparse.Namespace) -> int:
     setup_logging(world.rank, world.size, verbose=args.verbose)
     return run_guarded(lambda: run_job(world, config_path=args.config, overrides=args.overrides,
                                        out_dir=args.out, resume_dir=args.resume))
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from fedsilo.crypto.ckks import generate_keys
+    from fedsilo.crypto.params import CKKSParams
+
+    params = CKKSParams(poly_modulus_degree=args.poly_modulus_degree, data_bits=args.data_bits,
+                        scale_bits=args.scale_bits)
+    paths = generate_keys(args.out, params, num_participants=args.participants)
+    print(f"wrote {paths['participant']} (secret key, mode 0600: participants only), "
+          f"{paths['coordinator']} (no secret key: the coordinator) and {paths['params']}; "
+          f"parameters {params.to_dict()}, up to {params.max_participants()} participants, "
+          f"|values| < {params.max_abs:g}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

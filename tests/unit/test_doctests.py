@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["fedsilo.registry", "fedsilo.config", "fedsilo.aggregate", "fedsilo.metrics",
-           "fedsilo.partition", "fedsilo.shards.hdf5", "data_prep.synthetic"]
+           "fedsilo.partition", "fedsilo.crypto.params", "fedsilo.shards.hdf5", "data_prep.synthetic"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted((ROOT / "src" / "fedsilo").rglob("*.py")) + sorted((ROOT / "data_prep").rglob("*.py"))
 
 PURE = ["fedsilo/aggregate.py", "fedsilo/metrics.py", "fedsilo/partition.py", "fedsilo/registry.py",
-        "fedsilo/errors.py", "fedsilo/strategies/"]
+        "fedsilo/errors.py", "fedsilo/strategies/", "fedsilo/crypto/params.py",
+        "fedsilo/crypto/codec.py"]
 
 
 def imported_modules(path: Path) -> set[str]:
