@@ -19,13 +19,15 @@ anyway, it is faster, and no public key needs to exist).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import tenseal as ts
@@ -159,6 +161,22 @@ def _context_params(context: Any, *, scale: float) -> CKKSParams:
                       data_bits=data_bits, scale_bits=int(round(np.log2(scale))))
 
 
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Silence TenSEAL's C++ warning that a vector spans several ciphertexts (it does, by
+    design: only additions are needed), printed to file descriptor 1 on every encryption."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 class CKKSCodec:
     """Encrypts float32 vectors into packed CKKS ciphertexts, adds and decrypts them.
 
@@ -174,7 +192,8 @@ class CKKSCodec:
     def encrypt(self, vector: np.ndarray) -> Any:
         if not self.keys.is_private:
             raise KeyFileError("encryption needs the participant key")
-        return ts.ckks_vector(self.context, vector)
+        with _quiet_stdout():
+            return ts.ckks_vector(self.context, vector)
 
     def to_bytes(self, ciphertext: Any) -> bytes:
         return ciphertext.serialize()

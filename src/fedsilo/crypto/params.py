@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from fedsilo.errors import KeyFileError
 
@@ -131,3 +131,28 @@ def validate(params: CKKSParams, *, num_participants: int) -> CKKSParams:
             f"{REQUIRED_ERROR:g}; raise scale_bits (these parameters allow at most "
             f"{params.max_participants()} participants)")
     return params
+
+
+def key_mismatch(summaries: Sequence[Mapping[str, Any] | None]) -> str | None:
+    """Given every rank's key summary (rank 0 the coordinator's), say what does not match.
+
+    Every rank calls this on the same gathered list, so every rank reaches the same verdict.
+    """
+    coordinator, participants = summaries[0], list(enumerate(summaries))[1:]
+    fingerprints = {s["fingerprint"] for _, s in participants}
+    if len(fingerprints) > 1:
+        groups: dict[str, list[int]] = {}
+        for rank, s in participants:
+            groups.setdefault(s["fingerprint"], []).append(rank)
+        listing = "; ".join(f"ranks {ranks} hold key {fp[:12]}" for fp, ranks in groups.items())
+        return (f"participants hold different encryption keys ({listing}); give every "
+                f"participant the same participant.key from one 'fedsilo keys' run")
+    first = participants[0][1]
+    if coordinator["params"] != first["params"]:
+        return (f"the coordinator's context has CKKS parameters {coordinator['params']}, the "
+                f"participants' key {first['params']}; they must come from one 'fedsilo keys' run")
+    if coordinator["key_id"] != first["key_id"]:
+        return (f"the coordinator's context (key id {coordinator['key_id'][:12]}) does not belong "
+                f"to the participants' key (key id {first['key_id'][:12]}); use the "
+                f"coordinator.ctx written together with their participant.key")
+    return None
