@@ -71,3 +71,28 @@ def test_scientific_notation_is_a_number_for_float_keys(tmp_path):
     assert load_config(path).train.lr == 0.05
     with pytest.raises(ConfigError, match="must be an integer"):
         load_config(None, overrides=["rounds=1e3"])
+
+
+def test_encryption_refuses_a_nonlinear_strategy():
+    import dataclasses
+
+    import pytest
+
+    from fedsilo.config import load_config
+    from fedsilo.errors import ConfigError
+    from fedsilo.strategies import STRATEGIES, Strategy
+
+    if "test_median" not in STRATEGIES:
+        @STRATEGIES.register("test_median")
+        class Median(Strategy):  # needs every update: cannot run on an encrypted sum
+            name = "test_median"
+            linear = False
+
+            @dataclasses.dataclass(frozen=True)
+            class Options:
+                pass
+
+    assert load_config(None, overrides=["strategy.name=test_median"]).strategy.name == "test_median"
+    with pytest.raises(ConfigError, match="strategy 'test_median' needs each participant's update"):
+        load_config(None, overrides=["strategy.name=test_median", "he.enabled=true"])
+    assert load_config(None, overrides=["he.enabled=true", "he.keys=k"]).he.keys == "k"
