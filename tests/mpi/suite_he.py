@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,6 +20,7 @@ SIZE = 3 * 4096 + 17  # several ciphertexts, the last one partly filled
 
 if world.is_coordinator:
     _tmp = tempfile.mkdtemp(prefix="fedsilo-he-suite-")
+    atexit.register(shutil.rmtree, _tmp, ignore_errors=True)
     generate_keys(Path(_tmp) / "keys", CKKSParams(), num_participants=16)
     KEYS = world.bcast_obj(str(Path(_tmp) / "keys"))
 else:
