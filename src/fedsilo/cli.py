@@ -1,4 +1,4 @@
-"""The ``fedsilo`` command: ``train``, ``demo``, ``budget`` and ``prep``."""
+"""The ``fedsilo`` command: ``train``, ``demo``, ``budget``, ``keys`` and ``prep``."""
 
 from __future__ import annotations
 
@@ -81,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the plan as JSON")
     budget.set_defaults(func=_budget)
 
+    keys = sub.add_parser(
+        "keys", formatter_class=Formatter, help="create a CKKS key set for encrypted aggregation",
+        description="Write DIR/participant.key (secret key, mode 0600: give it to every "
+                    "participant), DIR/coordinator.ctx (no secret key: the coordinator's) and "
+                    "DIR/params.json. Train with --set he.enabled=true --set he.keys=DIR.")
+    keys.add_argument("--out", metavar="DIR", required=True, help="directory to write the keys to")
+    keys.add_argument("--poly-modulus-degree", type=int, default=8192,
+                      help="ring degree N (N/2 values per ciphertext)")
+    keys.add_argument("--data-bits", type=int, default=56,
+                      help="bits of the one data prime (128-bit security bounds apply)")
+    keys.add_argument("--scale-bits", type=int, default=46, help="log2 of the CKKS scale")
+    keys.add_argument("--participants", type=int, default=16,
+                      help="most participants the keys must aggregate precisely")
+    keys.set_defaults(func=_keys)
+
     from data_prep.cli import add_parser as add_prep_parser
 
     add_prep_parser(sub)
@@ -118,6 +133,20 @@ def _budget(args: argparse.Namespace) -> int:
                        noise_multiplier=args.noise_multiplier, max_steps=args.max_steps,
                        accountant=args.accountant)
     print(json.dumps(plan, indent=2) if args.json else format_budget(plan))
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from fedsilo.crypto.ckks import generate_keys
+    from fedsilo.crypto.params import CKKSParams
+
+    params = CKKSParams(poly_modulus_degree=args.poly_modulus_degree, data_bits=args.data_bits,
+                        scale_bits=args.scale_bits)
+    paths = generate_keys(args.out, params, num_participants=args.participants)
+    print(f"wrote {paths['participant']} (secret key, mode 0600: participants only), "
+          f"{paths['coordinator']} (no secret key: the coordinator) and {paths['params']}; "
+          f"parameters {params.to_dict()}, up to {params.max_participants()} participants, "
+          f"|values| < {params.max_abs:g}")
     return 0
 
 

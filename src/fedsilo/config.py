@@ -237,6 +237,15 @@ def _check_site_dp(key: str, target_epsilon: float | None, noise_multiplier: flo
 
 
 @dataclass(frozen=True)
+class HEConfig:
+    """Encrypted aggregation (CKKS); keys come from ``fedsilo keys --out DIR``."""
+
+    enabled: bool = False
+    #: key directory: participants open participant.key, the coordinator coordinator.ctx only
+    keys: str = "keys"
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     rounds: int = 10
@@ -248,10 +257,19 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    he: HEConfig = field(default_factory=HEConfig)
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "rounds", "must be >= 1")
         _check(self.seed >= 0, "seed", "must be >= 0")
+        if self.he.enabled:
+            from fedsilo.strategies import STRATEGIES
+
+            if not STRATEGIES.get(self.strategy.name).linear:
+                raise ConfigError(
+                    f"strategy {self.strategy.name!r} needs each participant's update, but "
+                    f"he.enabled=true sums encrypted updates without decrypting them; use a "
+                    f"linear strategy (a weighted sum such as fedavg) or turn encryption off")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)

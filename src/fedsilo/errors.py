@@ -57,3 +57,7 @@ class AgreedError(FedsiloError):
     def __init__(self, message: str, *, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class KeyFileError(FedsiloError):
+    """Homomorphic-encryption keys or parameters are missing, wrong, insecure or mismatched."""

@@ -74,6 +74,8 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
     except FedsiloError as exc:
         error = exc
     world.agree(error, stage="loading data and model")
+    if setup.config.he.enabled:
+        _agree_on_keys(world, role)
 
     if not _run_rounds(world, role, setup, stop=StopFlag().install()):
         return EXIT_PREEMPTED
@@ -115,7 +117,10 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> boo
                                           stage=f"round {round_index}")
         stop_seen = any(flag for _, flag in gathered)
         with timer("aggregate"):
-            world.reduce_sum(role.reduce_buffer)
+            if config.he.enabled:
+                _encrypted_sum(world, role)
+            else:
+                world.reduce_sum(role.reduce_buffer)
         role.finish_round(plan, [r for r, _ in gathered], timer)
 
     world.quiet_barrier()
@@ -124,6 +129,33 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> boo
     reports = world.agree_gather(report, error, stage="final validation")
     role.finish_job(reports)
     return True
+
+
+def _agree_on_keys(world: World, role: Any) -> None:
+    """Before any training: every participant holds the same key, and the coordinator's
+    public context belongs to it.  Every rank judges the same gathered list the same way."""
+    from fedsilo.crypto.params import key_mismatch
+
+    summaries = world.agree_gather(role.key_summary(), None, stage="encryption keys")
+    problem = key_mismatch(summaries)
+    if problem:
+        raise AgreedError(f"encryption keys failed on every rank: {problem}")
+
+
+def _encrypted_sum(world: World, role: Any) -> None:
+    """Ciphertexts are added along a tree of participants; the aggregating participant
+    decrypts the sum and sends the plaintext aggregate (only) to the coordinator."""
+    begin = time.perf_counter()
+    total = world.reduce_participants(getattr(role, "payload", None), codec=role.codec)
+    info = None
+    if total is not None:
+        info = {"reduce_s": time.perf_counter() - begin, **role.decrypt_aggregate(total)}
+        del total
+    info = world.relay_to_coordinator(role.reduce_buffer, info)
+    if world.is_coordinator:
+        role.he_round = info
+    else:
+        role.payload = None
 
 
 class PhaseTimer:
@@ -189,7 +221,8 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
     # Pin the data directory so the saved config means the same thing from any directory.
     data_dir = Path(config.data.dir).expanduser().resolve()
     from dataclasses import replace
-    config = replace(config, data=replace(config.data, dir=str(data_dir)))
+    config = replace(config, data=replace(config.data, dir=str(data_dir)),
+                     he=replace(config.he, keys=str(Path(config.he.keys).expanduser().resolve())))
     manifest = load_manifest(data_dir)
     if manifest.num_sites != world.num_participants:
         raise CommunicationError(

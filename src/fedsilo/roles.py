@@ -57,6 +57,13 @@ class _Role:
         self.pinned = self.device.type == "cuda"
         self.global_weights = self.layout.flatten(self.model,
                                                   out=self.layout.empty(pinned=self.pinned))
+        #: encrypted aggregation: the loaded key file and (participants) the codec
+        self.keys: Any = None
+        self.codec: Any = None
+
+    def key_summary(self) -> dict[str, Any] | None:
+        """What this rank tells the others about its keys: ids and parameters, no key."""
+        return None if self.keys is None else self.keys.summary()
 
     def _check_model_fits(self, sample: torch.Tensor) -> None:
         try:
@@ -112,6 +119,17 @@ class Participant(_Role):
                 mechanism=config.dp.accountant, num_samples=len(self.train_data),
                 train=config.train, rounds=config.rounds, model_name=config.model.name,
                 sample=self.train_data.images, mode=config.dp.grad_sample_mode)
+        #: this round's serialized ciphertext (encrypted aggregation only)
+        self.payload: bytes | None = None
+        if config.he.enabled:
+            from fedsilo.crypto import CODECS
+            from fedsilo.crypto.ckks import PARTICIPANT_FILE, load_keys
+            from fedsilo.crypto.params import validate
+
+            self.keys = load_keys(Path(config.he.keys) / PARTICIPANT_FILE, expect="participant",
+                                  num_threads=self.threads)
+            validate(self.keys.params, num_participants=world.num_participants)
+            self.codec = CODECS.get("ckks")(keys=self.keys)
         if self.resume_round:
             self._load_checkpoint(self.resume_round)
 
@@ -197,6 +215,9 @@ class Participant(_Role):
                                 f"with {bad} non-finite values (NaN/Inf) in round {round_index}; "
                                 f"lower train.lr or check its data")
             self.reduce_buffer.fill(0)
+        he: dict[str, Any] = {}
+        if self.codec is not None and error is None:
+            he, error = self._encrypt_update(weight, round_index)
 
         begin_ckpt = time.perf_counter()
         if _checkpoint_due(self.config, round_index) and error is None:
@@ -208,6 +229,8 @@ class Participant(_Role):
                   "val_s": val_seconds, "checkpoint_s": now - begin_ckpt,
                   "local_s": now - begin, "contributed": True,
                   "privacy": self._privacy_report(), "update_norm": delta_norm}
+        if he:
+            report["he"] = he
         return report, error
 
     def _privacy_report(self) -> dict[str, Any] | None:
@@ -224,8 +247,37 @@ class Participant(_Role):
         if _checkpoint_due(self.config, round_index):
             atomic_torch_save(self.run_dir.participant_checkpoint(round_index, self.site),
                               self.state_dict(round_index))
-        return {"site": self.site, "num_samples": len(self.train_data), "contributed": False,
-                "reason": reason, "privacy": self._privacy_report()}
+        report = {"site": self.site, "num_samples": len(self.train_data), "contributed": False,
+                  "reason": reason, "privacy": self._privacy_report()}
+        if self.codec is not None:
+            # the encrypted tree sums one ciphertext per participant: this one adds zero
+            report["he"], _ = self._encrypt_update(1.0, round_index)
+        return report
+
+    def _encrypt_update(self, weight: float,
+                        round_index: int) -> tuple[dict[str, Any], FedsiloError | None]:
+        # The precision guarantee holds while every value stays below max_abs: the update
+        # u_k = weight · delta is checked as delta, so every partial sum is bounded too.
+        limit = self.keys.params.max_abs * weight
+        peak = float(np.abs(self.reduce_buffer).max()) if self.reduce_buffer.size else 0.0
+        if peak > limit:
+            return {}, UpdateError(
+                f"participant {self.site} (site-{self.site:03d}) produced an update with "
+                f"|delta| = {peak / weight:.3g} in round {round_index}, beyond the {self.keys.params.max_abs:g} "
+                f"the CKKS parameters can encrypt exactly; lower train.lr or create keys with a "
+                f"smaller --scale-bits")
+        begin = time.perf_counter()
+        ciphertext = self.codec.encrypt(self.reduce_buffer)
+        self.payload = self.codec.to_bytes(ciphertext)
+        del ciphertext
+        return {"encrypt_s": time.perf_counter() - begin,
+                "ciphertext_bytes": len(self.payload)}, None
+
+    def decrypt_aggregate(self, total: Any) -> dict[str, Any]:
+        """On the aggregating participant: decrypt the encrypted sum into ``reduce_buffer``."""
+        begin = time.perf_counter()
+        self.codec.decrypt_into(total, self.reduce_buffer)
+        return {"decrypt_s": time.perf_counter() - begin}
 
     def finish_round(self, plan: dict[str, Any], reports: Sequence[Any], timer: Any) -> None:
         pass
@@ -256,6 +308,13 @@ class Coordinator(_Role):
         self.strategy = build_strategy(config.strategy.name, dict(config.strategy.options))
         self.num_samples = {i: int(site.num_samples["train"]) for i, site in enumerate(manifest.sites)}
         self.reduce_buffer = self.layout.empty(pinned=self.pinned)
+        #: the aggregating participant's report of the last encrypted reduction
+        self.he_round: dict[str, Any] | None = None
+        if config.he.enabled:
+            from fedsilo.crypto.ckks import COORDINATOR_FILE, load_keys
+
+            # only the public context: the coordinator never opens the participant key
+            self.keys = load_keys(Path(config.he.keys) / COORDINATOR_FILE, expect="coordinator")
         self.last_test: dict[str, Any] | None = None
         #: each participant's latest privacy report, and the round a site stopped in
         self.privacy: dict[int, dict[str, Any]] = {}
@@ -417,7 +476,27 @@ class Coordinator(_Role):
         row["seconds"] = seconds
         row["bytes"] = {"broadcast": weight_bytes * n, "reduce": weight_bytes * n,
                         "metadata": len(pickle.dumps(plan)) + len(pickle.dumps(list(everyone)))}
+        if self.keys is not None:
+            row["he"] = self._he_row(everyone)
+            # the tree: every participant but the aggregator sends one ciphertext-sized
+            # message; the aggregator sends the plaintext aggregate to the coordinator
+            row["bytes"]["reduce"] = sum(row["he"]["ciphertext_bytes"].values()) \
+                - row["he"]["ciphertext_bytes"][str(everyone[0]["site"])] + weight_bytes
         return row
+
+    def _he_row(self, reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        info = self.he_round or {}
+        sizes = {str(r["site"]): r["he"]["ciphertext_bytes"] for r in reports}
+        return {
+            "encrypt_s": max(r["he"]["encrypt_s"] for r in reports),
+            "reduce_s": info.get("reduce_s"),
+            "decrypt_s": info.get("decrypt_s"),
+            "encrypt_s_per_site": {str(r["site"]): r["he"]["encrypt_s"] for r in reports},
+            "ciphertext_bytes": sizes,
+            "ciphertext_bytes_per_param": max(sizes.values()) / self.layout.numel,
+            # what the coordinator receives: the plaintext aggregate only, float32
+            "coordinator_receives_bytes": self.layout.numel * 4,
+        }
 
     def final_validation(self) -> tuple[None, None]:
         return None, None

@@ -86,3 +86,28 @@ def test_lr_decay_schedule():
     assert [round_lr(config, r) for r in (1, 2, 3)] == [0.1, 0.05, 0.025]
     with pytest.raises(ConfigError, match="'train.lr_decay' must be in"):
         load_config(None, overrides=["train.lr_decay=1.5"])
+
+
+def test_encryption_refuses_a_nonlinear_strategy():
+    import dataclasses
+
+    import pytest
+
+    from fedsilo.config import load_config
+    from fedsilo.errors import ConfigError
+    from fedsilo.strategies import STRATEGIES, Strategy
+
+    if "test_median" not in STRATEGIES:
+        @STRATEGIES.register("test_median")
+        class Median(Strategy):  # needs every update: cannot run on an encrypted sum
+            name = "test_median"
+            linear = False
+
+            @dataclasses.dataclass(frozen=True)
+            class Options:
+                pass
+
+    assert load_config(None, overrides=["strategy.name=test_median"]).strategy.name == "test_median"
+    with pytest.raises(ConfigError, match="strategy 'test_median' needs each participant's update"):
+        load_config(None, overrides=["strategy.name=test_median", "he.enabled=true"])
+    assert load_config(None, overrides=["he.enabled=true", "he.keys=k"]).he.keys == "k"

@@ -8,7 +8,7 @@ import pytest
 MODULES = ["fedsilo.registry", "fedsilo.config", "fedsilo.aggregate", "fedsilo.metrics",
            "fedsilo.partition", "fedsilo.shards.hdf5", "data_prep.synthetic",
            "fedsilo.privacy.accounting", "fedsilo.privacy.budget", "fedsilo.privacy.validate",
-           "fedsilo.privacy.userlevel"]
+           "fedsilo.privacy.userlevel", "fedsilo.crypto.params"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -11,6 +11,9 @@ from mpi4py import MPI
 from fedsilo.errors import AgreedError, FedsiloError
 
 COORDINATOR = 0
+#: the participant at the root of the encrypted reduction: it decrypts the sum
+AGGREGATOR = 1
+_TAG_TREE, _TAG_RELAY = 17, 18
 
 
 class World:
@@ -67,6 +70,56 @@ class World:
                              root=COORDINATOR)
         else:
             self.comm.Reduce([buffer, MPI.FLOAT], None, op=MPI.SUM, root=COORDINATOR)
+
+    # -- encrypted aggregation -------------------------------------------------------
+
+    def reduce_participants(self, payload: bytes | None, *, codec: Any) -> Any:
+        """Sum the participants' serialized ciphertexts with a binomial tree over ranks 1..P.
+
+        ``codec`` gives ``from_bytes``, ``add_into`` and ``to_bytes``: ciphertext addition is
+        the reduction operator.  Each participant sends one message (its partial sum) and
+        receives at most log2(P), so no rank ever holds more than two sums at once; the
+        coordinator takes no part.  Returns the total (a codec object) on
+        :data:`AGGREGATOR`, None elsewhere.  Waiting ranks sleep instead of spinning.
+        """
+        if self.is_coordinator:
+            return None
+        index, count = self.rank - AGGREGATOR, self.num_participants
+        total = None
+        step = 1
+        while step < count:
+            if index % (2 * step) == step:  # hand the partial sum up the tree, done
+                data = payload if total is None else codec.to_bytes(total)
+                self.comm.Send([np.frombuffer(data, dtype=np.uint8), MPI.BYTE],
+                               dest=index - step + AGGREGATOR, tag=_TAG_TREE)
+                return None
+            if index + step < count:
+                source = index + step + AGGREGATOR
+                status = MPI.Status()
+                while not self.comm.Iprobe(source=source, tag=_TAG_TREE, status=status):
+                    time.sleep(self.poll_s)
+                buffer = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
+                self.comm.Recv([buffer, MPI.BYTE], source=source, tag=_TAG_TREE)
+                if total is None:
+                    total = codec.from_bytes(payload)
+                total = codec.add_into(total, codec.from_bytes(memoryview(buffer)))
+                del buffer
+            step *= 2
+        return total if total is not None else codec.from_bytes(payload)
+
+    def relay_to_coordinator(self, buffer: np.ndarray, info: Any = None) -> Any:
+        """Send :data:`AGGREGATOR`'s float32 ``buffer`` (and small ``info``) into the
+        coordinator's ``buffer``; returns ``info`` on the coordinator, None elsewhere."""
+        buffer = _check_f32(buffer)
+        if self.rank == AGGREGATOR:
+            self.comm.Send([buffer, MPI.FLOAT], dest=COORDINATOR, tag=_TAG_RELAY)
+            self.comm.send(info, dest=COORDINATOR, tag=_TAG_RELAY)
+        elif self.is_coordinator:
+            request = self.comm.Irecv([buffer, MPI.FLOAT], source=AGGREGATOR, tag=_TAG_RELAY)
+            while not request.Test():
+                time.sleep(self.poll_s)
+            return self.comm.recv(source=AGGREGATOR, tag=_TAG_RELAY)
+        return None
 
     # -- synchronisation ---------------------------------------------------------------
 

@@ -1,0 +1,214 @@
+"""CKKS with TenSEAL: key files, and the codec that encrypts, adds and decrypts updates.
+
+The only module of fedsilo that imports TenSEAL.  The design follows NVIDIA FLARE's
+(one key set shared by the participants, a coordinator context without the secret key,
+pre-weighted updates so that the encrypted sum is the weighted average) with parameters
+chosen for additions only (see :mod:`fedsilo.crypto.params`).
+
+Key files (written by ``fedsilo keys``) are one header line ``FEDSILO-CKKS 1 {json}`` (kind,
+parameters, key id) followed by TenSEAL's serialized context:
+
+- ``participant.key`` (mode 0600): the context *with* the secret key, for participants only;
+- ``coordinator.ctx``: the same parameters without any key: it can add ciphertexts, it
+  cannot decrypt.  The coordinator opens only this file and refuses one holding a secret key;
+- ``params.json``: the parameters and key id, for people.
+
+Participants encrypt with the secret key (SEAL's symmetric encryption: they all hold it
+anyway, it is faster, and no public key needs to exist).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import tenseal as ts
+
+from fedsilo.crypto.params import CKKSParams, validate
+from fedsilo.errors import KeyFileError
+
+PARTICIPANT_FILE = "participant.key"
+COORDINATOR_FILE = "coordinator.ctx"
+PARAMS_FILE = "params.json"
+_MAGIC = b"FEDSILO-CKKS 1 "
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """A loaded key file: TenSEAL context, its parameters and identity."""
+
+    context: Any  # tenseal.Context
+    params: CKKSParams
+    key_id: str
+    kind: str  # "participant" or "coordinator"
+    #: sha256 of the participant key material (participants compare theirs); None otherwise
+    fingerprint: str | None
+
+    @property
+    def is_private(self) -> bool:
+        return bool(self.context.is_private())
+
+    def summary(self) -> dict[str, Any]:
+        """What a rank tells the others about its keys (never key material)."""
+        return {"kind": self.kind, "key_id": self.key_id, "params": self.params.to_dict(),
+                "fingerprint": self.fingerprint}
+
+
+def make_context(params: CKKSParams, *, num_threads: int = 1) -> Any:
+    context = ts.context(ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree,
+                         coeff_mod_bit_sizes=params.coeff_mod_bit_sizes,
+                         encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC, n_threads=num_threads)
+    context.global_scale = 2.0 ** params.scale_bits
+    return context
+
+
+def generate_keys(out_dir: str | Path, params: CKKSParams, *, num_participants: int) -> dict[str, Path]:
+    """Write a new key set into ``out_dir``; refuses to overwrite an existing one."""
+    validate(params, num_participants=num_participants)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"participant": out / PARTICIPANT_FILE, "coordinator": out / COORDINATOR_FILE,
+             "params": out / PARAMS_FILE}
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing:
+        raise KeyFileError(f"{', '.join(existing)} already exist; a new key set would orphan "
+                           f"the old one: choose another --out or remove them")
+    context = make_context(params)
+    key_id = secrets.token_hex(16)
+    secret = context.serialize(save_public_key=False, save_secret_key=True,
+                               save_galois_keys=False, save_relin_keys=False)
+    public = context.serialize(save_public_key=False, save_secret_key=False,
+                               save_galois_keys=False, save_relin_keys=False)
+    header = {"params": params.to_dict(), "key_id": key_id}
+    _write(paths["participant"], {**header, "kind": "participant"}, secret, mode=0o600)
+    _write(paths["coordinator"], {**header, "kind": "coordinator"}, public, mode=0o644)
+    info = {**header, "max_participants": params.max_participants(),
+            "error_bound_per_value": {str(p): params.error_bound(p) for p in (2, 4, 16)},
+            "max_abs": params.max_abs, "bytes_per_parameter_max": 4 * params.data_bits / 8,
+            "security": "128-bit classical, HE standard 2018",
+            "files": {"participant": PARTICIPANT_FILE, "coordinator": COORDINATOR_FILE}}
+    paths["params"].write_text(json.dumps(info, indent=2) + "\n")
+    return paths
+
+
+def _write(path: Path, header: dict[str, Any], body: bytes, *, mode: int) -> None:
+    # created with its final mode: the secret key is never readable by others, even briefly
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(_MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + body)
+    os.chmod(path, mode)
+
+
+def _read(path: Path) -> tuple[dict[str, Any], bytes]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(f"encryption key file {path} does not exist; create a key set with "
+                           f"'fedsilo keys --out DIR' and set he.keys=DIR") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read encryption key file {path}: {exc.strerror}") from None
+    line, _, body = data.partition(b"\n")
+    if not line.startswith(_MAGIC):
+        raise KeyFileError(f"{path} is not a fedsilo key file (written by 'fedsilo keys')")
+    try:
+        header = json.loads(line[len(_MAGIC):])
+    except ValueError:
+        raise KeyFileError(f"{path}: corrupt key file header") from None
+    return header, body
+
+
+def load_keys(path: str | Path, *, expect: str, num_threads: int = 1) -> KeySet:
+    """Load a key file of kind ``expect`` ("participant" or "coordinator") and check it."""
+    path = Path(path)
+    header, body = _read(path)
+    if header.get("kind") != expect:
+        raise KeyFileError(f"{path} is a {header.get('kind')} key file, expected a {expect} one")
+    params = CKKSParams.from_dict(header.get("params", {}))
+    try:
+        context = ts.context_from(body, n_threads=max(1, num_threads))
+    except Exception as exc:  # noqa: BLE001 - TenSEAL raises bare exceptions on bad protobufs
+        raise KeyFileError(f"{path}: corrupt TenSEAL context ({exc})") from None
+    actual = _context_params(context, scale=context.global_scale)
+    if actual != params:
+        raise KeyFileError(f"{path}: the context's parameters {actual.to_dict()} do not match "
+                           f"those recorded in its header {params.to_dict()}")
+    private = context.is_private()
+    if expect == "coordinator" and private:
+        raise KeyFileError(f"{path} holds the secret key: the coordinator must be given the "
+                           f"public context ({COORDINATOR_FILE}) only, never the participant key")
+    if expect == "participant" and not private:
+        raise KeyFileError(f"{path} holds no secret key; participants need {PARTICIPANT_FILE}")
+    fingerprint = hashlib.sha256(body).hexdigest() if expect == "participant" else None
+    return KeySet(context=context, params=params, key_id=str(header.get("key_id")), kind=expect,
+                  fingerprint=fingerprint)
+
+
+def _context_params(context: Any, *, scale: float) -> CKKSParams:
+    seal = context.seal_context().data
+    key_bits = int(seal.key_context_data().total_coeff_modulus_bit_count())
+    data_bits = int(seal.first_context_data().total_coeff_modulus_bit_count())
+    if key_bits != 2 * data_bits:  # not the [q, q] chain fedsilo writes
+        data_bits = -data_bits
+    return CKKSParams(poly_modulus_degree=int(seal.key_context_data().parms().poly_modulus_degree()),
+                      data_bits=data_bits, scale_bits=int(round(np.log2(scale))))
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Silence TenSEAL's C++ warning that a vector spans several ciphertexts (it does, by
+    design: only additions are needed), printed to file descriptor 1 on every encryption."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+class CKKSCodec:
+    """Encrypts float32 vectors into packed CKKS ciphertexts, adds and decrypts them.
+
+    Ciphertexts are TenSEAL ``CKKSVector`` objects: one vector of any length, packed N/2
+    values per ciphertext and encrypted on the context's threads.
+    """
+
+    name = "ckks"
+
+    def __init__(self, keys: KeySet) -> None:
+        self.keys, self.context = keys, keys.context
+
+    def encrypt(self, vector: np.ndarray) -> Any:
+        if not self.keys.is_private:
+            raise KeyFileError("encryption needs the participant key")
+        with _quiet_stdout():
+            return ts.ckks_vector(self.context, vector)
+
+    def to_bytes(self, ciphertext: Any) -> bytes:
+        return ciphertext.serialize()
+
+    def from_bytes(self, data: bytes | memoryview) -> Any:
+        return ts.ckks_vector_from(self.context, bytes(data))
+
+    def add_into(self, total: Any, other: Any) -> Any:
+        total.add_(other)
+        return total
+
+    def decrypt_into(self, ciphertext: Any, out: np.ndarray) -> np.ndarray:
+        """Decrypt into the float32 buffer ``out`` (raises without the secret key)."""
+        values = ciphertext.decrypt()
+        if len(values) != out.size:
+            raise KeyFileError(f"decrypted {len(values)} values, expected {out.size}")
+        out[:] = np.asarray(values, dtype=np.float64)
+        return out
