@@ -14,8 +14,9 @@ Methods:
   mixed       fedsilo mixed ghost clipping (ghost or explicit norm per layer, Bu et al.
               2022; src/fedsilo/privacy/ghost.py), reweighted second backward, noise
 
-Peak memory: each method is run again alone in a child process, and its peak RSS growth
-(CPU) or ``torch.cuda.max_memory_allocated`` (GPU) is reported.
+Peak memory: each method is run again alone (3 steps) in a child process; reported is the
+peak growth of its resident set over the steps, sampled from /proc every 0.5 ms (CPU), or
+``torch.cuda.max_memory_allocated`` (GPU).
 
     python benchmarks/bench_dp_step.py --models small_cnn resnet18 --out results/dp-step.json
 """
@@ -160,10 +161,28 @@ def _child_peak(name: str, method: str, batch: int, device: str) -> float:
         for _ in range(3):
             step(x, y)
         return torch.cuda.max_memory_allocated() / 2**20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is useless here (importing torch peaks higher than a step): sample the
+    # resident set from /proc while the steps run, relative to just before them
+    import threading
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+
+    base, peak, done = rss_mb(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     for _ in range(3):
         step(x, y)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    done.set()
+    sampler.join()
+    return max(peak[0], rss_mb()) - base
 
 
 def main(argv=None) -> int:
