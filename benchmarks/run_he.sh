@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PneumoniaMNIST with and without encrypted aggregation, side by side (benchmarks/RESULTS-he.md).
+# PneumoniaMNIST with and without encrypted aggregation, side by side (benchmarks/RESULTS.md).
 #
 #   benchmarks/run_he.sh MODEL ROUNDS SHARDS RUNS
 #
