@@ -65,7 +65,8 @@ def test_server_learning_rate_scales_the_step():
 
 
 def test_unknown_strategy_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="unknown strategy 'fedmagic'; known: fedavg"):
+    with pytest.raises(ConfigError, match="unknown strategy 'fedmagic'; known: fedadagrad, "
+                                          "fedadam, fedavg, fedavgm, fedprox, fedyogi, median"):
         STRATEGIES.get("fedmagic")
 
 

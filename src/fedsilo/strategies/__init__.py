@@ -1,7 +1,14 @@
 """Server strategies, by name.  Aggregation maths lives in :mod:`fedsilo.aggregate`."""
 
 from fedsilo.strategies.base import STRATEGIES, Strategy
-from fedsilo.strategies import fedavg as _fedavg  # noqa: F401  (registers)
+from fedsilo.strategies import (  # noqa: F401  (each module registers its strategies)
+    fedavg as _fedavg,
+    fedavgm as _fedavgm,
+    fedopt as _fedopt,
+    fedprox as _fedprox,
+    robust as _robust,
+    scaffold as _scaffold,
+)
 
 __all__ = ["STRATEGIES", "Strategy", "build_strategy"]
 

@@ -1,19 +1,17 @@
 """FedAvg (McMahan et al., AISTATS 2017), with an optional server learning rate.
 
 With ``server_lr = 1`` the new global model is exactly the sample-weighted average of the
-participants' models.
+participants' models: ``w + Σ_k p_k (w_k − w)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
 
 import numpy as np
 
-from fedsilo.aggregate import fedavg_weights
-from fedsilo.errors import ConfigError
-from fedsilo.strategies.base import STRATEGIES, Strategy
+from fedsilo.aggregate import add_scaled
+from fedsilo.strategies.base import STRATEGIES, Strategy, check_server_lr
 
 
 @STRATEGIES.register("fedavg")
@@ -25,14 +23,8 @@ class FedAvg(Strategy):
         server_lr: float = 1.0
 
         def __post_init__(self) -> None:
-            if not self.server_lr > 0:
-                raise ConfigError(f"config key 'strategy.server_lr' must be > 0, got {self.server_lr}")
-
-    def client_weights(self, num_samples: Mapping[int, int]) -> dict[int, float]:
-        return fedavg_weights(num_samples)
+            check_server_lr(self.server_lr)
 
     def server_step(self, weights: np.ndarray, aggregate: np.ndarray, *,
-                    out: np.ndarray | None = None) -> np.ndarray:
-        step = aggregate if self.options.server_lr == 1.0 \
-            else np.float32(self.options.server_lr) * aggregate
-        return np.add(weights, step, out=out)
+                    out: np.ndarray | None = None, fraction: float = 1.0) -> np.ndarray:
+        return add_scaled(weights, aggregate, scale=self.options.server_lr, out=out)
