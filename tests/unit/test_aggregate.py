@@ -4,7 +4,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fedsilo.aggregate import count_nonfinite, fedavg_weights, weighted_sum
+from fedsilo.aggregate import (_BLOCK, adaptive_server_step, add_scaled, coordinate_median,
+                               count_nonfinite, fedavg_weights, momentum_step, num_trimmed,
+                               trimmed_mean, weighted_sum)
 from fedsilo.errors import ConfigError, UpdateError
 from fedsilo.strategies import STRATEGIES, build_strategy
 
@@ -80,3 +82,58 @@ def test_count_nonfinite():
     assert count_nonfinite(v) == 0
     v[3], v[7] = np.nan, np.inf
     assert count_nonfinite(v) == 2
+
+
+# -- the block-wise server steps against whole-vector numpy --------------------------------
+
+LONG = 3 * _BLOCK + 5  # several blocks and a ragged last one
+
+
+def _random(*shape, seed):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("rule", ["adagrad", "adam", "yogi"])
+def test_adaptive_step_equals_the_whole_vector_formula(rule):
+    w, delta, m0 = _random(LONG, seed=1), _random(LONG, seed=2), _random(LONG, seed=3)
+    v0 = np.abs(_random(LONG, seed=4))
+    b1, b2, eta, tau = np.float32(0.9), np.float32(0.99), np.float32(0.01), np.float32(1e-3)
+    m, v = m0.copy(), v0.copy()
+    out = adaptive_server_step(w, delta, m, v, rule=rule, lr=0.01, beta1=0.9, beta2=0.99,
+                               tau=1e-3)
+    m_ref = b1 * m0 + np.float32(1 - 0.9) * delta
+    square = delta * delta
+    v_ref = {"adagrad": v0 + square,
+             "adam": b2 * v0 + np.float32(1 - 0.99) * square,
+             "yogi": v0 - np.float32(1 - 0.99) * square * np.sign(v0 - square)}[rule]
+    w_ref = w + eta * (m_ref / (np.sqrt(v_ref) + tau))
+    np.testing.assert_allclose(m, m_ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out, w_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_momentum_and_scaled_steps_equal_the_whole_vector_formula():
+    w, delta, v = _random(LONG, seed=5), _random(LONG, seed=6), _random(LONG, seed=7)
+    v_ref = np.float32(0.9) * v + delta
+    out = momentum_step(w, delta, v, lr=0.5, momentum=0.9)
+    np.testing.assert_array_equal(v, v_ref)
+    np.testing.assert_array_equal(out, w + np.float32(0.5) * v_ref)
+    np.testing.assert_array_equal(add_scaled(w, delta, scale=0.3), w + np.float32(0.3) * delta)
+    np.testing.assert_array_equal(add_scaled(w, delta, out=w.copy()), w + delta)
+    with pytest.raises(ValueError, match="update has shape"):
+        add_scaled(w, delta[:-1])
+
+
+def test_robust_aggregates_equal_the_whole_stack_formula():
+    updates = _random(5, LONG, seed=8)
+    np.testing.assert_array_equal(coordinate_median(updates), np.median(updates, axis=0))
+    kept = np.sort(updates, axis=0)[1:4]
+    np.testing.assert_array_equal(trimmed_mean(updates, 0.2),
+                                  kept.mean(axis=0, dtype=np.float64).astype(np.float32))
+
+
+def test_num_trimmed():
+    assert [num_trimmed(k, 0.2) for k in (1, 4, 5, 9, 10)] == [0, 0, 1, 1, 2]
+    assert num_trimmed(100, 0.29) == 29 and num_trimmed(10, 0.0) == 0
+    with pytest.raises(ValueError, match="trim"):
+        num_trimmed(5, 0.6)
