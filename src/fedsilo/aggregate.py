@@ -111,7 +111,7 @@ def add_scaled(weights: np.ndarray, update: np.ndarray, *, scale: float = 1.0,
     out = _output(weights, out)
     if scale == 1.0:
         return np.add(weights, update, out=out)
-    factor = np.asarray(scale, dtype=update.dtype)
+    factor = np.float32(scale)
     for block in _blocks(weights.size):
         np.add(weights[block], factor * update[block], out=out[block])
     return out

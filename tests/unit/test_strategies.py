@@ -204,7 +204,8 @@ positive = st.floats(2.0 ** -10, 100, width=32)
 
 
 @settings(max_examples=40, deadline=None)
-@given(arrays(np.float32, 6, elements=positive), arrays(np.float32, 6, elements=st.floats(-10, 10, width=32)),
+@given(arrays(np.float32, 6, elements=positive),
+       arrays(np.float32, 6, elements=st.floats(-10, 10, width=32)),
        st.integers(0, 999).map(lambda k: k / 1000))
 def test_yogi_and_adam_differ_as_the_formula_says(v0, delta, beta2):
     """Adam moves v towards Δ² multiplicatively; Yogi by the additive step (1 − β2) Δ²."""
@@ -252,7 +253,8 @@ def test_robust_aggregates_are_permutation_invariant_and_within_range(updates, n
     np.testing.assert_allclose(a, strategy.combine(updates[order], [1] * len(updates)),
                                rtol=1e-6, atol=1e-30)
     tolerance = 1e-3 * (1 + np.abs(updates).max(axis=0))
-    assert np.all(a >= updates.min(axis=0) - tolerance) and np.all(a <= updates.max(axis=0) + tolerance)
+    assert np.all(a >= updates.min(axis=0) - tolerance)
+    assert np.all(a <= updates.max(axis=0) + tolerance)
 
 
 def test_median_resists_one_huge_outlier_among_five():
