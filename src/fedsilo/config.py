@@ -9,7 +9,7 @@ themselves; unknown keys and ill-typed values fail with the key's dotted path.
 >>> load_config(None, overrides=["train.epochz=2"])
 Traceback (most recent call last):
 ...
-fedsilo.errors.ConfigError: unknown config key 'train.epochz'; known keys of 'train': batch_size, epochs, lr, lr_decay, max_steps, momentum, optimizer, weight_decay
+fedsilo.errors.ConfigError: unknown config key 'train.epochz'; known keys of 'train': batch_size, epochs, lr, lr_decay, max_steps, momentum, normalize_steps, optimizer, round_deadline_s, weight_decay
 """
 
 from __future__ import annotations
@@ -67,6 +67,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     #: cap on local steps per round (None: whole epochs)
     max_steps: int | None = None
+    #: stragglers: a participant still training this many seconds after it received the
+    #: round's weights stops at its next step and contributes the steps it completed,
+    #: weighted by the fraction of its planned steps (None: no deadline)
+    round_deadline_s: float | None = None
+    #: FedNova-style normalization (Wang et al. 2020): each update is divided by its number
+    #: of local steps and the aggregate rescaled by the weighted mean step count
+    normalize_steps: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -76,6 +83,8 @@ class TrainConfig:
         _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _check(self.round_deadline_s is None or self.round_deadline_s > 0,
+               "train.round_deadline_s", "must be > 0 (or null for no deadline)")
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,21 @@ class StrategyConfig:
         from fedsilo.strategies import STRATEGIES
 
         STRATEGIES.get(self.name).validate_options(self.options)
+
+
+@dataclass(frozen=True)
+class ParticipationConfig:
+    """Partial participation: each round trains ``max(min, ceil(fraction · n))`` of the n
+    sites still in the federation, sampled without replacement from (seed, round)."""
+
+    fraction: float = 1.0
+    min: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(0 < self.fraction <= 1, "participation.fraction", "must be in (0, 1]")
+        _check(self.min >= 1, "participation.min", "must be >= 1")
+        _check(self.seed >= 0, "participation.seed", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -122,6 +146,10 @@ class RuntimeConfig:
     threads: int = 0
     #: progress bar on rank 0: auto (only on a TTY), on, off
     progress: Literal["auto", "on", "off"] = "auto"
+    #: precision of the summed updates on the wire.  float64 makes the sum exact in practice,
+    #: so results do not depend on how sites are placed on ranks or on the Reduce's
+    #: grouping (docs/strategies.md); float32 halves the bytes of the Reduce
+    reduce_dtype: Literal["float32", "float64"] = "float32"
 
     def __post_init__(self) -> None:
         _check(self.threads >= 0, "runtime.threads", "must be >= 0")
@@ -253,6 +281,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    participation: ParticipationConfig = field(default_factory=ParticipationConfig)
+    #: a participant whose round fails with a foreseeable error (a data error, a non-finite
+    #: update): abort the job, or skip it (the round aggregates the others; metrics say why)
+    on_participant_error: Literal["abort", "skip"] = "abort"
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -262,10 +294,20 @@ class Config:
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "rounds", "must be >= 1")
         _check(self.seed >= 0, "seed", "must be >= 0")
-        if self.he.enabled:
-            from fedsilo.strategies import STRATEGIES
+        from fedsilo.strategies import STRATEGIES
 
-            if not STRATEGIES.get(self.strategy.name).linear:
+        strategy = STRATEGIES.get(self.strategy.name)
+        if self.dp.user.enabled and not strategy.linear:
+            raise ConfigError(
+                f"strategy {self.strategy.name!r} combines updates non-linearly, but "
+                f"dp.user (DP-FedAvg) bounds a weighted sum's sensitivity; use a linear "
+                f"strategy with dp.user, or turn dp.user off")
+        if getattr(strategy, "control_variates", False) and self.train.optimizer != "sgd":
+            raise ConfigError(
+                f"strategy {self.strategy.name!r} estimates control variates from SGD steps "
+                f"(option II of Karimireddy et al.); set train.optimizer=sgd")
+        if self.he.enabled:
+            if not strategy.linear:
                 raise ConfigError(
                     f"strategy {self.strategy.name!r} needs each participant's update, but "
                     f"he.enabled=true sums encrypted updates without decrypting them; use a "

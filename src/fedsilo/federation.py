@@ -7,6 +7,9 @@ and a participant is only the local work between collectives (``roles.py``)::
     quiet barrier · plan (bcast) · weights (Bcast) · local training · quiet barrier ·
     reports + errors (allgather) · weighted updates (Reduce) · server step, eval, checkpoint
 
+The weights and the Reduce go only to the ranks that have a site sampled in the round
+(partial participation; a sub-communicator, ``World.subset``); non-linear strategies
+gather every update instead of reducing (``World.gather_rows``).
 Foreseeable errors are agreed at fixed points (configuration, data, each round's reports),
 so every rank stops with the same message; anything else aborts the job (``fedsilo.comm``).
 """
@@ -107,8 +110,13 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> boo
                         "last complete checkpoint (exit status %d asks for a requeue)",
                         round_index, EXIT_PREEMPTED)
             return False
-        with timer("broadcast"):
-            world.bcast_weights(role.global_weights)
+        # the ranks with a site sampled this round; the others idle until the next gather
+        team = world.subset(plan["ranks"])
+        if team is not None:
+            with timer("broadcast"):
+                team.bcast_weights(role.global_weights)
+                if role.global_control is not None:  # SCAFFOLD's server control variate
+                    team.bcast_weights(role.global_control)
         report, error = role.local_round(plan)
         with timer("local"):
             world.quiet_barrier()
@@ -116,11 +124,19 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> boo
             gathered = world.agree_gather((report, stop.requested), error,
                                           stage=f"round {round_index}")
         stop_seen = any(flag for _, flag in gathered)
-        with timer("aggregate"):
-            if config.he.enabled:
-                _encrypted_sum(world, role)
-            else:
-                world.reduce_sum(role.reduce_buffer)
+        if team is not None:
+            with timer("aggregate"):
+                if config.he.enabled:
+                    _encrypted_sum(team, role)
+                elif role.strategy.linear:
+                    team.reduce_sum(role.reduce_buffer)
+                else:
+                    # every contributing update, in site order (ranks hold contiguous sites)
+                    counts = [0] + [sum(r["contributed"] for r in gathered[rank][0]["sites"])
+                                    for rank in plan["ranks"]]
+                    rows = team.gather_rows(role.rows, counts, role.layout.numel)
+                    if world.is_coordinator:
+                        role.rows = rows
         role.finish_round(plan, [r for r, _ in gathered], timer)
 
     world.quiet_barrier()
@@ -224,12 +240,12 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
     config = replace(config, data=replace(config.data, dir=str(data_dir)),
                      he=replace(config.he, keys=str(Path(config.he.keys).expanduser().resolve())))
     manifest = load_manifest(data_dir)
-    if manifest.num_sites != world.num_participants:
+    if manifest.num_sites < world.num_participants:
         raise CommunicationError(
-            f"the shard set {data_dir} has {manifest.num_sites} sites, so the job needs "
-            f"{manifest.num_sites + 1} MPI ranks (1 coordinator + {manifest.num_sites} "
-            f"participants), but it was started with {world.size}; use "
-            f"'mpirun -n {manifest.num_sites + 1} ...'")
+            f"the shard set {data_dir} has {manifest.num_sites} sites, so the job needs at "
+            f"most {manifest.num_sites + 1} MPI ranks (1 coordinator + 1 to "
+            f"{manifest.num_sites} participants, each training one or more sites), but it "
+            f"was started with {world.size}; use 'mpirun -n {manifest.num_sites + 1} ...'")
     unknown_sites = [k for k in config.dp.sites if k >= manifest.num_sites]
     if unknown_sites:
         raise ConfigError(f"config key 'dp.sites' overrides site(s) {unknown_sites}, but the "

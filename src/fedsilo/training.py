@@ -67,9 +67,20 @@ def round_seed(seed: int, round_index: int, site: int) -> int:
                >> np.uint64(1))
 
 
+def planned_steps(num_samples: int, config: TrainConfig) -> int:
+    """Local steps of a full round of :func:`train_local` on ``num_samples`` samples."""
+    steps = config.epochs * -(-num_samples // config.batch_size)
+    return steps if config.max_steps is None else min(steps, config.max_steps)
+
+
 def train_local(model: nn.Module, data: TensorSplit, *, config: TrainConfig,
-                optimizer: torch.optim.Optimizer, generator: torch.Generator) -> LocalStats:
-    """Run ``config.epochs`` epochs (or ``config.max_steps`` steps) of minibatch training."""
+                optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                deadline: float | None = None) -> LocalStats:
+    """Run ``config.epochs`` epochs (or ``config.max_steps`` steps) of minibatch training.
+
+    ``deadline`` (a ``time.perf_counter()`` value): stop before the first step that would
+    begin after it; the stats say how many steps were done.
+    """
     start = time.perf_counter()
     model.train()
     loss_fn = nn.CrossEntropyLoss()
@@ -78,6 +89,8 @@ def train_local(model: nn.Module, data: TensorSplit, *, config: TrainConfig,
         order = torch.randperm(len(data), generator=generator).to(data.labels.device)
         for begin in range(0, len(data), config.batch_size):
             if config.max_steps is not None and steps >= config.max_steps:
+                break
+            if deadline is not None and time.perf_counter() >= deadline:
                 break
             index = order[begin: begin + config.batch_size]
             optimizer.zero_grad(set_to_none=True)

@@ -3,6 +3,9 @@
 FEDSILO_TEST_FAULT=KIND:RANK:CALL makes the CALL-th local training on RANK fail:
   raise  - raise an unexpected RuntimeError (a bug)
   exit   - the process dies at once with status 3 (a crash: OOM kill, segfault)
+  data   - raise a DataError (a foreseeable, recoverable error: a bad batch)
+  nan    - train, then poison one weight with NaN (a non-finite update)
+  dpdata - under DP: the CALL-th DP-SGD *step* on RANK raises a DataError, mid-round
 """
 
 import os
@@ -12,19 +15,44 @@ from mpi4py import MPI
 
 kind, rank, call = os.environ["FEDSILO_TEST_FAULT"].split(":")
 if MPI.COMM_WORLD.Get_rank() == int(rank):
+    import torch
+
     import fedsilo.roles as roles
+    from fedsilo.errors import DataError
 
-    original, calls = roles.train_local, [0]
+    calls = [0]
 
-    def faulty(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == int(call):
-            if kind == "exit":
-                os._exit(3)
-            raise RuntimeError("injected failure in local training")
-        return original(*args, **kwargs)
+    if kind == "dpdata":
+        from fedsilo.privacy.engine import ParticipantPrivacy
 
-    roles.train_local = faulty
+        original_step = ParticipantPrivacy._step
+
+        def faulty_step(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == int(call):
+                raise DataError("injected unreadable batch in DP-SGD")
+            return original_step(self, *args, **kwargs)
+
+        ParticipantPrivacy._step = faulty_step
+    else:
+        original = roles.train_local
+
+        def faulty(model, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == int(call):
+                if kind == "exit":
+                    os._exit(3)
+                if kind == "data":
+                    raise DataError("injected unreadable batch")
+                if kind == "raise":
+                    raise RuntimeError("injected failure in local training")
+            stats = original(model, *args, **kwargs)
+            if calls[0] == int(call) and kind == "nan":
+                with torch.no_grad():
+                    next(model.parameters()).view(-1)[0] = float("nan")
+            return stats
+
+        roles.train_local = faulty
 
 from fedsilo.cli import main  # noqa: E402
 

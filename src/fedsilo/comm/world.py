@@ -19,16 +19,44 @@ _TAG_TREE, _TAG_RELAY = 17, 18
 class World:
     """Rank 0 coordinates; ranks 1..P are participants (participant k is rank k)."""
 
-    def __init__(self, comm: "MPI.Comm | None" = None, *, poll_s: float = 0.001) -> None:
-        self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
+    #: sub-communicators kept for reuse (partial participation repeats few rank sets)
+    SUBSETS_KEPT = 8
+
+    def __init__(self, comm: "MPI.Comm | None" = None, *, poll_s: float = 0.001,
+                 _dup: bool = True) -> None:
+        base = comm if comm is not None else MPI.COMM_WORLD
+        self.comm = base.Dup() if _dup else base
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.poll_s = poll_s
         self._zeros: np.ndarray | None = None  # the coordinator's contribution to reduce_sum
+        self._subsets: dict[tuple[int, ...], "World | None"] = {}
         shared = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = shared.Get_rank()
         self.local_size = shared.Get_size()
         shared.Free()
+
+    def subset(self, ranks: Sequence[int]) -> "World | None":
+        """The coordinator and participant ``ranks`` as a World of their own (ranks keep
+        their order; the coordinator is rank 0 there), or None on a rank outside it.
+
+        Collective over this World the first time a set is asked for (every rank must ask
+        for the same sets in the same order, which the broadcast round plan guarantees);
+        a set seen before is reused without communication.  The whole job is ``self``.
+        """
+        key = tuple(sorted(set(ranks) - {COORDINATOR}))
+        if len(key) == self.size - 1:
+            return self
+        if key not in self._subsets:
+            if len(self._subsets) >= self.SUBSETS_KEPT:  # every rank evicts the same one
+                oldest = next(iter(self._subsets))
+                old = self._subsets.pop(oldest)
+                if old is not None:
+                    old.comm.Free()
+            member = self.rank == COORDINATOR or self.rank in key
+            comm = self.comm.Split(0 if member else MPI.UNDEFINED, key=self.rank)
+            self._subsets[key] = World(comm, poll_s=self.poll_s, _dup=False) if member else None
+        return self._subsets[key]
 
     @property
     def is_coordinator(self) -> bool:
@@ -53,7 +81,7 @@ class World:
         self.comm.Bcast([_check_f32(buffer), MPI.FLOAT], root=COORDINATOR)
 
     def reduce_sum(self, buffer: np.ndarray) -> None:
-        """Sum the participants' ``buffer`` into the coordinator's ``buffer``.
+        """Sum the participants' ``buffer`` (float32, or float64) into the coordinator's.
 
         One plain ``MPI_Reduce`` over the whole job (O(model) memory at rank 0, log P depth);
         the coordinator's own contribution is zero and its ``buffer`` is overwritten.  The
@@ -62,14 +90,47 @@ class World:
         temporary on every call, measured at 1.65x the bare Reduce for ResNet-18
         (benchmarks/RESULTS.md).
         """
-        buffer = _check_f32(buffer)
+        if buffer.dtype not in (np.float32, np.float64) or not buffer.flags.c_contiguous:
+            raise TypeError("updates must travel as one contiguous float32 or float64 buffer")
+        kind = MPI.FLOAT if buffer.dtype == np.float32 else MPI.DOUBLE
         if self.is_coordinator:
-            if self._zeros is None or self._zeros.size != buffer.size:
-                self._zeros = np.zeros(buffer.size, dtype=np.float32)
-            self.comm.Reduce([self._zeros, MPI.FLOAT], [buffer, MPI.FLOAT], op=MPI.SUM,
-                             root=COORDINATOR)
+            if self._zeros is None or self._zeros.size != buffer.size \
+                    or self._zeros.dtype != buffer.dtype:
+                self._zeros = np.zeros(buffer.size, dtype=buffer.dtype)
+            self.comm.Reduce([self._zeros, kind], [buffer, kind], op=MPI.SUM, root=COORDINATOR)
         else:
-            self.comm.Reduce([buffer, MPI.FLOAT], None, op=MPI.SUM, root=COORDINATOR)
+            self.comm.Reduce([buffer, kind], None, op=MPI.SUM, root=COORDINATOR)
+
+    def gather_rows(self, rows: np.ndarray | None, counts: Sequence[int],
+                    width: int) -> np.ndarray | None:
+        """Gather each participant's ``rows`` (a float32 ``counts[rank] x width`` array) at
+        the coordinator, in rank order: returns the ``sum(counts) x width`` array there,
+        None elsewhere.  For aggregators that need every update (median, trimmed mean).
+
+        A row travels as one derived datatype, so counts stay small whatever the width (a
+        ResNet-18 update alone is 11M floats; 200 of them overflow a 32-bit count).
+        """
+        counts = [int(c) for c in counts]
+        if len(counts) != self.size or counts[COORDINATOR] != 0:
+            raise ValueError(f"counts must give every rank's rows (the coordinator's 0), "
+                             f"got {counts}")
+        row = MPI.FLOAT.Create_contiguous(int(width)).Commit()
+        try:
+            if self.is_coordinator:
+                out = np.empty((sum(counts), width), dtype=np.float32)
+                displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+                empty = np.empty((0, width), dtype=np.float32)
+                self.comm.Gatherv([empty, 0, row], [out, (counts, displs), row],
+                                  root=COORDINATOR)
+                return out
+            if rows is None or rows.dtype != np.float32 or not rows.flags.c_contiguous \
+                    or rows.shape != (counts[self.rank], width):
+                raise TypeError(f"rank {self.rank} must send a contiguous float32 array of "
+                                f"shape ({counts[self.rank]}, {width})")
+            self.comm.Gatherv([rows, counts[self.rank], row], None, root=COORDINATOR)
+            return None
+        finally:
+            row.Free()
 
     # -- encrypted aggregation -------------------------------------------------------
 

@@ -43,7 +43,8 @@ class ParticipantPrivacy:
 
     def __init__(self, model: nn.Module, *, site: int, settings: SiteDP, mechanism: str,
                  num_samples: int, train: TrainConfig, rounds: int, model_name: str,
-                 sample: torch.Tensor, mode: str = "auto") -> None:
+                 sample: torch.Tensor, mode: str = "auto",
+                 shared: "ParticipantPrivacy | None" = None) -> None:
         check_model(model, name=model_name)
         self.site, self.settings, self.train_config = site, settings, train
         self.num_samples = num_samples
@@ -60,6 +61,11 @@ class ParticipantPrivacy:
         self.stopped_round: int | None = None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        if shared is not None:
+            # another site on this rank trains the same model object: share its per-sample
+            # machinery (hooks are attached once per model, never stacked)
+            self.mode, self.clipper, self.module = shared.mode, shared.clipper, shared.module
+            return
         if mode == "auto":
             mode = "mixed" if ghost.supports(model) else "hooks"
         if mode == "mixed" and not ghost.supports(model):
@@ -105,23 +111,33 @@ class ParticipantPrivacy:
     # -- training ---------------------------------------------------------------------
 
     def train_round(self, data: Any, *, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator) -> tuple[int, int, float, float]:
-        """One round of DP-SGD on ``data``; returns (steps, samples, mean loss, seconds)."""
+                    generator: torch.Generator, deadline: float | None = None
+                    ) -> tuple[int, int, float, float]:
+        """One round of DP-SGD on ``data``; returns (steps, samples, mean loss, seconds).
+
+        Stops early at ``deadline`` (a ``time.perf_counter()`` value).  Every step taken is
+        accounted, also when the round ends early or fails part-way (its update may then be
+        dropped, but the data was touched).
+        """
         start = time.perf_counter()
         self.module.train()
         device = data.labels.device
         noise_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(
             int(torch.randint(0, 2**62, (1,), generator=generator)))
-        samples, loss_sum = 0, 0.0
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NO_INPUT_GRAD)
-            for _ in range(self.steps_per_round):
-                samples, loss_sum = self._step(data, optimizer, generator, noise_generator,
-                                               samples, loss_sum)
-        self.accountant.spend(noise_multiplier=self.noise_multiplier,
-                              sample_rate=self.sample_rate, num_steps=self.steps_per_round)
-        return self.steps_per_round, samples, loss_sum / max(samples, 1), \
-            time.perf_counter() - start
+        samples, loss_sum, steps = 0, 0.0, 0
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_NO_INPUT_GRAD)
+                for _ in range(self.steps_per_round):
+                    if deadline is not None and time.perf_counter() >= deadline:
+                        break
+                    steps += 1  # counted before the step: a step that fails was still taken
+                    samples, loss_sum = self._step(data, optimizer, generator, noise_generator,
+                                                   samples, loss_sum)
+        finally:
+            self.accountant.spend(noise_multiplier=self.noise_multiplier,
+                                  sample_rate=self.sample_rate, num_steps=steps)
+        return steps, samples, loss_sum / max(samples, 1), time.perf_counter() - start
 
     def _step(self, data: Any, optimizer: torch.optim.Optimizer, generator: torch.Generator,
               noise_generator: torch.Generator, samples: int, loss_sum: float
