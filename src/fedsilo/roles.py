@@ -31,8 +31,8 @@ from fedsilo.rundir import RunDir, atomic_torch_save, dump_json, finite_json, lo
 from fedsilo.runtime import configure_threads, select_device
 from fedsilo.shards import Manifest, check_shard, read_shard
 from fedsilo.strategies import build_strategy
-from fedsilo.training import (LocalStats, TensorSplit, evaluate, make_optimizer,
-                              planned_steps, round_lr, round_seed, train_local)
+from fedsilo.training import (LocalStats, TensorSplit, evaluate, gradient_corrections,
+                              make_optimizer, planned_steps, round_lr, round_seed, train_local)
 from fedsilo.weights import WeightLayout
 
 log = logging.getLogger("fedsilo")
@@ -345,20 +345,7 @@ class Participant(_Role):
             drift = torch.from_numpy(self.global_control - site.control).to(self.device)
         if not mu and drift is None:
             return None
-        views = self._param_views
-        anchors = [p.detach().clone() for p, _, _ in views] if mu else None
-
-        def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
-            with torch.no_grad():
-                for i, (p, offset, numel) in enumerate(views):
-                    if p.grad is None:
-                        continue
-                    if mu:
-                        p.grad.add_(p - anchors[i], alpha=mu)
-                    if drift is not None:
-                        p.grad.add_(drift[offset: offset + numel].view_as(p))
-
-        return hook
+        return gradient_corrections(self._param_views, mu=mu, drift=drift)
 
     def _update(self, site: Site, round_index: int, stats: LocalStats, planned: int,
                 weight: float) -> tuple[float, float]:

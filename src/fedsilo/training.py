@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +60,31 @@ def make_optimizer(model: nn.Module, config: TrainConfig, *, round_index: int = 
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum,
                            weight_decay=config.weight_decay)
+
+
+def gradient_corrections(params: Sequence[tuple[torch.Tensor, int, int]], *, mu: float = 0.0,
+                         drift: torch.Tensor | None = None) -> Callable[..., None]:
+    """An optimizer step pre-hook that adds FedProx's μ(w − w⁰) (Li et al. 2020; w⁰ = the
+    weights when the hook is made, i.e. the round's global model) and SCAFFOLD's drift
+    correction c − c_k (Karimireddy et al. 2020; ``drift`` flat, indexed by each
+    parameter's ``(offset, numel)``) to every gradient just before the step.
+
+    It runs after DP-SGD has clipped and noised the gradient: both terms are functions of
+    public or already privatized quantities, so they cost no privacy and are not clipped.
+    """
+    anchors = [p.detach().clone() for p, _, _ in params] if mu else None
+
+    def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+        with torch.no_grad():
+            for i, (p, offset, numel) in enumerate(params):
+                if p.grad is None:
+                    continue
+                if mu:
+                    p.grad.add_(p - anchors[i], alpha=mu)
+                if drift is not None:
+                    p.grad.add_(drift[offset: offset + numel].view_as(p))
+
+    return hook
 
 
 def round_seed(seed: int, round_index: int, site: int) -> int:
