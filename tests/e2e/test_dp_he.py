@@ -39,8 +39,10 @@ def test_budget_stop_under_encryption_equals_plaintext(shards3: Path, keys: Path
     rows = rows_of(encrypted)
     for row in rows[2:]:  # site 1 sits out from round 3 ...
         assert set(row["participants"]) == {"0", "2"} and row["stopped"] == {"1": 3}
-        # ... yet every participant, site 1 included, sent one ciphertext into the tree
-        assert set(row["he"]["ciphertext_bytes"]) == {"0", "1", "2"}
+        # ... and, left out of the plan, its rank idles: no ciphertext, no weights
+        assert set(row["he"]["ciphertext_bytes"]) == {"0", "2"}
+        assert row["bytes"]["broadcast"] == 2 * 4 * sum(
+            t.numel() for t in torch.load(encrypted / "model.pt", weights_only=True).values())
     assert [r["epsilon"] for r in rows] == [r["epsilon"] for r in rows_of(plain)]
     a = torch.load(plain / "model.pt", weights_only=True)
     b = torch.load(encrypted / "model.pt", weights_only=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -66,10 +67,6 @@ def identical(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def max_diff(a: dict, b: dict) -> float:
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 # -- many sites per rank -----------------------------------------------------------------
 
 
@@ -81,10 +78,6 @@ def test_four_sites_on_two_ranks_equal_four_on_four(shards4, tmp_path):
     # each site trained in every round, on whichever rank
     assert all(set(r["participants"]) == {"0", "1", "2", "3"} for r in rows(tmp_path / "two"))
     assert "2 participants (4 sites)" in two.stderr
-    # the float32 wire rounds partial sums in a grouping that depends on the placement:
-    # equal to float32 precision, not to the bit
-    train(shards4, tmp_path / "two32", ranks=3)
-    assert max_diff(weights(tmp_path / "two32"), weights(tmp_path / "four")) < 1e-5
 
 
 # -- partial participation ---------------------------------------------------------------
@@ -182,21 +175,25 @@ def test_stateful_strategies_resume_bit_identically(shards4, tmp_path, strategy)
     """FedAdam's moments live in the coordinator's checkpoint, SCAFFOLD's control variates
     in the coordinator's (server c) and each site's (c_k) checkpoint."""
     extra = ("--set", f"strategy.name={strategy}", "--set", "train.momentum=0")
-    train(shards4, tmp_path / "straight", *extra, rounds=3)
-    train(shards4, tmp_path / "split", *extra, rounds=2)
-    resume(tmp_path / "split", "--set", "rounds=3")
-    assert identical(weights(tmp_path / "straight"), weights(tmp_path / "split"))
+    straight = tmp_path / "straight"
+    train(shards4, straight, *extra, rounds=3)
+    # the same run, stopped after round 2: round 3's checkpoint never completed
+    split = Path(shutil.copytree(straight, tmp_path / "split"))
+    shutil.rmtree(split / "checkpoints" / "round-0003")
+    (split / "model.pt").unlink()
+    resume(split)
+    assert identical(weights(straight), weights(split))
+    assert [r["round"] for r in rows(split)] == [1, 2, 3]
     if strategy == "scaffold":
         last = rows(tmp_path / "straight")[-1]
         numel = _numel(tmp_path / "straight")
         assert last["bytes"]["reduce"] == 2 * 2 * 4 * numel  # [Δw, Δc] from 2 ranks
 
 
-@pytest.mark.parametrize("strategy", ["median", "trimmed_mean"])
-def test_robust_strategies_gather_every_update(shards4, tmp_path, strategy):
-    run = tmp_path / strategy
-    extra = ("--set", "strategy.trim=0.25") if strategy == "trimmed_mean" else ()
-    train(shards4, run, "--set", f"strategy.name={strategy}", *extra, rounds=2)
+def test_robust_strategies_gather_every_update(shards4, tmp_path):
+    run = tmp_path / "trimmed"
+    train(shards4, run, "--set", "strategy.name=trimmed_mean", "--set", "strategy.trim=0.25",
+          rounds=2)
     for row in rows(run):
         assert row["bytes"]["reduce"] == 4 * 4 * _numel(run)  # 4 individual updates
         assert np.isfinite(row["loss"])
