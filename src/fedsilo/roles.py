@@ -32,7 +32,8 @@ from fedsilo.runtime import configure_threads, select_device
 from fedsilo.shards import Manifest, check_shard, read_shard
 from fedsilo.strategies import build_strategy
 from fedsilo.training import (LocalStats, TensorSplit, evaluate, gradient_corrections,
-                              make_optimizer, planned_steps, round_lr, round_seed, train_local)
+                              make_optimizer, planned_steps, round_lr, round_seed, sgd_travel,
+                              train_local)
 from fedsilo.weights import WeightLayout
 
 log = logging.getLogger("fedsilo")
@@ -369,10 +370,11 @@ class Participant(_Role):
         if self.codec is not None:
             self._check_encryptable(site, round_index, factor)
         if self.strategy.control_variates:
-            # option II: c_k+ = c_k − c + (w − w_k) / (K η), η the effective step size
+            # option II: c_k+ = c_k − c + (w − w_k) / (K η); K η generalized to SGD with
+            # momentum as the distance K steps travel per unit of constant gradient
             train = self.config.train
-            eta = round_lr(train, round_index) / (1.0 - train.momentum)
-            self._control_delta = -self.global_control - self.delta / np.float32(stats.steps * eta)
+            travel = sgd_travel(round_lr(train, round_index), train.momentum, stats.steps)
+            self._control_delta = -self.global_control - self.delta / np.float32(travel)
         return weight * factor, weight
 
     def _check_encryptable(self, site: Site, round_index: int, factor: float) -> None:

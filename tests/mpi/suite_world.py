@@ -32,6 +32,55 @@ def test_reduce_sum_adds_every_participant_at_the_coordinator() -> None:
                 assert np.array_equal(buffer, np.full(n, expected, dtype=np.float32)), buffer[:4]
 
 
+def test_reduce_sum_in_float64_is_exact_for_any_grouping() -> None:
+    # float32 values whose float32 sum depends on the order: float64 keeps every bit
+    values = np.array([1.0, 2.0 ** -24, 2.0 ** -24, -1.0], dtype=np.float32)
+    buffer = np.zeros(3, dtype=np.float64) if world.is_coordinator \
+        else np.full(3, values[(world.rank - 1) % 4], dtype=np.float64)
+    world.reduce_sum(buffer)
+    if world.is_coordinator:
+        expected = sum(float(values[(r - 1) % 4]) for r in range(1, world.size))
+        assert np.array_equal(buffer, np.full(3, expected)), buffer
+
+
+def test_subset_holds_the_coordinator_and_the_named_ranks_only() -> None:
+    assert world.subset(range(1, world.size)) is world  # everyone: the world itself
+    chosen = [world.size - 1]
+    team = world.subset(chosen)
+    assert (team is not None) == (world.rank in (0, *chosen))
+    assert world.subset(chosen) is team  # reused, no new communicator
+    if team is not None:
+        assert team.size == 2 and team.rank == (0 if world.is_coordinator else 1)
+        buffer = np.full(5, float(world.rank), dtype=np.float32)
+        team.reduce_sum(buffer)
+        if world.is_coordinator:
+            assert np.array_equal(buffer, np.full(5, float(world.size - 1), dtype=np.float32))
+    # more distinct sets than are kept: every rank evicts the same, and all still work
+    for extra in range(World.SUBSETS_KEPT + 2):
+        ranks = [1 + (extra % (world.size - 1))]
+        team = world.subset(ranks)
+        marker = np.array([float(extra)], dtype=np.float32)
+        if team is not None:
+            team.bcast_weights(marker)
+            assert marker[0] == extra
+    world.quiet_barrier()
+
+
+def test_gather_rows_delivers_every_row_in_rank_order() -> None:
+    counts = [0] + [(r % 3) for r in range(1, world.size)]  # some ranks send no row
+    width = 7
+    rows = None if world.is_coordinator else np.array(
+        [[world.rank * 10 + i] * width for i in range(counts[world.rank])], dtype=np.float32
+    ).reshape(counts[world.rank], width)
+    out = world.gather_rows(rows, counts, width)
+    if world.is_coordinator:
+        expected = [[r * 10 + i] * width for r in range(1, world.size) for i in range(counts[r])]
+        assert out.shape == (sum(counts), width)
+        assert np.array_equal(out, np.array(expected, dtype=np.float32).reshape(-1, width))
+    else:
+        assert out is None
+
+
 def test_weights_must_be_contiguous_float32() -> None:
     try:
         world.bcast_weights(np.zeros(4, dtype=np.float64))
