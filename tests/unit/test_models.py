@@ -7,7 +7,7 @@ from fedsilo.models import MODELS, build_model
 from fedsilo.weights import WeightLayout
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18", "dp_cnn"])
 @pytest.mark.parametrize("channels, classes", [(1, 2), (3, 5)])
 def test_models_fit_medmnist_shapes(name, channels, classes):
     model = build_model(name, in_channels=channels, num_classes=classes, image_size=(28, 28))
@@ -28,7 +28,7 @@ def test_groupnorm_groups_must_divide_channels():
 
 
 def test_unknown_model():
-    with pytest.raises(ConfigError, match="known: resnet18, small_cnn"):
+    with pytest.raises(ConfigError, match="known: dp_cnn, resnet18, small_cnn"):
         MODELS.get("alexnet")
 
 

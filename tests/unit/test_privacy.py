@@ -197,7 +197,7 @@ def test_trial_step_catches_inplace_forward_code(mode, needle):
 
 
 @pytest.mark.parametrize("mode", ["hooks", "mixed"])
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18", "dp_cnn"])
 def test_model_zoo_is_dp_ready(name, mode):
     model = build_model(name, in_channels=1, num_classes=2, image_size=(28, 28), norm_groups=8)
     check_model(model, name=name)
@@ -248,7 +248,7 @@ def explicit_clipped_sum(model, x, y, clip):
 
 
 @pytest.mark.parametrize("mode", ["hooks", "mixed"])
-@pytest.mark.parametrize("name, groups", [("small_cnn", 32), ("resnet18", 8)])
+@pytest.mark.parametrize("name, groups", [("small_cnn", 32), ("resnet18", 8), ("dp_cnn", 32)])
 def test_clipped_sum_equals_opacus_explicit_per_sample_gradients(name, groups, mode):
     """Both clipping methods give the clipped sum Opacus's explicit per-sample gradients give."""
     torch.manual_seed(0)
