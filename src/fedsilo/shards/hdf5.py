@@ -208,6 +208,16 @@ class ShardWriter:
             self._splits[split] = _SplitState(group, self.image_shape, self.num_classes)
         self._splits[split].append(images, labels)
 
+    def set_attrs(self, attrs: Mapping[str, Any]) -> None:
+        """Add root attributes known only after the data (e.g. the inputs a writer skipped)."""
+        if self._file is None:
+            raise ShardError(f"shard writer for {self.path} is already closed")
+        clash = sorted(set(attrs) & set(RESERVED_ATTRS))
+        if clash:
+            raise DataError(f"shard attrs may not override format attributes {clash}")
+        for key, value in attrs.items():
+            self._file.attrs[key] = value
+
     def close(self) -> ShardInfo:
         """Finish the file, move it onto ``path`` and return what it holds."""
         if self._info is not None:
@@ -364,6 +374,19 @@ def read_shard_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The root attributes of a shard file, as plain Python, without reading any pixels."""
     with h5py.File(path, "r") as f:
         return {key: to_python(value) for key, value in f.attrs.items()}
+
+
+def read_split_attrs(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """Each split's attributes (counts, pixel statistics), as plain Python, without pixels."""
+    try:
+        with h5py.File(path, "r") as f:
+            return {
+                name: {key: to_python(value) for key, value in f[name].attrs.items()}
+                for name in sorted(f.keys())
+                if isinstance(f[name], h5py.Group)
+            }
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise ShardError(f"{path}: cannot read shard: {exc}") from exc
 
 
 def to_python(value: Any) -> Any:
