@@ -11,21 +11,25 @@ from fedsilo.errors import ConfigError
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
 
-def add_common(parser: argparse.ArgumentParser, *, participants_required: bool = True) -> None:
-    """Options every source takes: sites, partition, seed, output, hold-outs, array task."""
-    if participants_required:
-        parser.add_argument("--participants", type=positive_int, required=True,
-                            default=argparse.SUPPRESS,
-                            help="number of sites, one shard each (required)")
-    else:
+def add_common(parser: argparse.ArgumentParser, *, natural: bool = False) -> None:
+    """Options every source takes: sites, partition, seed, output, hold-outs, array task.
+
+    ``natural``: the source has labels-file columns, so ``natural:COLUMN`` is offered and
+    ``--participants`` may be left out for it.
+    """
+    if natural:
         parser.add_argument("--participants", type=positive_int, default=None,
                             help="number of sites, one shard each; required unless the "
                             "partition is natural:COLUMN (one site per value of the column)")
+    else:
+        parser.add_argument("--participants", type=positive_int, required=True,
+                            default=argparse.SUPPRESS,
+                            help="number of sites, one shard each (required)")
     parser.add_argument("--partition", default="iid",
                         help="how samples are split over sites: iid, dirichlet:ALPHA "
                         "(label skew), quantity:ALPHA (size skew) or classes:K"
-                        + ("" if participants_required else
-                           ", or natural:COLUMN (one site per value of a labels-file column)"))
+                        + (", or natural:COLUMN (one site per value of a labels-file column)"
+                           if natural else ""))
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the partition and the hold-outs")
     parser.add_argument("--out", type=Path, required=True, default=argparse.SUPPRESS,

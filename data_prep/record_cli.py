@@ -39,7 +39,7 @@ def add_parsers(sources: Any, *, report: Callable[[Manifest | None, argparse.Nam
     folder.add_argument("--root", type=Path, required=True, default=argparse.SUPPRESS,
                         help="folder holding one sub-folder per class (required)")
     _add_classes(folder)
-    _add_image_options(folder)
+    _add_image_options(folder, natural=False)
     folder.set_defaults(func=lambda args: report(_run_folder(args), args))
 
     table = sources.add_parser(
@@ -55,7 +55,7 @@ def add_parsers(sources: Any, *, report: Callable[[Manifest | None, argparse.Nam
                        help="the CSV labels file (required)")
     _add_columns(table)
     _add_classes(table)
-    _add_image_options(table)
+    _add_image_options(table, natural=True)
     table.set_defaults(func=lambda args: report(_run_csv(args), args))
 
     dicom = sources.add_parser(
@@ -74,7 +74,7 @@ def add_parsers(sources: Any, *, report: Callable[[Manifest | None, argparse.Nam
                        "instead of each header's WindowCenter/WindowWidth")
     _add_columns(dicom)
     _add_classes(dicom)
-    _add_image_options(dicom)
+    _add_image_options(dicom, natural=True)
     dicom.set_defaults(func=lambda args: report(_run_dicom(args), args))
 
 
@@ -93,7 +93,7 @@ def _add_classes(parser: argparse.ArgumentParser) -> None:
                         "integers 0..max when every label is an integer")
 
 
-def _add_image_options(parser: argparse.ArgumentParser) -> None:
+def _add_image_options(parser: argparse.ArgumentParser, *, natural: bool) -> None:
     parser.add_argument("--size", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
                         help="resize every image to H x W (antialiased bilinear); without it "
                         "every image must have the size of the first")
@@ -108,7 +108,7 @@ def _add_image_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-split", choices=TEST_SPLITS, default="global",
                         help="hold test.h5 out of all samples (global), or out of each "
                         "site's own samples (per-site)")
-    add_common(parser, participants_required=False)
+    add_common(parser, natural=natural)
 
 
 def _run_folder(args: argparse.Namespace) -> Manifest | None:
