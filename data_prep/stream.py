@@ -32,7 +32,7 @@ from fedsilo.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 #: decoded pixels per chunk; one chunk is decoded while the one before is written
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 16 << 20
 #: records per chunk at most, however small the images
 MAX_CHUNK_RECORDS = 1024
 
