@@ -10,7 +10,8 @@ A VOI LUT Sequence in the header is not applied.  RGB and YBR images (pydicom co
 YBR to RGB) are scaled from their bit depth; PALETTE COLOR goes through its colour LUT.
 
 Compressed transfer syntaxes are decoded by pydicom's pixel handlers: RLE Lossless and
-Deflate always, JPEG baseline/extended and JPEG 2000 through Pillow, more with the
+Deflate always, JPEG baseline/extended (and JPEG 2000 if it has OpenJPEG) through Pillow,
+more with the
 optional pylibjpeg or GDCM plugins.  A syntax no installed handler reads is a bad
 input naming the syntax.  Multi-frame images are refused (one image per file).
 """
