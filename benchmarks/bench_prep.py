@@ -7,13 +7,18 @@
 1. **Throughput**: images per second of the whole command (process start to exit) on a
    folder of 28x28 grayscale PNGs and one of 224x224 RGB PNGs, with ``--workers 1``
    and ``--workers 2``, measured side by side; the median of ``--repeats`` runs.
-2. **Memory**: peak resident memory of ``prep folder`` on 224x224 RGB folders of 1x, 2x
-   and 4x ``--memory-images`` images, run under an address-space limit
+2. **Memory**: peak resident memory of ``prep folder`` on 224x224 RGB folders of 1x, 2x,
+   4x and 8x ``--memory-images`` images, run under an address-space limit
    (``RLIMIT_AS``, ``--limit-mib``) smaller than the largest decoded dataset: the run
    succeeds only if the pixels are never all in memory, and the peak must stay flat
-   as the dataset doubles and quadruples.  Reported: the largest single process (the
+   as the dataset grows eightfold.  Reported: the largest single process (the
    kernel's ``ru_maxrss`` from ``wait4``) and the sampled sum over the process tree
    (main process and decoding workers).
+
+Each run also records CPU seconds: of the whole process tree (``wait4``) and of the main
+process alone (sampled from ``/proc``).  The main process writes the shards while the
+workers decode, so its CPU time is the serial floor of the wall time; on a shared,
+loaded machine the CPU times are steadier than the wall times.
 
 Images are smooth random gradients with Gaussian noise (sigma 8), written with PNG
 compression level 1 to keep generation quick (decoding cost hardly depends on it).
@@ -89,19 +94,31 @@ def run_prep(folder: Path, out: Path, *, workers: int, limit_mib: int | None = N
     begin = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                preexec_fn=limit)  # fmt: skip
-    tree_peak = 0
+    tree_peak, main_cpu = 0, 0.0
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
         tree_peak = max(tree_peak, _tree_rss(process.pid))
+        main_cpu = max(main_cpu, _cpu_seconds(process.pid))
         time.sleep(0.02)
     wall = time.perf_counter() - begin
     process.returncode = os.waitstatus_to_exitcode(status)
     stderr = process.stderr.read().decode() if process.stderr else ""
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}): {stderr[-2000:]}")
-    return {"seconds": wall, "max_rss_mib": usage.ru_maxrss / 1024, "tree_rss_mib": tree_peak / (1 << 20)}
+    return {"seconds": wall, "max_rss_mib": usage.ru_maxrss / 1024, "tree_rss_mib": tree_peak / (1 << 20),
+            "cpu_s": usage.ru_utime + usage.ru_stime, "main_cpu_s": main_cpu}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _tree_rss(pid: int) -> int:
@@ -124,31 +141,36 @@ def throughput(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     sets = [
         ("28x28 gray", make_folder(work / "small", num_images=args.small_images, size=28, channels=1,
                                    classes=10, seed=1), args.small_images, 28 * 28),  # fmt: skip
-        ("224x224 RGB", linked_subset(work / "mem-4", work / "large", args.large_images),
+        ("224x224 RGB", linked_subset(work / "mem-8", work / "large", args.large_images),
          args.large_images, 224 * 224 * 3),
     ]
     rows = []
     for label, folder, count, image_bytes in sets:
-        times: dict[int, list[float]] = {1: [], 2: []}
+        runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
         for _ in range(args.repeats):  # interleaved, so both see the same machine load
             for workers in (1, 2):
-                times[workers].append(run_prep(folder, work / "out", workers=workers)["seconds"])
-        for workers, seconds in times.items():
+                runs[workers].append(run_prep(folder, work / "out", workers=workers))
+        for workers, results in runs.items():
+            seconds = [r["seconds"] for r in results]
             median = statistics.median(seconds)
+            cpu = statistics.median(r["cpu_s"] for r in results)
+            main_cpu = statistics.median(r["main_cpu_s"] for r in results)
             rows.append({"images": label, "count": count, "workers": workers, "median_s": median,
                          "runs_s": seconds, "images_per_s": count / median,
-                         "decoded_mib_per_s": count * image_bytes / median / (1 << 20)})  # fmt: skip
+                         "decoded_mib_per_s": count * image_bytes / median / (1 << 20),
+                         "cpu_s": cpu, "main_cpu_s": main_cpu})  # fmt: skip
             print(f"{label:12s} {count:6d} images  workers {workers}: {median:7.2f} s  "
-                  f"{count / median:8.0f} images/s  (runs {', '.join(f'{s:.2f}' for s in seconds)})")
+                  f"{count / median:8.0f} images/s  CPU {cpu:6.2f} s (main {main_cpu:6.2f} s)  "
+                  f"(runs {', '.join(f'{s:.2f}' for s in seconds)})")
     return rows
 
 
 def memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     n = args.memory_images
-    full = make_folder(work / "mem-4", num_images=4 * n, size=224, channels=3, classes=4, seed=2)
+    full = make_folder(work / "mem-8", num_images=8 * n, size=224, channels=3, classes=4, seed=2)
     rows = []
-    for factor, workers in ((1, 1), (2, 1), (4, 1), (4, 2)):
-        folder = full if factor == 4 else linked_subset(full, work / f"mem-{factor}", factor * n)
+    for factor, workers in ((1, 1), (2, 1), (4, 1), (8, 1), (8, 2)):
+        folder = full if factor == 8 else linked_subset(full, work / f"mem-{factor}", factor * n)
         decoded = factor * n * 224 * 224 * 3 / (1 << 20)
         result = run_prep(folder, work / "out", workers=workers, limit_mib=args.limit_mib)
         rows.append({"images": factor * n, "decoded_mib": decoded, "workers": workers,
@@ -166,8 +188,8 @@ def main() -> int:
                         help="where the generated folders and shard sets go (kept for reruns)")
     parser.add_argument("--small-images", type=int, default=20000, help="28x28 images")
     parser.add_argument("--large-images", type=int, default=1000, help="224x224 images (throughput)")
-    parser.add_argument("--memory-images", type=int, default=1000,
-                        help="224x224 images of the 1x memory set (then 2x and 4x)")
+    parser.add_argument("--memory-images", type=int, default=500,
+                        help="224x224 images of the 1x memory set (then 2x, 4x and 8x)")
     parser.add_argument("--limit-mib", type=int, default=512, help="RLIMIT_AS of the memory runs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")

@@ -113,6 +113,8 @@ class SetSpec:
     class_names: tuple[str, ...] | None = None
     #: None without --skip-bad; else the inputs left out while listing
     listing_skipped: tuple[dict[str, str], ...] | None = None
+    #: threads compressing image chunks (the files do not depend on it)
+    threads: int = 1
 
 
 def prepare_shards(
@@ -195,7 +197,8 @@ def prepare_record_shards(
     Planned on the records (:func:`data_prep.plan.plan_splits`): ``participants`` may be
     None only for ``natural:COLUMN``, which makes one site per value of the column.
     ``patient_column`` keeps each patient's records in one split and one site.
-    ``workers`` > 1 decodes on that many processes; the files do not depend on it.
+    ``workers`` > 1 decodes on that many processes and compresses on that many threads;
+    the files do not depend on it.
     ``skip_bad`` leaves bad inputs out and lists them in the manifest instead of
     stopping at the first.  ``only`` is as for :func:`prepare_shards`, plus ``task:T``
     (a SLURM array task id: sites first, then the test file).
@@ -239,6 +242,7 @@ def prepare_record_shards(
             image_shape=image_shape, num_classes=len(records.class_names), provenance=provenance,
             partition=partition, seed=int(seed), class_names=records.class_names,
             listing_skipped=tuple(p.to_dict() for p in records.problems) if skip_bad else None,
+            threads=workers,
         )  # fmt: skip
         attrs = {"partition": partition, "seed": int(seed), "num_sites": plan.num_sites,
                  "source": source.name}  # fmt: skip
@@ -328,7 +332,7 @@ def _write_file(out: Path, job: FileJob, spec: SetSpec) -> tuple[ShardInfo, list
     skipped: list[dict[str, str]] = []
     counts = dict.fromkeys((split for split, _, _ in job.splits), 0)
     with ShardWriter(out / job.name, kind=job.kind, image_shape=spec.image_shape,
-                     num_classes=spec.num_classes, attrs=job.attrs) as writer:  # fmt: skip
+                     num_classes=spec.num_classes, attrs=job.attrs, threads=spec.threads) as writer:  # fmt: skip
         for split, table, indices in job.splits:
             for batch in table.batches(indices):
                 writer.append(split, batch.images, batch.labels)

@@ -101,7 +101,8 @@ def _add_image_options(parser: argparse.ArgumentParser, *, natural: bool) -> Non
                         help="convert every image to 1 (grayscale) or 3 (RGB) channels; "
                         "without it every image must have the channels of the first")
     parser.add_argument("--workers", type=positive_int, default=1,
-                        help="processes decoding images in parallel (the files do not depend on it)")
+                        help="processes decoding images (and threads compressing shard chunks) in "
+                        "parallel; the files do not depend on it")
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave out unreadable images, missing files, unknown labels... "
                         "and list them in manifest.json, instead of stopping at the first")
