@@ -12,10 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep import record_cli, stats
-from data_prep.args import FORMATTER as _FORMATTER
-from data_prep.args import add_common as _add_common
-from data_prep.args import positive_int as _positive_int
-from data_prep.args import resolve_only
+from data_prep.args import FORMATTER, add_common, positive_int, resolve_only
 from data_prep.medmnist import load_medmnist
 from data_prep.pipeline import prepare_shards
 from data_prep.source import SourceData
@@ -35,7 +32,7 @@ def add_parser(subparsers: Any) -> None:
         help="convert a dataset into per-site HDF5 shards, or verify a shard set",
         description="Convert a dataset into a shard set (site-000.h5 ..., test.h5, "
         "manifest.json), verify an existing one, or show how its classes spread over sites.",
-        formatter_class=_FORMATTER,
+        formatter_class=FORMATTER,
     )
     sources = prep.add_subparsers(dest="prep_command", required=True, metavar="SOURCE")
 
@@ -44,13 +41,13 @@ def add_parser(subparsers: Any) -> None:
         help="a MedMNIST v2 2-D .npz file (e.g. pneumoniamnist.npz)",
         description="Shard a MedMNIST v2 .npz: its train split is partitioned over the "
         "sites, its val split follows each site's label mix, its test split becomes test.h5.",
-        formatter_class=_FORMATTER,
+        formatter_class=FORMATTER,
     )
     medmnist.add_argument(
         "--npz", type=Path, required=True, default=argparse.SUPPRESS,
         help="path of the MedMNIST .npz file (required)",
     )  # fmt: skip
-    _add_common(medmnist)
+    add_common(medmnist)
     medmnist.set_defaults(func=_run_medmnist)
 
     synthetic = sources.add_parser(
@@ -58,16 +55,16 @@ def add_parser(subparsers: Any) -> None:
         help="a generated dataset with class-dependent structure",
         description="Shard a synthetic image-classification set generated on the fly; "
         "test and validation splits are stratified hold-outs of the generated samples.",
-        formatter_class=_FORMATTER,
+        formatter_class=FORMATTER,
     )
-    synthetic.add_argument("--samples", type=_positive_int, default=2000,
+    synthetic.add_argument("--samples", type=positive_int, default=2000,
                            help="images to generate in all (train + val + test)")
-    synthetic.add_argument("--classes", type=_positive_int, default=2, help="number of classes")
-    synthetic.add_argument("--channels", type=_positive_int, default=1,
+    synthetic.add_argument("--classes", type=positive_int, default=2, help="number of classes")
+    synthetic.add_argument("--channels", type=positive_int, default=1,
                            help="image channels (1 grayscale, 3 RGB)")
-    synthetic.add_argument("--size", type=_positive_int, nargs=2, default=[28, 28],
+    synthetic.add_argument("--size", type=positive_int, nargs=2, default=[28, 28],
                            metavar=("H", "W"), help="image height and width")
-    _add_common(synthetic)
+    add_common(synthetic)
     synthetic.set_defaults(func=_run_synthetic)
 
     record_cli.add_parsers(sources, report=_report)
@@ -77,7 +74,7 @@ def add_parser(subparsers: Any) -> None:
         help="check a shard set against its manifest",
         description="Check every file of a shard set (presence, sha256, format, shapes, "
         "label ranges, counts) against manifest.json; exit status 2 if anything is wrong.",
-        formatter_class=_FORMATTER,
+        formatter_class=FORMATTER,
     )
     verify.add_argument("dir", type=Path, help="directory holding manifest.json and the shards")
     verify.set_defaults(func=_run_verify)

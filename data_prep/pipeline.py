@@ -276,7 +276,7 @@ def _write_set(out: Path, jobs: list[FileJob], spec: SetSpec, *, only: str | Non
     # only now, with every split decided, is the directory touched: a bad spec or
     # fraction must not cost an existing shard set its manifest
     stale, reusable = _claim(out, jobs, overwrite=overwrite)
-    _clear_temporaries(out, [job.name for job in jobs])
+    _clear_temporaries(out, [job.name for job in jobs] + [MANIFEST_FILE])
     results = []
     for job in jobs:
         if job.name in reusable:
@@ -398,7 +398,7 @@ def _claim(out: Path, jobs: list[FileJob], *, overwrite: bool) -> tuple[list[Pat
             raise DataError(f"{out} already holds a shard set ({names}); refusing to replace it "
                             f"without --overwrite")  # fmt: skip
         plans = {job.name: job.attrs["plan"] for job in jobs}
-        foreign = [p.name for p in existing if _file_plan(p) != plans.get(p.name)]
+        foreign = [p.name for p in existing if p.name not in plans or _file_plan(p) != plans[p.name]]
         if foreign:
             shown = ", ".join(foreign[:4]) + (" ..." if len(foreign) > 4 else "")
             raise DataError(f"{out} already holds shard files of another preparation ({shown}) "
@@ -431,8 +431,11 @@ def _file_skipped(path: Path) -> list[dict[str, str]]:
 
 
 def _clear_temporaries(out: Path, names: Sequence[str]) -> None:
-    """Remove what killed writers of these files left behind (their temporary files)."""
-    for name in [*names, MANIFEST_FILE]:
+    """Remove what killed writers of these files left behind (their temporary files).
+
+    An array task clears only its own file's: another task may be writing the manifest.
+    """
+    for name in names:
         for tmp in out.glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
 
