@@ -338,6 +338,7 @@ def _write_file(out: Path, job: FileJob, spec: SetSpec) -> tuple[ShardInfo, list
                 writer.append(split, batch.images, batch.labels)
                 counts[split] += len(batch.labels)
                 skipped += [bad.to_dict() for bad in batch.skipped]
+                del batch  # else it stays alive while the generator decodes the next chunk
         if job.kind == "site" and counts["train"] == 0:
             raise DataError(f"{out / job.name}: no training images left after leaving out "
                             f"{len(skipped)} bad input(s)")  # fmt: skip
