@@ -1,4 +1,4 @@
-"""Table (markdown) and plot (PNG, needs matplotlib: ``pip install fedsilo[bench]``) of test
+"""Table (markdown) and plot (PNG, matplotlib, a dependency of fedsilo) of test
 accuracy/AUC against the per-site ε of DP runs (see run_dp_accuracy.sh)."""
 
 from __future__ import annotations

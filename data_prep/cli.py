@@ -1,4 +1,4 @@
-"""``fedsilo prep``: make a shard set from a source dataset, or verify one.
+"""``fedsilo prep``: make a shard set from a source dataset, verify one, or describe one.
 
 The ``fedsilo`` command calls :func:`add_parser`; each subcommand sets ``func`` to a
 callable taking the parsed arguments and returning the exit status.  FedsiloErrors are
@@ -8,31 +8,31 @@ left to propagate: ``fedsilo``'s main turns them into one error line and exit st
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
+from data_prep import record_cli, stats
+from data_prep.args import FORMATTER, add_common, positive_int, resolve_only
 from data_prep.medmnist import load_medmnist
 from data_prep.pipeline import prepare_shards
 from data_prep.source import SourceData
 from data_prep.synthetic import make_synthetic
-from fedsilo.errors import ConfigError, ShardError
-from fedsilo.shards import Manifest, load_manifest, verify_shard_set
-
-_FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+from fedsilo.errors import ShardError
+from fedsilo.shards import MANIFEST_FILE, Manifest, load_manifest, verify_shard_set
 
 #: exit status of ``prep verify`` when the shard set has problems
 EXIT_PROBLEMS = 2
 
 
 def add_parser(subparsers: Any) -> None:
-    """Add the ``prep`` subcommand (with ``medmnist``, ``synthetic``, ``verify``)."""
+    """Add ``prep`` (sources ``medmnist``, ``synthetic``, ``folder``, ``csv``, ``dicom``;
+    ``verify`` and ``stats``)."""
     prep = subparsers.add_parser(
         "prep",
         help="convert a dataset into per-site HDF5 shards, or verify a shard set",
         description="Convert a dataset into a shard set (site-000.h5 ..., test.h5, "
-        "manifest.json), or verify an existing one.",
-        formatter_class=_FORMATTER,
+        "manifest.json), verify an existing one, or show how its classes spread over sites.",
+        formatter_class=FORMATTER,
     )
     sources = prep.add_subparsers(dest="prep_command", required=True, metavar="SOURCE")
 
@@ -41,13 +41,13 @@ def add_parser(subparsers: Any) -> None:
         help="a MedMNIST v2 2-D .npz file (e.g. pneumoniamnist.npz)",
         description="Shard a MedMNIST v2 .npz: its train split is partitioned over the "
         "sites, its val split follows each site's label mix, its test split becomes test.h5.",
-        formatter_class=_FORMATTER,
+        formatter_class=FORMATTER,
     )
     medmnist.add_argument(
         "--npz", type=Path, required=True, default=argparse.SUPPRESS,
         help="path of the MedMNIST .npz file (required)",
     )  # fmt: skip
-    _add_common(medmnist)
+    add_common(medmnist)
     medmnist.set_defaults(func=_run_medmnist)
 
     synthetic = sources.add_parser(
@@ -55,53 +55,31 @@ def add_parser(subparsers: Any) -> None:
         help="a generated dataset with class-dependent structure",
         description="Shard a synthetic image-classification set generated on the fly; "
         "test and validation splits are stratified hold-outs of the generated samples.",
-        formatter_class=_FORMATTER,
+        formatter_class=FORMATTER,
     )
-    synthetic.add_argument("--samples", type=_positive_int, default=2000,
+    synthetic.add_argument("--samples", type=positive_int, default=2000,
                            help="images to generate in all (train + val + test)")
-    synthetic.add_argument("--classes", type=_positive_int, default=2, help="number of classes")
-    synthetic.add_argument("--channels", type=_positive_int, default=1,
+    synthetic.add_argument("--classes", type=positive_int, default=2, help="number of classes")
+    synthetic.add_argument("--channels", type=positive_int, default=1,
                            help="image channels (1 grayscale, 3 RGB)")
-    synthetic.add_argument("--size", type=_positive_int, nargs=2, default=[28, 28],
+    synthetic.add_argument("--size", type=positive_int, nargs=2, default=[28, 28],
                            metavar=("H", "W"), help="image height and width")
-    _add_common(synthetic)
+    add_common(synthetic)
     synthetic.set_defaults(func=_run_synthetic)
+
+    record_cli.add_parsers(sources, report=_report)
 
     verify = sources.add_parser(
         "verify",
         help="check a shard set against its manifest",
         description="Check every file of a shard set (presence, sha256, format, shapes, "
         "label ranges, counts) against manifest.json; exit status 2 if anything is wrong.",
-        formatter_class=_FORMATTER,
+        formatter_class=FORMATTER,
     )
     verify.add_argument("dir", type=Path, help="directory holding manifest.json and the shards")
     verify.set_defaults(func=_run_verify)
 
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--participants", type=_positive_int, required=True,
-                        default=argparse.SUPPRESS,
-                        help="number of sites, one shard each (required)")
-    parser.add_argument("--partition", default="iid",
-                        help="how samples are split over sites: iid, dirichlet:ALPHA "
-                        "(label skew), quantity:ALPHA (size skew) or classes:K")
-    parser.add_argument("--seed", type=_non_negative_int, default=0,
-                        help="seed of the partition and the hold-outs")
-    parser.add_argument("--out", type=Path, required=True, default=argparse.SUPPRESS,
-                        help="output directory for the shard set, created if missing (required)")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="fraction of each site's samples held out for validation, "
-                        "used only when the source has no validation split")
-    parser.add_argument("--test-fraction", type=float, default=0.2,
-                        help="fraction of the samples held out as test.h5, used only "
-                        "when the source has no test split")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a shard set already in --out")
-    parser.add_argument("--only", metavar="site:K|test|array", default=None,
-                        help="write one file of the set, for parallel preparation (e.g. a "
-                        "SLURM array): site:K, test, or 'array' to take it from "
-                        "SLURM_ARRAY_TASK_ID (0..P-1 = sites, P = test). The task that "
-                        "completes the set writes manifest.json")
+    stats.add_parser(sources)
 
 
 def _run_medmnist(args: argparse.Namespace) -> int:
@@ -119,7 +97,11 @@ def _run_synthetic(args: argparse.Namespace) -> int:
 
 
 def _prepare(source: SourceData, args: argparse.Namespace) -> int:
-    manifest = prepare_shards(
+    return _report(_prepare_source(source, args), args)
+
+
+def _prepare_source(source: SourceData, args: argparse.Namespace) -> Manifest | None:
+    return prepare_shards(
         source,
         out_dir=args.out,
         participants=args.participants,
@@ -128,23 +110,22 @@ def _prepare(source: SourceData, args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         overwrite=args.overwrite,
-        only=_only(args),
+        only=resolve_only(args.only),
     )
+
+
+def _report(manifest: Manifest | None, args: argparse.Namespace) -> int:
+    """Print what a preparation wrote; the exit status."""
     if manifest is None:
-        print(f"wrote {_only(args)} to {args.out}; the set is not complete yet")
+        print(f"wrote {resolve_only(args.only)} to {args.out}; the set is not complete yet")
         return 0
     print(f"wrote {manifest.num_sites} site shards, test.h5 and manifest.json to {args.out}")
     print(format_class_table(manifest))
+    if manifest.skipped is not None:
+        print(f"skipped {len(manifest.skipped)} bad input(s)"
+              + (f"; listed under 'skipped' in {Path(args.out) / MANIFEST_FILE}"
+                 if manifest.skipped else ""))  # fmt: skip
     return 0
-
-
-def _only(args: argparse.Namespace) -> str | None:
-    if args.only != "array":
-        return args.only
-    task = os.environ.get("SLURM_ARRAY_TASK_ID")
-    if task is None or not task.isdigit():
-        raise ConfigError("--only array needs SLURM_ARRAY_TASK_ID (run it as a SLURM array task)")
-    return "test" if int(task) == args.participants else f"site:{task}"
 
 
 def _run_verify(args: argparse.Namespace) -> int:
@@ -164,7 +145,8 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 def format_class_table(manifest: Manifest) -> str:
     """Per-file, per-split sample counts and class histograms, as a text table."""
-    header = ["file", "split", "samples", *(f"class {c}" for c in range(manifest.num_classes))]
+    names = manifest.class_names or tuple(f"class {c}" for c in range(manifest.num_classes))
+    header = ["file", "split", "samples", *names]
     rows = []
     for entry in (*manifest.sites, manifest.test):
         for split, n in entry.num_samples.items():
@@ -187,23 +169,3 @@ def format_class_table(manifest: Manifest) -> str:
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
-
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None

@@ -15,6 +15,9 @@ Partitioners are chosen by a spec string, ``NAME`` or ``NAME:PARAM``:
 * ``classes:K`` -- each site sees exactly K classes (NIID-Bench's ``#C=K``), every
   class is owned by at least one site, and a class's samples are split evenly between
   the sites that own it.
+* ``natural:COLUMN`` -- one site per distinct value of a column of the data (the
+  hospital an image came from).  Labels alone do not carry it, so :func:`partition`
+  refuses it; :func:`fedsilo.grouping.natural_partition` does the work.
 
 >>> parts = partition("iid", np.array([0, 1, 0, 1, 1]), 2, seed=0)
 >>> sorted(np.concatenate(parts).tolist())
@@ -307,5 +310,22 @@ def _classes(param: str | None, *, spec: str) -> Draw:
             for site, chunk in zip(sites, np.array_split(members, len(sites))):
                 parts[site].append(chunk)
         return [np.concatenate(p) if p else np.empty(0, np.int64) for p in parts]
+
+    return draw
+
+
+@PARTITIONERS.register("natural")
+def _natural(param: str | None, *, spec: str) -> Draw:
+    # The sites come from a column of the data (see fedsilo.grouping.natural_partition),
+    # which labels alone do not carry; registered here so that the spec parses and
+    # unknown-name errors list it.
+    if param is None or not param.strip():
+        raise ConfigError(f"bad partition spec {spec!r}: expected natural:COLUMN, e.g. natural:hospital")
+
+    def draw(labels: np.ndarray, num_sites: int, rng: np.random.Generator) -> list[np.ndarray]:
+        raise ConfigError(
+            f"partition {spec!r} takes its sites from the column {param.strip()!r} of a labels "
+            f"file; only sources with one (fedsilo prep csv, fedsilo prep dicom --labels) have it"
+        )
 
     return draw

@@ -8,7 +8,8 @@ import pytest
 MODULES = ["fedsilo.registry", "fedsilo.config", "fedsilo.aggregate", "fedsilo.metrics",
            "fedsilo.partition", "fedsilo.shards.hdf5", "data_prep.synthetic",
            "fedsilo.privacy.accounting", "fedsilo.privacy.budget", "fedsilo.privacy.validate",
-           "fedsilo.privacy.userlevel", "fedsilo.crypto.params"]
+           "fedsilo.privacy.userlevel", "fedsilo.crypto.params", "fedsilo.grouping",
+           "data_prep.plan", "data_prep.dicom"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -140,7 +140,8 @@ def test_classes_partition_gives_each_site_k_classes():
 @pytest.mark.parametrize(
     ("spec", "fragment"),
     [
-        ("nope:1", "known: classes, dirichlet, iid, quantity"),
+        ("nope:1", "known: classes, dirichlet, iid, natural, quantity"),
+        ("natural", "expected natural:COLUMN"),
         ("dirichlet", "dirichlet:ALPHA with ALPHA > 0"),
         ("dirichlet:", "dirichlet:ALPHA with ALPHA > 0"),
         ("dirichlet:-1", "dirichlet:ALPHA with ALPHA > 0"),
@@ -184,7 +185,13 @@ def test_classes_that_cannot_cover_all_labels_is_refused():
 
 
 def test_registry_lists_the_partitioners():
-    assert PARTITIONERS.names() == ["classes", "dirichlet", "iid", "quantity"]
+    assert PARTITIONERS.names() == ["classes", "dirichlet", "iid", "natural", "quantity"]
+
+
+def test_natural_needs_a_column_of_site_values():
+    # labels alone carry no site column: the record pipeline (data_prep.plan) does natural
+    with pytest.raises(ConfigError, match="takes its sites from the column 'hospital'"):
+        partition("natural:hospital", np.arange(20) % 2, 2, seed=0)
 
 
 def test_bad_labels_and_seed():

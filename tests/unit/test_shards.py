@@ -450,3 +450,33 @@ def test_verify_reports_replaced_file_and_bad_normalization(tmp_path):
 def test_verify_without_manifest(tmp_path):
     problems = verify_shard_set(tmp_path)
     assert len(problems) == 1 and "no shard-set manifest" in problems[0]
+
+
+def test_compression_threads_change_no_byte_and_chunks_are_plain_zlib(tmp_path):
+    import zlib
+
+    batches = [_data(n, seed=s, shape=(3, 20, 24)) for s, n in enumerate([300, 1, 0, 517, 9])]
+    paths = []
+    for threads in (1, 3):
+        path = tmp_path / f"t{threads}.h5"
+        with ShardWriter(path, kind="test", image_shape=(3, 20, 24), num_classes=3, threads=threads) as w:
+            for images, labels in batches:
+                w.append("test", images, labels)
+        paths.append(path)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    images = np.concatenate([b[0] for b in batches])
+    shard = read_shard(paths[0]).splits["test"]
+    assert np.array_equal(shard.images, images)  # partial edge chunk included
+    with h5py.File(paths[0], "r") as f:
+        ds = f["test/images"]
+        assert ds.compression == "gzip" and ds.compression_opts == 4 and ds.shuffle
+        chunk_n = ds.chunks[0]
+        # every stored chunk is what HDF5's gzip+shuffle filter would store (shuffle is a
+        # no-op on one-byte pixels), the edge chunk padded with zeros
+        for i in range(ds.id.get_num_chunks()):
+            info = ds.id.get_chunk_info(i)
+            block = np.zeros((chunk_n, 3, 20, 24), np.uint8)
+            part = images[info.chunk_offset[0] : info.chunk_offset[0] + chunk_n]
+            block[: len(part)] = part
+            assert info.filter_mask == 0
+            assert ds.id.read_direct_chunk(info.chunk_offset)[1] == zlib.compress(block.tobytes(), 4)

@@ -14,6 +14,7 @@ from fedsilo.shards.hdf5 import (
     SplitData,
     read_shard,
     read_shard_attrs,
+    read_split_attrs,
     sha256_file,
     write_shard,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "load_manifest",
     "read_shard",
     "read_shard_attrs",
+    "read_split_attrs",
     "sha256_file",
     "site_file_name",
     "verify_shard_set",

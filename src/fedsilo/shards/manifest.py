@@ -2,7 +2,9 @@
 
 The manifest records, for every shard file, its sha256 and per-split sample and class
 counts, plus the source, partition, seed, image shape and the global normalization
-(combined from the sites' per-split pixel sums, so no pixels are read twice).  It is
+(combined from the sites' per-split pixel sums, so no pixels are read twice).  Sources
+that name their classes (image folders, label files) add ``class_names``; a preparation
+run with ``--skip-bad`` adds ``skipped``, the inputs it left out and why.  It is
 written last and atomically, so a directory with a manifest is a complete shard set.
 """
 
@@ -75,6 +77,9 @@ class Manifest:
     normalization_std: tuple[float, ...]
     sites: tuple[SiteEntry, ...]
     test: SiteEntry
+    class_names: tuple[str, ...] | None = None
+    #: inputs left out by ``--skip-bad``: ``{"path": ..., "reason": ...}`` each
+    skipped: tuple[dict[str, str], ...] | None = None
     created_by: str = field(default=f"fedsilo {__version__}")
     format_version: int = MANIFEST_VERSION
 
@@ -92,7 +97,7 @@ class Manifest:
         return sum(e.num_samples.get(split, 0) for e in (*self.sites, self.test))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
             "format_version": self.format_version,
             "created_by": self.created_by,
@@ -101,6 +106,7 @@ class Manifest:
             "seed": self.seed,
             "num_sites": self.num_sites,
             "num_classes": self.num_classes,
+            **({} if self.class_names is None else {"class_names": list(self.class_names)}),
             "image_shape": list(self.image_shape),
             "normalization": {
                 "mean": list(self.normalization_mean),
@@ -109,6 +115,9 @@ class Manifest:
             "sites": [s.to_dict() for s in self.sites],
             "test": self.test.to_dict(),
         }
+        if self.skipped is not None:
+            data["skipped"] = [dict(item) for item in self.skipped]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = MANIFEST_FILE) -> "Manifest":
@@ -123,6 +132,8 @@ def build_manifest(
     source: Mapping[str, Any],
     partition: str,
     seed: int,
+    class_names: Sequence[str] | None = None,
+    skipped: Sequence[Mapping[str, str]] | None = None,
 ) -> Manifest:
     """Manifest for freshly written shards; normalization from the sites' train sums."""
     if not sites:
@@ -139,6 +150,10 @@ def build_manifest(
         normalization_std=norm.std,
         sites=tuple(SiteEntry.from_info(info) for info in sites),
         test=SiteEntry.from_info(test),
+        class_names=None if class_names is None else tuple(str(c) for c in class_names),
+        skipped=None if skipped is None else tuple(
+            {"path": str(item["path"]), "reason": str(item["reason"])} for item in skipped
+        ),
     )
 
 
@@ -222,6 +237,22 @@ def _parse(data: Any, where: str) -> Manifest:
     files = [e.file for e in (*sites, test)]
     if len(set(files)) != len(files):
         raise fail(f"shard file names repeat: {files}")
+    class_names = data.get("class_names")
+    if class_names is not None and (
+        not isinstance(class_names, list)
+        or len(class_names) != num_classes
+        or not all(isinstance(c, str) for c in class_names)
+    ):
+        raise fail(f"'class_names' must be a list of {num_classes} strings")
+    skipped = data.get("skipped")
+    if skipped is not None and (
+        not isinstance(skipped, list)
+        or not all(
+            isinstance(item, dict) and isinstance(item.get("path"), str)
+            and isinstance(item.get("reason"), str) for item in skipped
+        )
+    ):  # fmt: skip
+        raise fail("'skipped' must be a list of {\"path\": ..., \"reason\": ...} objects")
     return Manifest(
         num_sites=num_sites,
         num_classes=num_classes,
@@ -233,6 +264,10 @@ def _parse(data: Any, where: str) -> Manifest:
         normalization_std=tuple(float(v) for v in std),
         sites=sites,
         test=test,
+        class_names=None if class_names is None else tuple(class_names),
+        skipped=None if skipped is None else tuple(
+            {"path": item["path"], "reason": item["reason"]} for item in skipped
+        ),
         created_by=str(data.get("created_by", "")),
         format_version=version,
     )

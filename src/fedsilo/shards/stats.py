@@ -13,6 +13,9 @@ from typing import Iterable
 
 import numpy as np
 
+#: pixels per bincount call in :meth:`RunningStats.update` (8 MiB of int64)
+_BINCOUNT_PIXELS = 1 << 20
+
 
 @dataclass(frozen=True)
 class PixelStats:
@@ -69,10 +72,16 @@ class RunningStats:
             return
         self._count += images.shape[0] * images.shape[2] * images.shape[3]
         if images.dtype == np.uint8:
-            # a per-channel histogram of the 256 values gives exact sums in little memory
+            # a per-channel histogram of the 256 values gives exact sums in little memory;
+            # bincount widens its input to int64, so it sees one block of pixels at a time
+            # (a whole batch at once would cost 8 bytes a pixel)
             values = np.arange(256, dtype=np.int64)
+            per_block = max(1, _BINCOUNT_PIXELS // (images.shape[2] * images.shape[3]))
             for c in range(images.shape[1]):
-                hist = np.bincount(images[:, c].ravel(), minlength=256)
+                hist = np.zeros(256, dtype=np.int64)
+                for start in range(0, images.shape[0], per_block):
+                    block = images[start : start + per_block, c]
+                    hist += np.bincount(block.ravel(), minlength=256)
                 self._int_sum[c] += int(hist @ values)
                 self._int_sumsq[c] += int(hist @ (values * values))
         else:
