@@ -43,17 +43,26 @@ def mpirun(num_ranks: int, argv: Sequence[str], *, timeout: float, cwd: Path | N
     command = command[: command.index(sys.executable)] + [sys.executable, *python_args, *argv]
     env = rank_environment(num_ranks)
     env["PYTHONUNBUFFERED"] = "1"
-    start = time.monotonic()
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"MPI job hung: still running after {timeout} s: {' '.join(command)}\n"
-                    f"--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-3000:]}")
+    for attempt in range(3):
+        start = time.monotonic()
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"MPI job hung: still running after {timeout} s: {' '.join(command)}\n"
+                        f"--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-3000:]}")
+        # Open MPI's launcher itself sometimes fails to start on a loaded machine, before
+        # any rank runs (seen once in a full suite); that is not the job's failure
+        if process.returncode == 0 or _LAUNCHER_FLAKE not in stderr:
+            break
+        time.sleep(1.0)
     return Job(process.returncode, stdout, stderr, time.monotonic() - start)
+
+
+_LAUNCHER_FLAKE = "PMIx server's listener thread failed to start"
 
 
 def fedsilo_cli(argv: Sequence[str], *, timeout: float = 120, cwd: Path | None = None) -> Job:
