@@ -69,9 +69,9 @@ def test_subset_holds_the_coordinator_and_the_named_ranks_only() -> None:
 def test_gather_rows_delivers_every_row_in_rank_order() -> None:
     counts = [0] + [(r % 3) for r in range(1, world.size)]  # some ranks send no row
     width = 7
-    rows = None if world.is_coordinator else np.array(
+    rows = None if world.is_coordinator or not counts[world.rank] else np.array(
         [[world.rank * 10 + i] * width for i in range(counts[world.rank])], dtype=np.float32
-    ).reshape(counts[world.rank], width)
+    ).reshape(counts[world.rank], width)  # a rank with nothing to send may pass None
     out = world.gather_rows(rows, counts, width)
     if world.is_coordinator:
         expected = [[r * 10 + i] * width for r in range(1, world.size) for i in range(counts[r])]

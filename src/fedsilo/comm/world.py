@@ -123,6 +123,8 @@ class World:
                 self.comm.Gatherv([empty, 0, row], [out, (counts, displs), row],
                                   root=COORDINATOR)
                 return out
+            if rows is None and counts[self.rank] == 0:  # nothing to add this round
+                rows = np.empty((0, width), dtype=np.float32)
             if rows is None or rows.dtype != np.float32 or not rows.flags.c_contiguous \
                     or rows.shape != (counts[self.rank], width):
                 raise TypeError(f"rank {self.rank} must send a contiguous float32 array of "
