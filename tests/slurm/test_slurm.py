@@ -153,3 +153,51 @@ def test_preemption_checkpoints_requeues_and_ends_identically(slurm, tmp_path):
     expected = torch.load(reference / "model.pt", weights_only=True)
     actual = torch.load(run / "model.pt", weights_only=True)
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_prep_array_of_a_csv_source_with_natural_sites_then_train_on_fewer_ranks(slurm,
+                                                                                  tmp_path):
+    """A hospital-style source (PNG files + a labels CSV naming each image's hospital) as a
+    prep array: one task per natural site plus the test task, byte-identical to a serial
+    run; then a training of its 3 sites on 2 participant ranks."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = ["file,diagnosis,hospital"]
+    (tmp_path / "imgs").mkdir()
+    for n in range(180):
+        hospital = ("north", "south", "west")[n % 3]
+        label = int(rng.integers(0, 2))
+        # a learnable signal: the two classes differ in brightness
+        image = np.clip(rng.normal(90 + 80 * label, 30, (16, 16)), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / "imgs" / f"{n:03d}.png")
+        rows.append(f"{n:03d}.png,{('normal', 'pneumonia')[label]},{hospital}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    args = ["csv", "--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "labels.csv"),
+            "--path-column", "file", "--label-column", "diagnosis",
+            "--partition", "natural:hospital", "--size", "28", "28"]
+    shards = tmp_path / "shards"
+    submit = subprocess.run(["sbatch", "--parsable", "--array=0-3", "--chdir", str(tmp_path),
+                             str(REPO / "jobs" / "slurm" / "prep.sbatch"), *args,
+                             "--out", str(shards)],
+                            env=slurm, capture_output=True, text=True, timeout=60)
+    assert submit.returncode == 0, submit.stderr
+    tasks = wait_for(slurm, submit.stdout.strip().split(";")[0],
+                     {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600)
+    assert len(tasks) == 4 and all(t["JobState"] == "COMPLETED" for t in tasks), \
+        [(t["JobState"], t["ExitCode"]) for t in tasks]
+    serial = tmp_path / "serial"
+    subprocess.run([sys.executable, "-m", "fedsilo", "prep", *args, "--out", str(serial)],
+                   check=True, capture_output=True, timeout=300)
+    for name in ("manifest.json", "site-000.h5", "site-001.h5", "site-002.h5", "test.h5"):
+        assert (shards / name).read_bytes() == (serial / name).read_bytes(), name
+
+    run = tmp_path / "run"
+    job = mpirun(3, ["train", "--config", str(write_config(tmp_path / "cfg.yaml", shards)),
+                     "--set", "rounds=3", "--set", "train.lr=0.05", "--out", str(run)],
+                 timeout=300)
+    assert job.returncode == 0, job.output[-3000:]
+    assert "2 participants (3 sites)" in job.stderr
+    summary = yaml.safe_load((run / "summary.json").read_text())
+    assert summary["test"]["acc"] > 0.7, summary["test"]  # brightness is easy to learn
