@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", formatter_class=Formatter, help="train a federation (run under mpirun/srun)",
         description="Run federated training. Launch with 'mpirun -n P+1 fedsilo train ...' "
-                    "(or srun), P = number of shards in the shard set.")
+                    "(or srun), P = number of shards in the shard set; with fewer ranks, "
+                    "each participant rank trains several sites in turn.")
     train.add_argument("--config", metavar="CFG.yaml", default=None,
                        help="configuration file (YAML); defaults apply to missing keys")
     train.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append",
