@@ -115,8 +115,9 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> boo
         if team is not None:
             with timer("broadcast"):
                 team.bcast_weights(role.global_weights)
-                if role.global_control is not None:  # SCAFFOLD's server control variate
-                    team.bcast_weights(role.global_control)
+                control = role.global_control  # SCAFFOLD's server control variate
+                if control is not None:  # (read once: the coordinator's is a fresh copy)
+                    team.bcast_weights(control)
         report, error = role.local_round(plan)
         with timer("local"):
             world.quiet_barrier()
