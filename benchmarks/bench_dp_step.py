@@ -12,13 +12,29 @@ Methods:
   ghost       Opacus fast gradient clipping (ghost norms for Linear; per-sample gradient
               norms through hooks for the rest), DPOptimizerFastGradientClipping
   mixed       fedsilo mixed ghost clipping (ghost or explicit norm per layer, Bu et al.
-              2022; src/fedsilo/privacy/ghost.py), reweighted second backward, noise
+              2022; src/fedsilo/privacy/ghost.py), reweighted second backward, noise from
+              torch.normal (the DP step before issue #11)
+  secret      the engine's own step (ParticipantPrivacy._step, mode "mixed"): the Poisson
+              mask and the Gaussian noise drawn from a site secret (privacy/secret.py:
+              ChaCha20, Box-Muller in float64, four normals per value) on the CPU, the
+              sampled rows gathered from 20*batch samples (the step after issue #11)
+
+The secret step draws a Poisson batch, whose size varies; so that it computes on exactly
+``--batch`` samples like the other methods, it runs only at (round, step) counters whose
+mask holds exactly ``--batch`` samples, found beforehand under a fixed secret.  The mask
+is still drawn inside every timed step.
+
+``--noise-sizes`` also times the noise generators alone, side by side: values per second of
+``SecretStream.fill_gaussian`` into a float32 buffer against ``torch.normal``, and the
+ChaCha20 keystream alone (the 256 bits each secret value consumes).
 
 Peak memory: each method is run again alone (3 steps) in a child process; reported is the
 peak growth of its resident set over the steps, sampled from /proc every 0.5 ms (CPU), or
 ``torch.cuda.max_memory_allocated`` (GPU).
 
     python benchmarks/bench_dp_step.py --models small_cnn resnet18 --out results/dp-step.json
+    python benchmarks/bench_dp_step.py --models resnet18 --methods nonprivate mixed secret
+    python benchmarks/bench_dp_step.py --models --noise-sizes 1000000 11000000
 """
 
 from __future__ import annotations
@@ -33,19 +49,27 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedsilo.config import SiteDP, TrainConfig
 from fedsilo.models import build_model
+from fedsilo.privacy.engine import ParticipantPrivacy
 from fedsilo.privacy.ghost import GhostClipper
+from fedsilo.privacy.secret import Purpose, SecretStream
+from fedsilo.training import TensorSplit
 
-METHODS = ["nonprivate", "hooks", "ghost", "mixed"]
+METHODS = ["nonprivate", "hooks", "ghost", "mixed", "secret"]
+#: the secret step samples from this many times --batch samples (q = 1/POOL)
+POOL = 20
 
 
-def make_step(method: str, model: nn.Module, *, batch: int, clip: float = 1.0,
+def make_step(method: str, model: nn.Module, *, batch: int, name: str, clip: float = 1.0,
               sigma: float = 1.0):
-    """A closure running one training step of ``method`` on (x, y)."""
+    """A closure running one training step of ``method`` on (x, y); the ``secret`` step
+    ignores (x, y) and draws its batch from its own pool of random images."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
 
@@ -105,7 +129,48 @@ def make_step(method: str, model: nn.Module, *, batch: int, clip: float = 1.0,
             add_noise()
             optimizer.step()
         return step
+    if method == "secret":
+        return _secret_step(model, optimizer, batch=batch, name=name, clip=clip, sigma=sigma)
     raise ValueError(method)
+
+
+def _secret_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch: int, name: str,
+                 clip: float, sigma: float):
+    device = next(model.parameters()).device
+    num_samples = POOL * batch
+    data = TensorSplit(torch.randn(num_samples, 1, 28, 28, device=device),
+                       torch.randint(0, 2, (num_samples,), device=device))
+    engine = ParticipantPrivacy(
+        model, site=0, settings=SiteDP(target_epsilon=None, noise_multiplier=sigma,
+                                       delta=1e-5, max_grad_norm=clip),
+        mechanism="rdp", num_samples=num_samples, train=TrainConfig(batch_size=batch),
+        rounds=1, model_name=name, sample=data.images[:2], mode="mixed")
+    assert engine.sample_rate * num_samples == batch and engine.noise_multiplier == sigma
+    secret = bytes(range(32))  # fixed, so the counters below are the same in every run
+    counters = _full_batch_counters(secret, num_samples=num_samples, rate=engine.sample_rate,
+                                    batch=batch, count=32)
+    position = [0]
+
+    def step(x, y):
+        round_index, index = counters[position[0] % len(counters)]
+        position[0] += 1
+        engine._step(data, optimizer, secret, round_index, index, 0, 0.0)
+    return step
+
+
+def _full_batch_counters(secret: bytes, *, num_samples: int, rate: float, batch: int,
+                         count: int) -> list[tuple[int, int]]:
+    """The first ``count`` (round, step) counters whose Poisson mask draws ``batch`` samples."""
+    found = []
+    for round_index in range(10_000):
+        for index in range(100):
+            mask = SecretStream(secret, purpose=Purpose.POISSON, round_index=round_index,
+                                step=index).bernoulli(num_samples, rate)
+            if int(mask.sum()) == batch:
+                found.append((round_index, index))
+                if len(found) == count:
+                    return found
+    raise RuntimeError("no Poisson mask of the expected batch size")
 
 
 def build(name: str, device: torch.device) -> nn.Module:
@@ -114,15 +179,15 @@ def build(name: str, device: torch.device) -> nn.Module:
                        norm_groups=32).to(device)
 
 
-def run_timing(name: str, *, batch: int, steps: int, repeats: int, warmup: int,
-               device: torch.device) -> dict:
+def run_timing(name: str, *, methods: list[str], batch: int, steps: int, repeats: int,
+               warmup: int, device: torch.device) -> dict:
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 2, (batch,), device=device)
-    steppers = {m: make_step(m, build(name, device), batch=batch) for m in METHODS}
+    steppers = {m: make_step(m, build(name, device), batch=batch, name=name) for m in methods}
     for step in steppers.values():
         for _ in range(warmup):
             step(x, y)
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(repeats):
         for method, step in steppers.items():
             _sync(device)
@@ -132,9 +197,50 @@ def run_timing(name: str, *, batch: int, steps: int, repeats: int, warmup: int,
             _sync(device)
             times[method].append((time.perf_counter() - begin) / steps)
     base = times["nonprivate"]
-    return {m: {"step_ms_median": 1000 * statistics.median(t),
-                "ratio_median": statistics.median(a / b for a, b in zip(t, base))}
-            for m, t in times.items()}
+    result = {m: {"step_ms_median": 1000 * statistics.median(t),
+                  "ratio_median": statistics.median(a / b for a, b in zip(t, base)),
+                  "step_ms": [1000 * v for v in t]}
+              for m, t in times.items()}
+    if "secret" in times and "mixed" in times:
+        # the cost of the change: after (secret) / before (mixed), repeat by repeat
+        result["secret"]["vs_mixed_median"] = statistics.median(
+            a / b for a, b in zip(times["secret"], times["mixed"]))
+    return result
+
+
+def noise_throughput(sizes: list[int], *, repeats: int, std: float = 1.0) -> dict:
+    """Values per second of the secret Gaussian (``fill_gaussian`` into float32) and of
+    ``torch.normal`` (float32, a new tensor as the step before issue #11 did), interleaved."""
+    secret = bytes(range(32))
+    out = {}
+    for size in sizes:
+        buffer = np.empty(size, dtype=np.float32)
+        times: dict[str, list[float]] = {"secret": [], "keystream": [], "torch": []}
+        for repeat in range(repeats + 1):  # the first round is a warm-up
+            begin = time.perf_counter()
+            SecretStream(secret, purpose=Purpose.NOISE, round_index=0,
+                         step=repeat).fill_gaussian(buffer, std=std)
+            middle = time.perf_counter()
+            torch.normal(0.0, std, size=(size,))
+            end = time.perf_counter()
+            # the ChaCha20 part alone: the 4 x 64 bits each secret value consumes
+            stream = SecretStream(secret, purpose=Purpose.NOISE, round_index=1, step=repeat)
+            for chunk in range(0, size, 1 << 20):
+                stream.uint64(4 * min(1 << 20, size - chunk))
+            last = time.perf_counter()
+            if repeat:
+                times["secret"].append(middle - begin)
+                times["torch"].append(end - middle)
+                times["keystream"].append(last - end)
+        out[str(size)] = {
+            "secret_ms_median": 1000 * statistics.median(times["secret"]),
+            "keystream_ms_median": 1000 * statistics.median(times["keystream"]),
+            "torch_ms_median": 1000 * statistics.median(times["torch"]),
+            "secret_values_per_s": size / statistics.median(times["secret"]),
+            "torch_values_per_s": size / statistics.median(times["torch"]),
+            "secret_over_torch_median": statistics.median(
+                a / b for a, b in zip(times["secret"], times["torch"]))}
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -155,7 +261,7 @@ def _child_peak(name: str, method: str, batch: int, device: str) -> float:
     model = build(name, device)
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 2, (batch,), device=device)
-    step = make_step(method, model, batch=batch)
+    step = make_step(method, model, batch=batch, name=name)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
@@ -188,7 +294,12 @@ def _child_peak(name: str, method: str, batch: int, device: str) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["small_cnn", "resnet18"])
+    parser.add_argument("--models", nargs="*", default=["small_cnn", "resnet18"],
+                        help="dp_cnn, small_cnn, resnet18, ... (none: only --noise-sizes)")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS,
+                        help="nonprivate is always run (the ratios' denominator)")
+    parser.add_argument("--noise-sizes", nargs="*", type=lambda v: int(float(v)), default=[],
+                        help="also time the noise generators alone for these numbers of values")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=7)
@@ -198,26 +309,38 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true", default=False)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    methods = ["nonprivate"] + [m for m in METHODS if m in args.methods and m != "nonprivate"]
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results = {"batch": args.batch, "steps": args.steps, "repeats": args.repeats,
                "threads": args.threads, "device": str(device), "torch": torch.__version__,
-               "machine": platform.processor() or platform.machine(), "models": {}}
+               "machine": platform.processor() or platform.machine(), "methods": methods,
+               "argv": sys.argv[1:] if argv is None else list(argv), "models": {}}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     for name in args.models:
-        timing = run_timing(name, batch=args.batch, steps=args.steps, repeats=args.repeats,
-                            warmup=args.warmup, device=device)
+        timing = run_timing(name, methods=methods, batch=args.batch, steps=args.steps,
+                            repeats=args.repeats, warmup=args.warmup, device=device)
         if not args.no_memory:
-            for method in METHODS:
+            for method in methods:
                 timing[method]["peak_mb"] = peak_memory(name, method, batch=args.batch,
                                                         device=device)
         results["models"][name] = timing
         for method, row in timing.items():
             print(f"{name:10s} {method:11s} {row['step_ms_median']:8.1f} ms/step  "
                   f"x{row['ratio_median']:.2f}" +
-                  (f"  peak {row['peak_mb']:.0f} MB" if "peak_mb" in row else ""), flush=True)
+                  (f"  peak {row['peak_mb']:.0f} MB" if "peak_mb" in row else "") +
+                  (f"  x{row['vs_mixed_median']:.3f} of mixed" if "vs_mixed_median" in row
+                   else ""), flush=True)
+    if args.noise_sizes:
+        results["noise"] = noise_throughput(args.noise_sizes, repeats=args.repeats)
+        for size, row in results["noise"].items():
+            print(f"noise {int(size):>10,d} values: secret {row['secret_ms_median']:8.1f} ms "
+                  f"({row['secret_values_per_s'] / 1e6:6.1f} M/s)  torch.normal "
+                  f"{row['torch_ms_median']:7.1f} ms ({row['torch_values_per_s'] / 1e6:6.1f} M/s)"
+                  f"  secret/torch x{row['secret_over_torch_median']:.1f}  (of the secret time, "
+                  f"ChaCha20 alone {row['keystream_ms_median']:.1f} ms)", flush=True)
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -15,8 +17,18 @@ def summarize(run: Path) -> dict:
     privacy = summary.get("privacy")
     eps = max(p["epsilon"] for p in privacy.values()) if privacy else math.inf
     target = next(iter(privacy.values()))["target_epsilon"] if privacy else math.inf
+    sigmas = " / ".join(f"{privacy[k]['noise_multiplier']:.2f}" for k in sorted(privacy, key=int)) \
+        if privacy else "–"
     return {"run": str(run), "target": target, "epsilon": eps, "acc": summary["test"]["acc"],
-            "auc": summary["test"]["auc"], "rounds": summary["rounds_completed"]}
+            "auc": summary["test"]["auc"], "rounds": summary["rounds_completed"],
+            "seed": _seed(run), "sigmas": sigmas}
+
+
+def _seed(run: Path) -> int | None:
+    """The job's seed, from the config.yaml the run wrote (None if it is not there)."""
+    config = run / "config.yaml"
+    found = re.search(r"^seed:\s*(\d+)", config.read_text(), re.M) if config.exists() else None
+    return int(found.group(1)) if found else None
 
 
 def main(argv=None) -> int:
@@ -24,12 +36,19 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--png", default=None, help="write the plot here")
     args = parser.parse_args(argv)
-    rows = sorted((summarize(r) for r in args.runs), key=lambda r: r["target"])
-    print("| target ε | max site ε (δ=1e-5) | rounds | test acc | test AUC |")
-    print("|---|---|---|---|---|")
+    rows = sorted((summarize(r) for r in args.runs),
+                  key=lambda r: (r["target"], -1 if r["seed"] is None else r["seed"]))
+    print("| target ε | seed | max site ε (δ=1e-5) | σ per site | rounds | test acc | test AUC |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['target']:g} | {r['epsilon']:.3f} | {r['rounds']} | {r['acc']:.4f} | "
-              f"{r['auc']:.4f} |")
+        print(f"| {r['target']:g} | {r['seed']} | {r['epsilon']:.3f} | {r['sigmas']} | "
+              f"{r['rounds']} | {r['acc']:.4f} | {r['auc']:.4f} |")
+    for target in sorted({r["target"] for r in rows}):
+        same = [r for r in rows if r["target"] == target]
+        if len(same) > 1:
+            print(f"| {target:g} | median of {len(same)} | | | | "
+                  f"{statistics.median(r['acc'] for r in same):.4f} | "
+                  f"{statistics.median(r['auc'] for r in same):.4f} |")
     if args.png:
         import matplotlib
         matplotlib.use("Agg")
@@ -46,7 +65,7 @@ def main(argv=None) -> int:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("per-site ε (δ = 1e-5)")
         ax.set_ylabel("test metric")
-        ax.set_title("PneumoniaMNIST, small CNN, 3 sites dirichlet:0.5")
+        ax.set_title("PneumoniaMNIST, dp_cnn, 3 sites dirichlet:0.5")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(args.png, dpi=120)

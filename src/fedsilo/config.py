@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -158,6 +159,15 @@ class RuntimeConfig:
 #: keys a ``dp.sites.K`` override may set (the rest is job-wide)
 SITE_DP_KEYS = ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm")
 
+#: σ range of every noise multiplier, configured or searched for (``noise_multiplier_for``).
+#: Below 0.01 one step already spends ε in the thousands whatever the sampling rate, and
+#: Opacus's accountants stop computing (GDP's exp(1/σ²) overflows below σ ≈ 0.04, PRV cannot
+#: discretise); above 1e4 the noise swamps any gradient (RDP's ε sits at its floor long before).
+MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 0.01, 1e4
+#: the largest budget ε one may ask for: past it a "budget" promises no privacy at all
+#: (e^ε, the bound on the likelihood ratio, overflows a double from ε ≈ 709 on)
+MAX_TARGET_EPSILON = 1e4
+
 
 @dataclass(frozen=True)
 class SiteDP:
@@ -182,8 +192,8 @@ class UserDPConfig:
     noise: Literal["central", "distributed"] = "central"
 
     def __post_init__(self) -> None:
-        _check(self.clip_norm > 0, "dp.user.clip_norm", "must be > 0")
-        _check(self.noise_multiplier > 0, "dp.user.noise_multiplier", "must be > 0")
+        _check_positive("dp.user.clip_norm", self.clip_norm)
+        _check_noise_multiplier("dp.user.noise_multiplier", self.noise_multiplier)
 
 
 @dataclass(frozen=True)
@@ -218,11 +228,7 @@ class DPConfig:
     user: UserDPConfig = field(default_factory=UserDPConfig)
 
     def __post_init__(self) -> None:
-        _check_site_dp("dp", self.target_epsilon, self.noise_multiplier, self.delta,
-                       self.max_grad_norm)
-        _check(not self.enabled or self.target_epsilon is not None
-               or self.noise_multiplier is not None, "dp",
-               "needs target_epsilon or noise_multiplier when enabled")
+        self._check_site("dp", self.for_site(0, _sites={}))  # the job-wide settings
         sites = {}
         for key, override in self.sites.items():
             try:
@@ -241,11 +247,26 @@ class DPConfig:
                                       f"of 'dp.sites.{key}': {', '.join(sorted(SITE_DP_KEYS))}")
                 hint = typing.get_type_hints(SiteDP)[name]
                 clean[name] = _coerce(hint, value, f"dp.sites.{key}.{name}")
-            resolved = dataclasses.replace(self.for_site(site, _sites={}), **clean)
-            _check_site_dp(f"dp.sites.{key}", resolved.target_epsilon,
-                           resolved.noise_multiplier, resolved.delta, resolved.max_grad_norm)
+            self._check_site(f"dp.sites.{key}",
+                             dataclasses.replace(self.for_site(site, _sites={}), **clean))
             sites[site] = clean
         object.__setattr__(self, "sites", dict(sorted(sites.items())))
+
+    def _check_site(self, key: str, site: SiteDP) -> None:
+        """Validate one participant's resolved settings.  The job-wide ones (``key`` "dp")
+        are checked first, so a site's error can only come from its own override ``key``."""
+        _check_site_dp(key, site)
+        if not self.enabled:
+            return
+        _check(site.target_epsilon is not None or site.noise_multiplier is not None, key,
+               "needs target_epsilon or noise_multiplier when enabled (got null for both)")
+        if self.accountant == "gdp" and site.target_epsilon is not None:
+            raise ConfigError(
+                f"config key '{key}.target_epsilon' sets a budget of ε = "
+                f"{site.target_epsilon:.6g}, but dp.accountant=gdp cannot enforce one: GDP "
+                f"(Gaussian DP) is a CLT approximation that can under-report ε; use rdp or "
+                f"prv for a budget, or keep gdp for reporting only with target_epsilon: null "
+                f"and an explicit noise_multiplier")
 
     def for_site(self, site: int, *, _sites: Mapping[int, Any] | None = None) -> SiteDP:
         """The settings of participant ``site`` (0-based): job-wide ones plus its overrides."""
@@ -255,13 +276,37 @@ class DPConfig:
         return dataclasses.replace(base, **overrides)
 
 
-def _check_site_dp(key: str, target_epsilon: float | None, noise_multiplier: float | None,
-                   delta: float, max_grad_norm: float) -> None:
-    _check(target_epsilon is None or target_epsilon > 0, f"{key}.target_epsilon", "must be > 0")
-    _check(noise_multiplier is None or noise_multiplier > 0, f"{key}.noise_multiplier",
-           "must be > 0")
-    _check(0 < delta < 1, f"{key}.delta", "must be in (0, 1)")
-    _check(max_grad_norm > 0, f"{key}.max_grad_norm", "must be > 0")
+def _check_site_dp(key: str, site: SiteDP) -> None:
+    """Every DP number of ``site`` finite and in range (``key``: the section that set them)."""
+    if site.target_epsilon is not None:
+        _check_finite(f"{key}.target_epsilon", site.target_epsilon,
+                      0 < site.target_epsilon <= MAX_TARGET_EPSILON,
+                      f"in (0, {MAX_TARGET_EPSILON:g}]",
+                      "a larger ε promises no privacy: e^ε overflows a double from ε ≈ 709; "
+                      "use target_epsilon: null for no budget"
+                      if site.target_epsilon > MAX_TARGET_EPSILON else "")
+    if site.noise_multiplier is not None:
+        _check_noise_multiplier(f"{key}.noise_multiplier", site.noise_multiplier)
+    _check_finite(f"{key}.delta", site.delta, 0 < site.delta < 1, "in (0, 1)")
+    _check_positive(f"{key}.max_grad_norm", site.max_grad_norm)
+
+
+def _check_noise_multiplier(key: str, value: float) -> None:
+    _check_finite(key, value, MIN_NOISE_MULTIPLIER <= value <= MAX_NOISE_MULTIPLIER,
+                  f"in [{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}]",
+                  "below, one step spends ε in the thousands and the accountants cannot "
+                  "compute it; above, the noise swamps any update"
+                  if not math.isnan(value) else "")
+
+
+def _check_positive(key: str, value: float) -> None:
+    _check_finite(key, value, value > 0, "> 0")
+
+
+def _check_finite(key: str, value: float, ok: bool, expected: str, why: str = "") -> None:
+    if not (math.isfinite(value) and ok):
+        raise ConfigError(f"config key '{key}' must be a finite number {expected}, got "
+                          f"{value:.6g}" + (f" ({why})" if why else ""))
 
 
 @dataclass(frozen=True)
@@ -271,6 +316,36 @@ class HEConfig:
     enabled: bool = False
     #: key directory: participants open participant.key, the coordinator coordinator.ctx only
     keys: str = "keys"
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """How the participants' updates are summed (docs/privacy.md, docs/secure-aggregation.md).
+
+    ``secure``: none (plain MPI_Reduce: the coordinator sees each rank's sum), masks
+    (pairwise-masked secure aggregation over one MPI_Reduce: nobody short of all other
+    participants together learns one site's update; identity keys from ``fedsilo keys
+    --identity``), ckks (CKKS encryption, NVIDIA FLARE's trust model: the participants share
+    a key, the coordinator adds ciphertexts; same as ``he.enabled: true``).
+    """
+
+    secure: Literal["none", "masks", "ckks"] = "none"
+    #: a secure round with fewer contributing sites is refused by every participant
+    min_contributors: int = 2
+    #: masks: directory with public.json and the sites' site-NNN.key (``fedsilo keys --identity``)
+    keys: str = "identity"
+    #: masks: neighbours each site masks with; 0 = every other contributor (dense graph),
+    #: -1 = the SecAgg+ sparse graph of O(log n) neighbours, k > 0 = k neighbours
+    mask_degree: int = 0
+    #: masks: fractional bits of the fixed-point encoding (resolution 2^-frac_bits)
+    frac_bits: int = 32
+
+    def __post_init__(self) -> None:
+        _check(self.min_contributors >= 2, "aggregation.min_contributors",
+               "must be >= 2 (one contributor's 'sum' is its own update)")
+        _check(self.mask_degree >= -1, "aggregation.mask_degree",
+               "must be 0 (dense), -1 (sparse, O(log n)) or a number of neighbours > 0")
+        _check(8 <= self.frac_bits <= 52, "aggregation.frac_bits", "must be in [8, 52]")
 
 
 @dataclass(frozen=True)
@@ -290,28 +365,50 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     he: HEConfig = field(default_factory=HEConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
 
     def __post_init__(self) -> None:
+        # one switch: aggregation.secure=ckks and he.enabled=true mean the same thing
+        if self.he.enabled and self.aggregation.secure == "masks":
+            raise ConfigError("he.enabled=true asks for CKKS, aggregation.secure=masks for "
+                              "pairwise masks: choose one (aggregation.secure)")
+        if self.he.enabled != (self.aggregation.secure == "ckks"):
+            secure = "ckks" if self.he.enabled else self.aggregation.secure
+            object.__setattr__(self, "aggregation",
+                               dataclasses.replace(self.aggregation, secure=secure))
+            object.__setattr__(self, "he", dataclasses.replace(self.he, enabled=secure == "ckks"))
         _check(self.rounds >= 1, "rounds", "must be >= 1")
         _check(self.seed >= 0, "seed", "must be >= 0")
         from fedsilo.strategies import STRATEGIES
 
         strategy = STRATEGIES.get(self.strategy.name)
+        if self.dp.user.enabled and self.train.normalize_steps:
+            raise ConfigError(
+                "dp.user (DP-FedAvg) cannot run with train.normalize_steps=true: FedNova "
+                "rescales each clipped update by its data-dependent number of local steps, so "
+                "dp.user.clip_norm no longer bounds one site's contribution and the noise no "
+                "longer covers the sum's sensitivity; set train.normalize_steps=false")
         if self.dp.user.enabled and not strategy.linear:
             raise ConfigError(
                 f"strategy {self.strategy.name!r} combines updates non-linearly, but "
                 f"dp.user (DP-FedAvg) bounds a weighted sum's sensitivity; use a linear "
                 f"strategy with dp.user, or turn dp.user off")
+        if self.dp.user.enabled and getattr(strategy, "control_variates", False):
+            raise ConfigError(
+                f"strategy {self.strategy.name!r} sends each site's control-variate change "
+                f"beside its update, but dp.user (DP-FedAvg) clips and noises only the model "
+                f"update, so the control variates would leak each site's update unprotected; "
+                f"use another linear strategy with dp.user")
         if getattr(strategy, "control_variates", False) and self.train.optimizer != "sgd":
             raise ConfigError(
                 f"strategy {self.strategy.name!r} estimates control variates from SGD steps "
                 f"(option II of Karimireddy et al.); set train.optimizer=sgd")
-        if self.he.enabled:
-            if not strategy.linear:
-                raise ConfigError(
-                    f"strategy {self.strategy.name!r} needs each participant's update, but "
-                    f"he.enabled=true sums encrypted updates without decrypting them; use a "
-                    f"linear strategy (a weighted sum such as fedavg) or turn encryption off")
+        if self.aggregation.secure != "none" and not strategy.linear:
+            raise ConfigError(
+                f"strategy {self.strategy.name!r} needs each participant's update, but "
+                f"aggregation.secure={self.aggregation.secure} sums updates without anyone "
+                f"seeing one; use a linear strategy (a weighted sum such as fedavg) or "
+                f"aggregation.secure=none")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)

@@ -39,6 +39,10 @@ class PrivacyBudgetError(FedsiloError):
     """A differential-privacy budget is exhausted or cannot be met."""
 
 
+class PolicyError(FedsiloError):
+    """A participant refuses what the coordinator asks because it breaks the site's policy."""
+
+
 class CommunicationError(FedsiloError):
     """The MPI job is not set up as the run needs (rank count, launcher, peers)."""
 

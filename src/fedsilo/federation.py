@@ -5,7 +5,8 @@ Every rank runs :func:`run_job`.  The sequence of collectives is written once, i
 and a participant is only the local work between collectives (``roles.py``)::
 
     quiet barrier · plan (bcast) · weights (Bcast) · local training · quiet barrier ·
-    reports + errors (allgather) · weighted updates (Reduce) · server step, eval, checkpoint
+    reports + errors (gather to the coordinator, failures bcast) · weighted updates (Reduce) ·
+    server step, eval, checkpoint
 
 The weights and the Reduce go only to the ranks that have a site sampled in the round
 (partial participation; a sub-communicator, ``World.subset``); non-linear strategies
@@ -122,9 +123,11 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> boo
         with timer("local"):
             world.quiet_barrier()
         with timer("coordination"):
-            gathered = world.agree_gather((report, stop.requested), error,
+            # reports go to the coordinator only: no participant sees another's
+            gathered = world.agree_report((report, stop.requested), error,
                                           stage=f"round {round_index}")
-        stop_seen = any(flag for _, flag in gathered)
+        if gathered is not None:
+            stop_seen = any(flag for _, flag in gathered)
         if team is not None:
             with timer("aggregate"):
                 if config.he.enabled:
@@ -132,18 +135,23 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> boo
                 elif role.strategy.linear:
                     team.reduce_sum(role.reduce_buffer)
                 else:
-                    # every contributing update, in site order (ranks hold contiguous sites)
-                    counts = [0] + [sum(r["contributed"] for r in gathered[rank][0]["sites"])
-                                    for rank in plan["ranks"]]
+                    # every contributing update, in site order (ranks hold contiguous sites);
+                    # only the coordinator needs every rank's count, a sender its own
+                    counts = [0] * team.size
+                    if world.is_coordinator:
+                        counts[1:] = [sum(r["contributed"] for r in gathered[rank][0]["sites"])
+                                      for rank in plan["ranks"]]
+                    else:
+                        counts[team.rank] = 0 if role.rows is None else len(role.rows)
                     rows = team.gather_rows(role.rows, counts, role.layout.numel)
                     if world.is_coordinator:
                         role.rows = rows
-        role.finish_round(plan, [r for r, _ in gathered], timer)
+        role.finish_round(plan, None if gathered is None else [r for r, _ in gathered], timer)
 
     world.quiet_barrier()
     world.bcast_weights(role.global_weights)
     report, error = role.final_validation()
-    reports = world.agree_gather(report, error, stage="final validation")
+    reports = world.agree_report(report, error, stage="final validation")
     role.finish_job(reports)
     return True
 

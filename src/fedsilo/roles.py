@@ -22,10 +22,13 @@ from fedsilo import __version__
 from fedsilo.aggregate import count_nonfinite
 from fedsilo.comm import World
 from fedsilo.config import Config
-from fedsilo.errors import CheckpointError, DataError, FedsiloError, ModelError, UpdateError
+from fedsilo.errors import (CheckpointError, DataError, FedsiloError, ModelError, PolicyError,
+                             UpdateError)
 from fedsilo.models import build_model
 from fedsilo.participation import assign_sites, rank_of_sites, sample_sites
-from fedsilo.privacy import PrivacyAccountant, userlevel
+from fedsilo.privacy import userlevel
+from fedsilo.privacy.secret import Purpose, SecretStream, check_secret, new_secret
+from fedsilo.privacy.user_accounting import UserAccounting
 from fedsilo.progress import RoundProgress
 from fedsilo.rundir import RunDir, atomic_torch_save, dump_json, finite_json, load_torch
 from fedsilo.runtime import configure_threads, select_device
@@ -37,10 +40,6 @@ from fedsilo.training import (LocalStats, TensorSplit, evaluate, gradient_correc
 from fedsilo.weights import WeightLayout
 
 log = logging.getLogger("fedsilo")
-
-#: seeds the user-level DP noise apart from every other random stream of a (round, site)
-_NOISE_STREAM = 0x5EED_D9
-
 
 class _Role:
     """What both roles share: device, threads, the model and its flat weight buffers."""
@@ -102,6 +101,9 @@ class Site:
     #: SCAFFOLD: this site's control variate c_k (float32, model-sized)
     control: np.ndarray | None = None
     rounds_trained: int = 0
+    #: the site's privacy secret (DP): the key of every draw its mechanisms make; only this
+    #: rank and the site's own 0600 checkpoint ever hold it (privacy/secret.py)
+    secret: bytes | None = None
 
     @property
     def name(self) -> str:
@@ -168,6 +170,9 @@ class Participant(_Role):
         if self.strategy.control_variates:
             for site in self.sites:
                 site.control = np.zeros(numel, dtype=np.float32)
+        if _uses_secret(config):
+            for site in self.sites:  # a resumed run replaces it with the checkpoint's
+                site.secret = new_secret()
         #: this round's serialized ciphertext (encrypted aggregation only)
         self.payload: bytes | None = None
         if config.he.enabled:
@@ -194,6 +199,8 @@ class Participant(_Role):
             state["privacy"] = site.privacy.state_dict()
         if site.control is not None:
             state["control"] = torch.from_numpy(site.control.copy())
+        if site.secret is not None:
+            state["secret"] = torch.tensor(list(site.secret), dtype=torch.uint8)
         return state
 
     def _save(self, site: Site, round_index: int) -> None:
@@ -212,7 +219,15 @@ class Participant(_Role):
             if "privacy" not in state:
                 raise CheckpointError(f"checkpoint {path} has no privacy accountant, but this "
                                       f"run trains with DP (dp.enabled); resume it without DP")
-            site.privacy.load_state_dict(state["privacy"])
+            site.privacy.load_state_dict(state["privacy"],
+                                         remaining_rounds=self.config.rounds - round_index)
+        if site.secret is not None:
+            if "secret" not in state:
+                raise CheckpointError(
+                    f"checkpoint {path} holds no privacy secret: it was written by a fedsilo "
+                    f"whose DP noise followed from config.seed, so its privacy guarantee does "
+                    f"not hold; start a new run instead of resuming this one")
+            site.secret = check_secret(bytes(state["secret"].tolist()))
         if site.control is not None:
             if "control" not in state:
                 raise CheckpointError(f"checkpoint {path} has no control variate, but strategy "
@@ -235,13 +250,15 @@ class Participant(_Role):
         self.reduce_buffer.fill(0)
         rows: list[np.ndarray] = []
         reports: list[dict[str, Any]] = []
-        error: FedsiloError | None = None
+        error: FedsiloError | None = self._check_plan(plan)
         for site in self.sites:
             if error is not None:
                 reports.append(self._sit_out(site, round_index, reason="job failed"))
                 continue
             report, error = self._site_round(site, plan, deadline, rows)
             reports.append(report)
+            if error is None and site.index in plan["weights"]:
+                self._add_noise_share(site, plan)
         if error is not None:
             self.reduce_buffer.fill(0)
         if not self.strategy.linear:
@@ -250,6 +267,42 @@ class Participant(_Role):
         if self.codec is not None and error is None and self.world.rank in plan["ranks"]:
             he = self._encrypt_update(round_index)
         return {"sites": reports, "he": he}, error
+
+    def _check_plan(self, plan: dict[str, Any]) -> PolicyError | None:
+        """A participant's own check of what the coordinator asks of its sites: each weight
+        must be the one the manifest and the strategy give (so no site is singled out or
+        inflated); under user-level DP, the noise its share adds is computed here, not taken
+        from the plan."""
+        mine = [site.index for site in self.sites if site.index in plan["weights"]]
+        if not mine:
+            return None
+        expected = _plan_weights(self.config, self.strategy, self.manifest, plan["participants"])
+        for index in mine:
+            asked, own = plan["weights"][index], expected.get(index)
+            if own is None or not np.isclose(asked, own, rtol=1e-9, atol=0.0):
+                return PolicyError(
+                    f"participant {index} (site-{index:03d}) refuses round {plan['round']}: the "
+                    f"coordinator asks for weight {asked!r}, but the manifest and strategy "
+                    f"{self.config.strategy.name!r} give {own!r} for the sampled sites "
+                    f"{list(plan['participants'])}")
+        return None
+
+    def _add_noise_share(self, site: Site, plan: dict[str, Any]) -> None:
+        """User-level DP, distributed noise: every planned site adds its share, whether or not
+        it contributes an update this round (so the noise on the sum never shrinks when a
+        site sits out), drawn from its own secret."""
+        user_dp = self.config.dp.user
+        if not user_dp.enabled or user_dp.noise != "distributed":
+            return
+        std = userlevel.noise_std(noise_multiplier=user_dp.noise_multiplier,
+                                  clip_norm=user_dp.clip_norm,
+                                  weights=_user_weights(self.strategy, self.manifest),
+                                  num_shares=len(plan["participants"]))
+        numel = self.layout.numel
+        stream = SecretStream(site.secret, purpose=Purpose.USER_NOISE,
+                              round_index=plan["round"], step=0)
+        stream.fill_gaussian(self.contribution, std=std)
+        self.reduce_buffer[:numel] += self.contribution
 
     def _site_round(self, site: Site, plan: dict[str, Any], deadline: float | None,
                     rows: list[np.ndarray]) -> tuple[dict[str, Any], FedsiloError | None]:
@@ -273,7 +326,9 @@ class Participant(_Role):
         weight = plan["weights"][site.index]
         begin = time.perf_counter()
         self.layout.load(self.model, self.global_weights)
-        validation = evaluate(self.model, site.val_data, batch_size=self.config.eval.batch_size)
+        # under DP, metrics of the site's private data without noise never leave it
+        validation = None if _private(self.config) else \
+            evaluate(self.model, site.val_data, batch_size=self.config.eval.batch_size)
         val_seconds = time.perf_counter() - begin
         try:
             stats, planned = self._train(site, round_index, deadline)
@@ -292,13 +347,9 @@ class Participant(_Role):
         numel = self.layout.numel
         if self.strategy.linear:
             # u_k = scale · Δ_k in float32 (bit-identical wherever the site runs), then
-            # added to the rank's sum; user-level DP's distributed share goes on u_k
+            # added to the rank's sum (user-level DP's distributed share follows, in
+            # local_round)
             np.multiply(self.delta, np.float32(scale), out=self.contribution)
-            user_dp = self.config.dp.user
-            if user_dp.enabled and user_dp.noise == "distributed":
-                userlevel.add_noise(self.contribution, std=plan["user_noise_std"],
-                                    seed=(self.config.seed, round_index, site.index,
-                                          _NOISE_STREAM))
             self.reduce_buffer[:numel] += self.contribution
         else:
             rows.append(self.delta.copy())
@@ -311,16 +362,23 @@ class Participant(_Role):
         if _checkpoint_due(self.config, round_index):
             self._save(site, round_index)
         now = time.perf_counter()
-        return {"site": site.index, "num_samples": len(site.train_data),
-                "steps": stats.steps, "planned_steps": planned,
-                "train_loss": stats.loss, "train_s": stats.seconds, "val": validation,
-                "val_s": val_seconds, "checkpoint_s": now - begin_ckpt,
-                "local_s": now - begin, "contributed": True,
-                "privacy": self._privacy_report(site), "update_norm": self._update_norm}, None
+        report = {"site": site.index, "num_samples": len(site.train_data),
+                  "steps": stats.steps, "planned_steps": planned, "contributed": True,
+                  "privacy": self._privacy_report(site)}
+        if not _private(self.config):
+            # Under DP these would be side channels: the loss and validation metrics are
+            # computed on private data without noise, and the timings follow the Poisson
+            # batch sizes.  Reports go to the coordinator only (World.agree_report).
+            report.update(train_loss=stats.loss, train_s=stats.seconds, val=validation,
+                          val_s=val_seconds, checkpoint_s=now - begin_ckpt,
+                          local_s=now - begin)
+        return report, None
 
     def _train(self, site: Site, round_index: int, deadline: float | None
                ) -> tuple[LocalStats, int]:
         """Local training of ``site`` from the global weights (already loaded)."""
+        # config.seed governs what is not a privacy mechanism (the batch order without DP);
+        # DP-SGD draws from the site's secret instead
         seed = round_seed(self.config.seed, round_index, site.index)
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
@@ -333,7 +391,9 @@ class Participant(_Role):
                                 optimizer=optimizer, generator=generator, deadline=deadline)
             return stats, planned_steps(len(site.train_data), self.config.train)
         stats = LocalStats(*site.privacy.train_round(site.train_data, optimizer=optimizer,
-                                                     generator=generator, deadline=deadline))
+                                                     secret=site.secret,
+                                                     round_index=round_index,
+                                                     deadline=deadline))
         return stats, site.privacy.steps_per_round
 
     def _corrections(self, site: Site) -> Any:
@@ -360,9 +420,8 @@ class Participant(_Role):
                               f"(NaN/Inf) in round {round_index}; lower train.lr or check its "
                               f"data")
         user_dp = self.config.dp.user
-        self._update_norm = None
-        if user_dp.enabled:  # DP-FedAvg: clip Δ_k before weighting, noise share after
-            self._update_norm = userlevel.clip_in_place(self.delta, clip_norm=user_dp.clip_norm)
+        if user_dp.enabled:  # DP-FedAvg: clip Δ_k before weighting (its norm stays here)
+            userlevel.clip_in_place(self.delta, clip_norm=user_dp.clip_norm)
         # stragglers: a partial round counts for the share of its planned steps it did, or
         # (FedNova) every update is per step and the coordinator rescales the sum
         factor = 1.0 / stats.steps if self.config.train.normalize_steps \
@@ -424,10 +483,14 @@ class Participant(_Role):
 
     def final_validation(self) -> tuple[dict[str, Any], None]:
         self.layout.load(self.model, self.global_weights)
-        return {"sites": [{"site": site.index,
-                           "val": evaluate(self.model, site.val_data,
-                                           batch_size=self.config.eval.batch_size),
-                           "privacy": self._privacy_report(site)} for site in self.sites]}, None
+        reports = []
+        for site in self.sites:
+            report = {"site": site.index, "privacy": self._privacy_report(site)}
+            if not _private(self.config):  # under DP, validation metrics stay on the site
+                report["val"] = evaluate(self.model, site.val_data,
+                                         batch_size=self.config.eval.batch_size)
+            reports.append(report)
+        return {"sites": reports}, None
 
     def finish_job(self, reports: Sequence[Any]) -> None:
         pass
@@ -479,7 +542,12 @@ class Coordinator(_Role):
         #: each participant's latest privacy report, and the round a site stopped in
         self.privacy: dict[int, dict[str, Any]] = {}
         self.stopped: dict[int, int] = {}
-        self.user_accountant = PrivacyAccountant("rdp") if config.dp.user.enabled else None
+        user_dp = config.dp.user
+        self.user_accountant = UserAccounting(
+            noise_multiplier=user_dp.noise_multiplier, noise=user_dp.noise,
+            secure=config.he.enabled) if user_dp.enabled else None
+        #: central user-level noise: the coordinator's own secret (its 0600 checkpoint)
+        self.secret = new_secret() if user_dp.enabled and user_dp.noise == "central" else None
         self.started = time.perf_counter()
         if self.resume_round:
             self._load_checkpoint(self.resume_round)
@@ -517,6 +585,11 @@ class Coordinator(_Role):
         self.stopped = {int(k): v for k, v in privacy.get("stopped", {}).items()}
         if self.user_accountant is not None:
             self.user_accountant.load_state_dict(privacy["user_accountant"])
+        if self.secret is not None:
+            if "secret" not in state:
+                raise CheckpointError(f"checkpoint {path} holds no privacy secret for the "
+                                      f"central user-level noise; start a new run")
+            self.secret = check_secret(bytes(state["secret"].tolist()))
         rows = self.run_dir.read_metrics()
         if (not rows or rows[-1]["round"] < round_index) and state.get("metrics_row"):
             self.run_dir.append_metrics(json.loads(state["metrics_row"]))
@@ -535,17 +608,11 @@ class Coordinator(_Role):
         share = self.config.participation
         participants = sample_sites(available, fraction=share.fraction, minimum=share.min,
                                     seed=share.seed, round_index=round_index)
-        weights = self.strategy.client_weights({k: self.num_samples[k] for k in participants})
-        plan = {"round": round_index, "stop": False, "participants": participants,
+        weights = _plan_weights(self.config, self.strategy, self.manifest, participants)
+        return {"round": round_index, "stop": False, "participants": participants,
                 "weights": weights,
                 # the participant ranks that take part: the others idle (no weights, no upload)
                 "ranks": sorted({self.rank_of_site[k] for k in participants})}
-        user_dp = self.config.dp.user
-        if user_dp.enabled:
-            plan["user_noise_std"] = userlevel.noise_std(
-                noise_multiplier=user_dp.noise_multiplier, clip_norm=user_dp.clip_norm,
-                weights=weights, share=user_dp.noise == "distributed")
-        return plan
 
     def local_round(self, plan: dict[str, Any]) -> tuple[None, None]:
         return None, None  # the coordinator adds nothing to the sum (World.reduce_sum)
@@ -558,11 +625,8 @@ class Coordinator(_Role):
         contributors = [r for r in sites if r["contributed"]]
         with timer("server_step"):
             if contributors:
-                aggregate = self._aggregate(plan, contributors)
-                if self.user_accountant is not None and self.config.dp.user.noise == "central":
-                    userlevel.add_noise(aggregate[: self.layout.numel],
-                                        std=plan["user_noise_std"],
-                                        seed=(self.config.seed, round_index, _NOISE_STREAM))
+                aggregate = self._user_level_sum(plan) if self.user_accountant is not None \
+                    else self._aggregate(plan, contributors)
                 fraction = len(contributors) / len(self.num_samples)
                 self.strategy.server_step(self.global_weights, aggregate,
                                           out=self.global_weights, fraction=fraction)
@@ -573,11 +637,7 @@ class Coordinator(_Role):
                 log.warning("round %d: no participant contributed; the global model stays as "
                             "it was", round_index)
         if self.user_accountant is not None:
-            # one Gaussian mechanism per round over the sites, subsampled at the planned
-            # participation fraction (the usual approximation for fixed-size sampling)
-            self.user_accountant.spend(noise_multiplier=self.config.dp.user.noise_multiplier,
-                                       sample_rate=self.config.participation.fraction,
-                                       num_steps=1)
+            self.user_accountant.spend_round(planned=plan["participants"])
         test = None
         if round_index % self.config.eval.every == 0 or round_index == self.config.rounds:
             with timer("evaluate"):
@@ -601,12 +661,36 @@ class Coordinator(_Role):
                 # the row goes in too: a crash between this file and metrics.jsonl loses nothing
                 "metrics_row": json.dumps(finite_json(row)),
                 "fedsilo_version": __version__,
+                **({} if self.secret is None else
+                   {"secret": torch.tensor(list(self.secret), dtype=torch.uint8)}),
             })
             self.run_dir.prune(keep=self.config.checkpoint.keep, current=round_index)
             row["seconds"]["checkpoint"] = time.perf_counter() - begin
         row["seconds"]["round"] = timer.total()  # everything, the checkpoint included
         self.run_dir.append_metrics(row)
         self.progress.update(round_index, row)
+
+    def _user_level_sum(self, plan: dict[str, Any]) -> np.ndarray:
+        """User-level DP: the released sum Σ w_k clip(Δ_k) + N(0, σ²S²), then divided by the
+        planned sites' total weight.  The noise goes on the sum itself, before any rescale, and
+        nothing is renormalized over the sites that contributed (their number is not public
+        to the model's readers, and renormalizing would scale the noise down with it)."""
+        numel = self.layout.numel
+        aggregate = self.aggregate
+        if aggregate is not self.reduce_buffer:
+            np.copyto(aggregate, self.reduce_buffer, casting="same_kind")
+        user_dp = self.config.dp.user
+        if user_dp.noise == "central":
+            std = userlevel.noise_std(noise_multiplier=user_dp.noise_multiplier,
+                                      clip_norm=user_dp.clip_norm,
+                                      weights=_user_weights(self.strategy, self.manifest))
+            noise = np.empty(numel, dtype=np.float32)
+            SecretStream(self.secret, purpose=Purpose.USER_NOISE, round_index=plan["round"],
+                         step=0).fill_gaussian(noise, std=std)
+            aggregate[:numel] += noise
+        planned = sum(plan["weights"].values())  # public: who was asked, not who answered
+        aggregate[:numel] *= np.float32(1.0 / planned)
+        return aggregate
 
     def _aggregate(self, plan: dict[str, Any], contributors: Sequence[dict[str, Any]]
                    ) -> np.ndarray:
@@ -666,29 +750,24 @@ class Coordinator(_Role):
         seconds = dict(timer.seconds)
         everyone = [r for rank in ranks for r in rank["sites"]]
         reports = [r for r in everyone if r["contributed"]]
-        seconds["local_train_max"] = max((r["train_s"] for r in reports), default=0.0)
-        seconds["local_val_max"] = max((r["val_s"] for r in reports), default=0.0)
-        # the critical path of local work: the slowest rank's training + validation (a rank
-        # with several sites trains them in turn)
-        per_rank = [sum(r["train_s"] + r["val_s"] for r in rank["sites"] if r["contributed"])
-                    for rank in ranks]
-        seconds["local_compute_max"] = max(per_rank, default=0.0)
+        if not _private(self.config):  # under DP, sites report no timings (side channel)
+            seconds["local_train_max"] = max((r["train_s"] for r in reports), default=0.0)
+            seconds["local_val_max"] = max((r["val_s"] for r in reports), default=0.0)
+            # the critical path of local work: the slowest rank's training + validation (a
+            # rank with several sites trains them in turn)
+            per_rank = [sum(r["train_s"] + r["val_s"] for r in rank["sites"] if r["contributed"])
+                        for rank in ranks]
+            seconds["local_compute_max"] = max(per_rank, default=0.0)
         seconds["round"] = timer.total()  # provisional: finish_round adds the checkpoint
         active = len(plan["ranks"])
         weight_bytes = self.layout.numel * 4
         row: dict[str, Any] = {"round": plan["round"]}
         if test is not None:
             row.update(acc=test["acc"], auc=test["auc"], loss=test["loss"])
-        row["val"] = _weighted_validation(reports)
-        row["participants"] = {str(r["site"]): {
-            "num_samples": r["num_samples"], "steps": r["steps"],
-            "planned_steps": r["planned_steps"], "train_loss": r["train_loss"],
-            "train_s": r["train_s"], "val_s": r["val_s"], "checkpoint_s": r["checkpoint_s"],
-            "local_s": r["local_s"], "val_acc": r["val"]["acc"], "val_auc": r["val"]["auc"],
-        } for r in reports}
+        if not _private(self.config):
+            row["val"] = _weighted_validation(reports)
+        row["participants"] = {str(r["site"]): _site_row(r) for r in reports}
         if self.config.dp.enabled:
-            for r in reports:
-                row["participants"][str(r["site"])]["epsilon"] = r["privacy"]["epsilon"]
             row["epsilon"] = {str(k): v["epsilon"] for k, v in sorted(self.privacy.items())}
             row["delta"] = {str(k): v["delta"] for k, v in sorted(self.privacy.items())}
             row["stopped"] = {str(k): v for k, v in sorted(self.stopped.items())}
@@ -699,10 +778,7 @@ class Coordinator(_Role):
         row["dropped"] = {str(r["site"]): r.get("error", r["reason"]) for r in everyone
                           if not r["contributed"] and r["site"] in plan["weights"]}
         if self.user_accountant is not None:
-            row["user_epsilon"] = self.user_accountant.epsilon(delta=self.config.dp.delta)
-            row["user_delta"] = self.config.dp.delta
-            for r in reports:
-                row["participants"][str(r["site"])]["update_norm"] = r["update_norm"]
+            row.update(self._user_epsilon_row())
         row["seconds"] = seconds
         # what crossed MPI: the weights to each active rank (and SCAFFOLD's control
         # variate), and each active rank's sum (twice as wide for SCAFFOLD, or in float64),
@@ -721,6 +797,19 @@ class Coordinator(_Role):
             sizes = list(row["he"]["ciphertext_bytes"].values())
             row["bytes"]["reduce"] = sum(sizes) - sizes[0] + weight_bytes * control
         return row
+
+    def _user_epsilon_row(self) -> dict[str, Any]:
+        """User-level ε: the largest over the sites, against the readers of the released
+        models (``user_epsilon``) and against the coordinator (``user_epsilon_coordinator``,
+        None when it has no guarantee: central noise), and per site."""
+        eps = self.user_accountant.epsilon(delta=self.config.dp.delta)
+        released, coordinator = eps["released"], eps["coordinator"]
+        return {
+            "user_epsilon": max(released.values(), default=0.0),
+            "user_epsilon_coordinator": None if any(v is None for v in coordinator.values())
+            else max(coordinator.values(), default=0.0),
+            "user_epsilon_per_site": {str(k): v for k, v in released.items()},
+            "user_delta": self.config.dp.delta}
 
     def _he_row(self, ranks: Sequence[dict[str, Any]]) -> dict[str, Any]:
         info = self.he_round or {}
@@ -759,12 +848,13 @@ class Coordinator(_Role):
             "num_parameters": self.layout.numel,
             "participants": {str(k): {"num_samples": v} for k, v in self.num_samples.items()},
             "test": self.last_test,
-            "val": _weighted_validation(validations),
-            "val_per_site": {str(r["site"]): r["val"] for r in validations},
             "best_acc": max((r["acc"] for r in rows if "acc" in r), default=None),
             "seconds_this_process": time.perf_counter() - self.started,
             "resumed_from_round": self.resume_round or None,
         }
+        if not _private(self.config):  # under DP, validation metrics stay on the sites
+            summary["val"] = _weighted_validation(validations)
+            summary["val_per_site"] = {str(r["site"]): r["val"] for r in validations}
         if self.config.dp.enabled:
             summary["privacy"] = {str(r["site"]): {
                 "epsilon": r["privacy"]["epsilon"], "delta": r["privacy"]["delta"],
@@ -778,18 +868,69 @@ class Coordinator(_Role):
             summary["stopped"] = {str(k): v for k, v in sorted(self.stopped.items())}
         if self.user_accountant is not None:
             user_dp = self.config.dp.user
+            eps = self._user_epsilon_row()
             summary["user_privacy"] = {
-                "epsilon": self.user_accountant.epsilon(delta=self.config.dp.delta),
+                "epsilon": eps["user_epsilon"],
+                "epsilon_coordinator": eps["user_epsilon_coordinator"],
+                "epsilon_per_site": eps["user_epsilon_per_site"],
+                "rounds_per_site": {str(k): v for k, v in self.user_accountant.rounds().items()},
+                "rounds": max(self.user_accountant.rounds().values(), default=0),
                 "delta": self.config.dp.delta, "noise_multiplier": user_dp.noise_multiplier,
                 "clip_norm": user_dp.clip_norm, "noise": user_dp.noise,
-                "rounds": self.user_accountant.num_steps, "accountant": "rdp"}
+                "neighbouring": "one site's whole contribution added or removed",
+                "sampling_amplification": False, "accountant": "rdp"}
         dump_json(self.run_dir.summary, summary)
         log.info("finished: test acc %.4f auc %.4f loss %.4f -> %s", self.last_test["acc"],
                  self.last_test["auc"], self.last_test["loss"], self.run_dir.root)
 
 
+def _private(config: Config) -> bool:
+    """Whether a DP guarantee covers this run: then nothing computed on a site's private data
+    without noise (losses, validation metrics, update norms, timings) leaves the site."""
+    return config.dp.enabled or config.dp.user.enabled
+
+
+def _uses_secret(config: Config) -> bool:
+    """Whether a site's mechanisms draw randomness (DP-SGD, or a user-level noise share)."""
+    return config.dp.enabled or (config.dp.user.enabled and config.dp.user.noise == "distributed")
+
+
+def _user_weights(strategy: Any, manifest: Manifest) -> dict[int, float]:
+    """User-level DP's fixed weights: n_k / Σn over every site of the federation, whoever is
+    sampled or contributes (renormalizing over a sample would let one site's absence change
+    every other weight, doubling the sensitivity)."""
+    return strategy.client_weights({k: int(site.num_samples["train"])
+                                    for k, site in enumerate(manifest.sites)})
+
+
+def _plan_weights(config: Config, strategy: Any, manifest: Manifest,
+                  participants: Sequence[int]) -> dict[int, float]:
+    """The weight of each sampled site's update: the strategy's weights over the sample, or
+    (user-level DP) the fixed federation-wide weights."""
+    if config.dp.user.enabled:
+        fixed = _user_weights(strategy, manifest)
+        return {k: fixed[k] for k in participants}
+    return strategy.client_weights({k: int(manifest.sites[k].num_samples["train"])
+                                    for k in participants})
+
+
 def _checkpoint_due(config: Config, round_index: int) -> bool:
     return round_index % config.checkpoint.every == 0 or round_index == config.rounds
+
+
+#: what a site's report may carry into metrics.jsonl (the DP-sensitive ones are absent
+#: from the report under DP, see Participant._site_round)
+_SITE_ROW_KEYS = ("num_samples", "steps", "planned_steps", "train_loss", "train_s", "val_s",
+                  "checkpoint_s", "local_s")
+
+
+def _site_row(report: dict[str, Any]) -> dict[str, Any]:
+    row = {key: report[key] for key in _SITE_ROW_KEYS if key in report}
+    if "val" in report:
+        row.update(val_acc=report["val"]["acc"], val_auc=report["val"]["auc"])
+    if report.get("privacy") is not None:
+        row["epsilon"] = report["privacy"]["epsilon"]
+    return row
 
 
 def _weighted_validation(reports: Sequence[dict[str, Any]]) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """Local training and evaluation on one rank (torch; no MPI here).
 
 Batches are drawn from tensors held in memory with an explicit ``torch.Generator``, so a
-round's training is a pure function of (weights, seed, round, site): that is what makes
-``--resume`` bit-identical without shipping RNG state around.
+round's training is a pure function of (weights, seed, round, site) (and, under DP, of the
+site's secret, see ``privacy/secret.py``): that is what makes ``--resume`` bit-identical
+without shipping RNG state around.
 """
 
 from __future__ import annotations

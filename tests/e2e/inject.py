@@ -6,6 +6,7 @@ FEDSILO_TEST_FAULT=KIND:RANK:CALL makes the CALL-th local training on RANK fail:
   data   - raise a DataError (a foreseeable, recoverable error: a bad batch)
   nan    - train, then poison one weight with NaN (a non-finite update)
   dpdata - under DP: the CALL-th DP-SGD *step* on RANK raises a DataError, mid-round
+  weights - a dishonest coordinator (RANK 0): every plan gives site CALL ten times its weight
 """
 
 import os
@@ -22,7 +23,17 @@ if MPI.COMM_WORLD.Get_rank() == int(rank):
 
     calls = [0]
 
-    if kind == "dpdata":
+    if kind == "weights":
+        original_plan = roles.Coordinator.plan
+
+        def inflating_plan(self, round_index):
+            plan = original_plan(self, round_index)
+            if int(call) in plan["weights"]:
+                plan["weights"][int(call)] *= 10
+            return plan
+
+        roles.Coordinator.plan = inflating_plan
+    elif kind == "dpdata":
         from fedsilo.privacy.engine import ParticipantPrivacy
 
         original_step = ParticipantPrivacy._step

@@ -1,6 +1,10 @@
 """Differential privacy composed with encrypted aggregation, as real 4-rank jobs: noise is
 added locally before encryption, a site out of budget keeps feeding the encrypted tree (an
-encrypted zero), and the result equals the same DP run without encryption."""
+encrypted zero), and the result equals the same DP run without encryption.
+
+The noise comes from each site's secret, so two runs never draw the same noise: "the same
+run" is a plaintext run's checkpoint resumed twice, once in plaintext (the run itself) and
+once with encryption switched on, both continuing from the same secrets."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import pytest
 import torch
 
 from helpers import fedsilo_cli, mpirun
-from test_dp_train import SIGMA, budget_after_two_rounds, dp_args, rows_of
+from test_dp_train import SIGMA, budget_after_two_rounds, crash_copy, dp_args, rows_of
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
@@ -27,12 +31,14 @@ def keys(tmp_path_factory) -> Path:
 def test_budget_stop_under_encryption_equals_plaintext(shards3: Path, keys: Path, tmp_path):
     budget = budget_after_two_rounds(shards3)
     extra = ["--set", f"dp.noise_multiplier={SIGMA}", "--set", "dp.target_epsilon=1000",
-             "--set", f"dp.sites.1.target_epsilon={budget}"]
-    plain, encrypted = tmp_path / "plain", tmp_path / "encrypted"
+             "--set", f"dp.sites.1.target_epsilon={budget}", "--set", "checkpoint.keep=10"]
+    plain = tmp_path / "plain"
     job = mpirun(4, dp_args(shards3, plain, *extra), timeout=300)
     assert job.returncode == 0, job.output[-3000:]
-    job = mpirun(4, dp_args(shards3, encrypted, *extra, "--set", "he.enabled=true",
-                            "--set", f"he.keys={keys}"), timeout=300)
+    # rounds 3 and 4 again, from the same secrets, encrypted
+    encrypted = crash_copy(plain, tmp_path / "encrypted", after_round=2)
+    job = mpirun(4, ["train", "--resume", str(encrypted), "--set", "he.enabled=true",
+                     "--set", f"he.keys={keys}"], timeout=300)
     assert job.returncode == 0, job.output[-3000:]
     assert "participant 1 has spent its privacy budget" in job.stderr
 
@@ -51,19 +57,24 @@ def test_budget_stop_under_encryption_equals_plaintext(shards3: Path, keys: Path
 
 
 def test_user_level_distributed_noise_under_encryption(shards3: Path, keys: Path, tmp_path):
-    """Each participant adds its (seeded) noise share before encrypting, so the encrypted
-    run equals the plaintext one to CKKS precision: the noise really is in the sum."""
+    """Each participant adds its noise share (from its secret) before encrypting, so the
+    encrypted round equals the plaintext one to CKKS precision: the noise really is in the
+    sum, and encryption moves the coordinator's guarantee from σ/√m to σ."""
     user = ["--set", "dp.user.enabled=true", "--set", "dp.user.noise=distributed",
-            "--set", "dp.user.clip_norm=0.5", "--set", "dp.user.noise_multiplier=1.0"]
-    plain, encrypted = tmp_path / "plain", tmp_path / "encrypted"
+            "--set", "dp.user.clip_norm=0.5", "--set", "dp.user.noise_multiplier=1.0",
+            "--set", "checkpoint.keep=10"]
+    plain = tmp_path / "plain"
     job = mpirun(4, dp_args(shards3, plain, *user, rounds=2), timeout=300)
     assert job.returncode == 0, job.output[-3000:]
-    job = mpirun(4, dp_args(shards3, encrypted, *user, "--set", "he.enabled=true",
-                            "--set", f"he.keys={keys}", rounds=2), timeout=300)
+    encrypted = crash_copy(plain, tmp_path / "encrypted", after_round=1)
+    job = mpirun(4, ["train", "--resume", str(encrypted), "--set", "he.enabled=true",
+                     "--set", f"he.keys={keys}"], timeout=300)
     assert job.returncode == 0, job.output[-3000:]
     rows = rows_of(encrypted)
-    assert all(r["user_epsilon"] > 0 and "he" in r for r in rows)
+    assert "he" in rows[1] and all(r["user_epsilon"] > 0 for r in rows)
     assert [r["user_epsilon"] for r in rows] == [r["user_epsilon"] for r in rows_of(plain)]
+    # against the coordinator: round 1 in plaintext (σ/√3), round 2 encrypted (σ)
+    assert rows[1]["user_epsilon_coordinator"] < rows_of(plain)[1]["user_epsilon_coordinator"]
     summary = json.loads((encrypted / "summary.json").read_text())
     assert summary["user_privacy"]["epsilon"] == pytest.approx(rows[-1]["user_epsilon"])
     a = torch.load(plain / "model.pt", weights_only=True)

@@ -114,6 +114,30 @@ def test_agree_gather_returns_every_payload() -> None:
     assert [p["rank"] for p in payloads] == list(range(world.size))
 
 
+def test_agree_report_reaches_the_coordinator_only() -> None:
+    """A participant's round report is for the coordinator: no other participant receives
+    any part of it (least metadata), while errors still reach every rank."""
+    secret_value = f"report of rank {world.rank}"
+    got = world.agree_report({"rank": world.rank, "private": secret_value}, None,
+                             stage="round 1")
+    if world.is_coordinator:
+        assert [p["rank"] for p in got] == list(range(world.size))
+        assert got[-1]["private"] == f"report of rank {world.size - 1}"
+    else:
+        assert got is None
+    failing = world.size - 1
+    error = ShardError("site-x.h5 went away") if world.rank == failing else None
+    try:
+        world.agree_report({"private": secret_value}, error, stage="round 2")
+    except AgreedError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("agree_report did not raise")
+    assert message.startswith("round 2 failed") and "site-x.h5 went away" in message
+    assert "report of rank" not in message  # the failure travels, the payloads do not
+    assert len(set(world.allgather_obj(message))) == 1
+
+
 def test_agree_from_coordinator_broadcasts_its_error() -> None:
     error = ShardError("manifest missing") if world.is_coordinator else None
     try:

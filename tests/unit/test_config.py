@@ -111,3 +111,17 @@ def test_encryption_refuses_a_nonlinear_strategy():
     with pytest.raises(ConfigError, match="strategy 'test_median' needs each participant's update"):
         load_config(None, overrides=["strategy.name=test_median", "he.enabled=true"])
     assert load_config(None, overrides=["he.enabled=true", "he.keys=k"]).he.keys == "k"
+
+
+def test_user_level_dp_refuses_fednova_normalization():
+    """FedNova rescales each clipped update by a data-dependent step count, so the clip
+    norm no longer bounds one site's contribution to the noised sum."""
+    assert load_config(None, overrides=["train.normalize_steps=true"]).train.normalize_steps
+    assert load_config(None, overrides=["dp.user.enabled=true"]).dp.user.enabled
+    with pytest.raises(ConfigError, match="dp.user.*train.normalize_steps.*sensitivity"):
+        load_config(None, overrides=["dp.user.enabled=true", "train.normalize_steps=true"])
+
+
+def test_user_level_dp_refuses_strategies_that_send_control_variates() -> None:
+    with pytest.raises(ConfigError, match="control-variate change .* leak"):
+        load_config(None, overrides=["dp.user.enabled=true", "strategy.name=scaffold"])

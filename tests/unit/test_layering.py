@@ -12,7 +12,8 @@ SOURCES = sorted((ROOT / "src" / "fedsilo").rglob("*.py")) + sorted((ROOT / "dat
 PURE = ["fedsilo/aggregate.py", "fedsilo/metrics.py", "fedsilo/partition.py", "fedsilo/registry.py",
         "fedsilo/grouping.py", "data_prep/plan.py",
         "fedsilo/errors.py", "fedsilo/strategies/", "fedsilo/privacy/accounting.py",
-        "fedsilo/privacy/userlevel.py", "fedsilo/privacy/budget.py", "fedsilo/crypto/params.py",
+        "fedsilo/privacy/userlevel.py", "fedsilo/privacy/secret.py", "fedsilo/privacy/budget.py",
+        "fedsilo/crypto/params.py",
         "fedsilo/crypto/codec.py"]
 
 

@@ -69,7 +69,8 @@ def test_round_options_are_validated(override, message):
 
 @pytest.mark.parametrize("overrides, message", [
     (["strategy.name=median", "he.enabled=true"], "needs each participant's update"),
-    (["strategy.name=trimmed_mean", "he.enabled=true"], "turn encryption off"),
+    (["strategy.name=trimmed_mean", "he.enabled=true"], "aggregation.secure=none"),
+    (["strategy.name=median", "aggregation.secure=masks"], "needs each participant.s update"),
     (["strategy.name=median", "dp.user.enabled=true"], "combines updates non-linearly"),
     (["strategy.name=scaffold", "train.optimizer=adam"], "set train.optimizer=sgd"),
 ])

@@ -101,6 +101,139 @@ def test_impossible_budget_is_a_privacy_budget_error():
         noise_multiplier_for(target_epsilon=1e-9, delta=1e-5, sample_rate=1.0, num_steps=10**6)
 
 
+def test_gdp_composes_every_segment_of_the_history():
+    """Opacus's GDP accountant reads only the last history entry; a resumed run that changed
+    σ must be charged for both segments: μ = sqrt(μ_1² + μ_2²) (Dong, Roth & Su 2019)."""
+    from opacus.accountants.analysis.gdp import compute_mu_poisson, eps_from_mu
+
+    ours = PrivacyAccountant("gdp")
+    ours.spend(noise_multiplier=1.0, sample_rate=0.05, num_steps=100)
+    ours.spend(noise_multiplier=2.0, sample_rate=0.05, num_steps=100)
+    mus = [compute_mu_poisson(steps=100, noise_multiplier=s, sample_rate=0.05) for s in (1, 2)]
+    expected = eps_from_mu(mu=math.sqrt(mus[0] ** 2 + mus[1] ** 2), delta=1e-5)
+    assert ours.epsilon(delta=1e-5) == pytest.approx(expected, rel=1e-12)
+    last_only = PrivacyAccountant("gdp")
+    last_only.spend(noise_multiplier=2.0, sample_rate=0.05, num_steps=100)
+    first_only = PrivacyAccountant("gdp")
+    first_only.spend(noise_multiplier=1.0, sample_rate=0.05, num_steps=100)
+    assert ours.epsilon(delta=1e-5) > first_only.epsilon(delta=1e-5) > last_only.epsilon(delta=1e-5)
+    # the same steps in one segment or split in two cost the same
+    split = PrivacyAccountant("gdp")
+    split.history = [(1.0, 0.05, 60), (1.0, 0.05, 40)]
+    assert split.epsilon(delta=1e-5) == pytest.approx(first_only.epsilon(delta=1e-5), rel=1e-12)
+
+
+@pytest.mark.parametrize("sigma, q, steps", [(1.2, 0.02, 200), (0.8, 0.3, 7), (3.0, 1.0, 1000)])
+def test_gdp_single_segment_is_bit_identical_to_opacus(sigma, q, steps):
+    import warnings
+
+    ours = PrivacyAccountant("gdp")
+    ours.spend(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "GDP accounting is experimental"
+        theirs = GaussianAccountant()
+    theirs.history = [(sigma, q, steps)]
+    assert ours.epsilon(delta=1e-5) == theirs.get_epsilon(delta=1e-5)
+
+
+def test_gdp_tails_are_sound_numbers_not_errors():
+    """Opacus's eps_from_mu brackets ε in [0, 500]: outside it, brentq raises."""
+    tiny = PrivacyAccountant("gdp")
+    tiny.spend(noise_multiplier=0.05, sample_rate=0.5, num_steps=100)
+    assert tiny.epsilon(delta=1e-5) == math.inf
+    huge = PrivacyAccountant("gdp")
+    huge.spend(noise_multiplier=1e4, sample_rate=1e-6, num_steps=1)
+    assert huge.epsilon(delta=1e-5) == 0.0
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv", "gdp"])
+def test_noise_multiplier_for_the_remaining_budget(mechanism):
+    from fedsilo.privacy.accounting import noise_multiplier_for_remaining
+
+    q, steps, target = 64 / 1500, 120, 4.0
+    fresh = PrivacyAccountant(mechanism)
+    sigma0 = noise_multiplier_for_remaining(accountant=fresh, target_epsilon=target, delta=1e-5,
+                                            sample_rate=q, num_steps=steps)
+    plain = noise_multiplier_for(target_epsilon=target, delta=1e-5, sample_rate=q,
+                                 num_steps=steps, mechanism=mechanism)
+    after = lambda s: fresh.epsilon_after(noise_multiplier=s, sample_rate=q,  # noqa: E731
+                                          num_steps=steps, delta=1e-5)
+    assert abs(after(sigma0) - after(plain)) <= 0.011 and after(sigma0) <= target
+    # a quarter of the job was spent at a smaller σ (say before a resume): the rest needs more
+    spent = PrivacyAccountant(mechanism)
+    spent.spend(noise_multiplier=sigma0 * 0.9, sample_rate=q, num_steps=steps // 4)
+    history, rest = list(spent.history), steps - steps // 4
+    sigma = noise_multiplier_for_remaining(accountant=spent, target_epsilon=target, delta=1e-5,
+                                           sample_rate=q, num_steps=rest)
+    assert spent.history == history  # planning spends nothing
+    assert sigma > sigma0
+    final = spent.epsilon_after(noise_multiplier=sigma, sample_rate=q, num_steps=rest,
+                                delta=1e-5)
+    assert target - 0.011 <= final <= target
+    assert spent.epsilon_after(noise_multiplier=sigma * 0.97, sample_rate=q, num_steps=rest,
+                               delta=1e-5) > target
+
+
+def test_remaining_budget_already_spent_is_a_privacy_budget_error():
+    from fedsilo.privacy.accounting import noise_multiplier_for_remaining
+
+    acc = PrivacyAccountant("rdp")
+    acc.spend(noise_multiplier=0.5, sample_rate=0.1, num_steps=500)
+    assert acc.epsilon(delta=1e-5) > 4
+    with pytest.raises(PrivacyBudgetError, match="already spent"):
+        noise_multiplier_for_remaining(accountant=acc, target_epsilon=4.0, delta=1e-5,
+                                       sample_rate=0.1, num_steps=10)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("mechanism, target", [("rdp", 1e4), ("rdp", 1e15), ("rdp", 1e308),
+                                               ("gdp", 1e4), ("prv", 1e4)])
+def test_sigma_search_is_bounded_for_huge_targets(mechanism, target):
+    """Opacus's get_noise_multiplier bisects towards σ = 0 forever when every σ >= 20 is
+    already far within the target (and PRV's grid grows with ε until numpy gives up);
+    fedsilo's search stays in its finite σ range and bounds PRV's cost."""
+    from fedsilo.config import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
+
+    sigma = noise_multiplier_for(target_epsilon=target, delta=1e-5, sample_rate=64 / 1500,
+                                 num_steps=72, mechanism=mechanism)
+    assert MIN_NOISE_MULTIPLIER <= sigma <= MAX_NOISE_MULTIPLIER
+    acc = PrivacyAccountant("rdp")  # an upper bound on the ε of every accountant here
+    acc.spend(noise_multiplier=sigma, sample_rate=64 / 1500, num_steps=72)
+    assert acc.epsilon(delta=1e-5) <= target
+
+
+@pytest.mark.timeout(20)
+def test_prv_falls_back_to_the_rdp_bound_where_its_grid_explodes():
+    """PRV discretises on a grid that grows with ε·sqrt(steps): ε ≈ 1e4 over 240 steps
+    would take Opacus minutes (and σ → 0 petabytes).  There ε is RDP's, also a sound bound."""
+    prv, rdp = PrivacyAccountant("prv"), PrivacyAccountant("rdp")
+    for acc in (prv, rdp):
+        acc.spend(noise_multiplier=0.085, sample_rate=64 / 1500, num_steps=240)
+    assert prv.epsilon(delta=1e-5) == rdp.epsilon(delta=1e-5) > 1000
+    small = PrivacyAccountant("prv")  # an ordinary job still gets PRV's tighter ε
+    small.spend(noise_multiplier=1.0, sample_rate=64 / 1500, num_steps=240)
+    ordinary = PrivacyAccountant("rdp")
+    ordinary.spend(noise_multiplier=1.0, sample_rate=64 / 1500, num_steps=240)
+    assert small.epsilon(delta=1e-5) < ordinary.epsilon(delta=1e-5)
+
+
+@pytest.mark.timeout(20)
+def test_a_non_finite_noise_multiplier_is_never_spent():
+    """Opacus's RDP series never converges for σ = inf: refuse it when it is spent."""
+    acc = PrivacyAccountant("rdp")
+    for sigma in (math.inf, math.nan, 0.0):
+        with pytest.raises(ValueError, match="finite noise_multiplier > 0"):
+            acc.spend(noise_multiplier=sigma, sample_rate=0.1, num_steps=1)
+    assert acc.history == [] and acc.epsilon(delta=1e-5) == 0.0
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("target", [math.nan, math.inf, -1.0, 0.0])
+def test_sigma_search_refuses_meaningless_targets(target):
+    with pytest.raises(ValueError, match="target_epsilon"):
+        noise_multiplier_for(target_epsilon=target, delta=1e-5, sample_rate=0.05, num_steps=10)
+
+
 def test_plan_steps():
     assert plan_steps(num_samples=100, batch_size=32, epochs=2, max_steps=None, rounds=3) == \
         (0.32, 8, 24)
@@ -124,10 +257,10 @@ def test_dp_config_and_site_overrides():
 @pytest.mark.parametrize("override, message", [
     ("dp.sites.a.target_epsilon=3", "'dp.sites.a' must be a site index"),
     ("dp.sites.1.accountant=prv", "unknown config key 'dp.sites.1.accountant'"),
-    ("dp.sites.1.delta=1.5", "'dp.sites.1.delta' must be in (0, 1)"),
+    ("dp.sites.1.delta=1.5", "'dp.sites.1.delta' must be a finite number in (0, 1), got 1.5"),
     ("dp.sites.1.target_epsilon=big", "'dp.sites.1.target_epsilon' must be a number"),
-    ("dp.target_epsilon=0", "'dp.target_epsilon' must be > 0"),
-    ("dp.max_grad_norm=-1", "'dp.max_grad_norm' must be > 0"),
+    ("dp.target_epsilon=0", "'dp.target_epsilon' must be a finite number in (0, 10000], got 0"),
+    ("dp.max_grad_norm=-1", "'dp.max_grad_norm' must be a finite number > 0, got -1"),
     ("dp.accountant=moments", "'dp.accountant' must be one of rdp, prv, gdp"),
     ("dp.budget_policy=warn", "'dp.budget_policy' must be one of stop, abort"),
     ("dp.epsilon=3", "unknown config key 'dp.epsilon'"),
@@ -143,6 +276,65 @@ def test_enabled_dp_needs_a_budget_or_a_noise_multiplier():
         load_config(None, overrides=["dp.enabled=true", "dp.target_epsilon=null"])
     assert load_config(None, overrides=["dp.enabled=true", "dp.target_epsilon=null",
                                         "dp.noise_multiplier=1.0"]).dp.target_epsilon is None
+
+
+EPS_RANGE, SIGMA_RANGE = "must be a finite number in (0, 10000]", \
+    "must be a finite number in [0.01, 10000]"
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("override, message", [
+    ("dp.target_epsilon=1e15", f"'dp.target_epsilon' {EPS_RANGE}, got 1e+15"),
+    ("dp.target_epsilon=.inf", f"'dp.target_epsilon' {EPS_RANGE}, got inf"),
+    ("dp.target_epsilon=.nan", f"'dp.target_epsilon' {EPS_RANGE}, got nan"),
+    ("dp.noise_multiplier=.inf", f"'dp.noise_multiplier' {SIGMA_RANGE}, got inf"),
+    ("dp.noise_multiplier=1e-300", f"'dp.noise_multiplier' {SIGMA_RANGE}, got 1e-300"),
+    ("dp.noise_multiplier=2e4", f"'dp.noise_multiplier' {SIGMA_RANGE}, got 20000"),
+    ("dp.sites.1.noise_multiplier=.nan", f"'dp.sites.1.noise_multiplier' {SIGMA_RANGE}, got nan"),
+    ("dp.delta=.nan", "'dp.delta' must be a finite number in (0, 1), got nan"),
+    ("dp.max_grad_norm=.inf", "'dp.max_grad_norm' must be a finite number > 0, got inf"),
+    ("dp.sites.0.max_grad_norm=.inf", "'dp.sites.0.max_grad_norm' must be a finite number > 0"),
+    ("dp.user.clip_norm=.inf", "'dp.user.clip_norm' must be a finite number > 0, got inf"),
+    ("dp.user.noise_multiplier=.inf", f"'dp.user.noise_multiplier' {SIGMA_RANGE}, got inf"),
+    ("dp.user.noise_multiplier=.nan", f"'dp.user.noise_multiplier' {SIGMA_RANGE}, got nan"),
+])
+def test_dp_numbers_must_be_finite_and_bounded(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides=["dp.enabled=true", override])
+    assert message in str(info.value)
+
+
+def test_dp_bounds_explain_themselves():
+    with pytest.raises(ConfigError, match="no privacy"):
+        load_config(None, overrides=["dp.enabled=true", "dp.target_epsilon=1e5"])
+    cfg = load_config(None, overrides=["dp.enabled=true", "dp.target_epsilon=1e4",
+                                       "dp.noise_multiplier=0.01"])
+    assert cfg.dp.target_epsilon == 1e4 and cfg.dp.noise_multiplier == 0.01
+
+
+def test_gdp_cannot_enforce_a_budget():
+    with pytest.raises(ConfigError, match="GDP .*CLT approximation.*under-report.*rdp or prv"):
+        load_config(None, overrides=["dp.enabled=true", "dp.accountant=gdp"])
+    reporting = ["dp.enabled=true", "dp.accountant=gdp", "dp.target_epsilon=null",
+                 "dp.noise_multiplier=1.0"]
+    assert load_config(None, overrides=reporting).dp.accountant == "gdp"
+    with pytest.raises(ConfigError, match="'dp.sites.2.target_epsilon'.*GDP"):
+        load_config(None, overrides=reporting + ["dp.sites.2.target_epsilon=3"])
+    # without DP nothing is enforced: the (default) budget is not in force
+    assert load_config(None, overrides=["dp.accountant=gdp"]).dp.accountant == "gdp"
+
+
+def test_site_without_a_budget_or_a_noise_multiplier_is_refused():
+    with pytest.raises(ConfigError, match="'dp.sites.1' needs target_epsilon or noise_multiplier"):
+        load_config(None, overrides=["dp.enabled=true", "dp.sites.1.target_epsilon=null"])
+    ok = load_config(None, overrides=["dp.enabled=true", "dp.sites.1.target_epsilon=null",
+                                      "dp.sites.1.noise_multiplier=1.5"])
+    assert ok.dp.for_site(1).target_epsilon is None and ok.dp.for_site(1).noise_multiplier == 1.5
+    ok = load_config(None, overrides=["dp.enabled=true", "dp.noise_multiplier=1.0",
+                                      "dp.sites.1.target_epsilon=null"])
+    assert ok.dp.for_site(1).noise_multiplier == 1.0
+    # DP off: nothing runs, so nothing is missing
+    assert not load_config(None, overrides=["dp.sites.1.target_epsilon=null"]).dp.enabled
 
 
 # -- the model validator ------------------------------------------------------------------
@@ -293,31 +485,6 @@ def test_user_dp_config():
     assert cfg.dp.user.enabled and not cfg.dp.enabled and cfg.dp.user.noise == "distributed"
     with pytest.raises(ConfigError, match="'dp.user.noise' must be one of central, distributed"):
         load_config(None, overrides=["dp.user.noise=local"])
-    with pytest.raises(ConfigError, match="'dp.user.clip_norm' must be > 0"):
+    with pytest.raises(ConfigError, match="'dp.user.clip_norm' must be a finite number > 0, got 0"):
         load_config(None, overrides=["dp.user.clip_norm=0"])
 
-
-def test_distributed_noise_shares_add_up_to_the_central_noise():
-    import numpy as np
-
-    from fedsilo.privacy.userlevel import add_noise, clip_in_place, noise_std
-
-    weights = {0: 0.2, 1: 0.3, 2: 0.5}
-    central = noise_std(noise_multiplier=1.5, clip_norm=2.0, weights=weights, share=False)
-    share = noise_std(noise_multiplier=1.5, clip_norm=2.0, weights=weights, share=True)
-    assert central == pytest.approx(1.5 * 2.0 * 0.5) and share * math.sqrt(3) == pytest.approx(central)
-    total = np.zeros(200_000, dtype=np.float32)
-    for site in weights:
-        add_noise(total, std=share, seed=(0, 1, site))
-    assert float(total.std()) == pytest.approx(central, rel=0.01)
-    again = np.zeros(10, dtype=np.float32)
-    add_noise(again, std=1.0, seed=(0, 1, 0))
-    same = np.zeros(10, dtype=np.float32)
-    add_noise(same, std=1.0, seed=(0, 1, 0))
-    assert np.array_equal(again, same)  # seeded: a resumed run draws the same noise
-    delta = np.full(100, 1.0, dtype=np.float32)
-    assert clip_in_place(delta, clip_norm=2.0) == pytest.approx(10.0)
-    assert float(np.linalg.norm(delta)) == pytest.approx(2.0, rel=1e-6)
-    small = np.full(4, 0.1, dtype=np.float32)
-    clip_in_place(small, clip_norm=2.0)
-    assert np.allclose(small, 0.1)

@@ -219,6 +219,26 @@ class World:
                               exit_code=failures[0][1][2])
         return [p for p, _ in gathered]
 
+    def agree_report(self, payload: Any, error: FedsiloError | None, *, stage: str
+                     ) -> list[Any] | None:
+        """Gather every rank's small ``payload`` at the coordinator only (a participant's
+        report is for the coordinator, never for the other participants); if any rank
+        reports an error, every rank raises the same :class:`AgreedError` instead.
+
+        Returns the payloads in rank order on the coordinator, None elsewhere.  Two
+        collectives: a gather, then a broadcast of the failures alone.
+        """
+        report = None if error is None else (type(error).__name__, str(error), error.exit_code)
+        gathered = self.comm.gather((payload, report), root=COORDINATOR)
+        failures = None
+        if self.is_coordinator:
+            failures = [(rank, r) for rank, (_, r) in enumerate(gathered) if r is not None]
+        failures = self.comm.bcast(failures, root=COORDINATOR)
+        if failures:
+            raise AgreedError(_describe_failures(stage, failures, self.size),
+                              exit_code=failures[0][1][2])
+        return [p for p, _ in gathered] if self.is_coordinator else None
+
     def agree_from_coordinator(self, payload: Any, error: FedsiloError | None, *, stage: str) -> Any:
         """Broadcast the coordinator's ``payload``, or its error to be raised on every rank."""
         report = None if error is None else (type(error).__name__, str(error), error.exit_code)

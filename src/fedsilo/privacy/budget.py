@@ -13,8 +13,10 @@ True
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from fedsilo.config import MAX_NOISE_MULTIPLIER, MAX_TARGET_EPSILON, MIN_NOISE_MULTIPLIER
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.accounting import PrivacyAccountant, noise_multiplier_for, plan_steps
 
@@ -23,24 +25,16 @@ def plan_budget(*, num_samples: int, batch_size: int, epochs: int, rounds: int, 
                 target_epsilon: float | None = None, noise_multiplier: float | None = None,
                 max_steps: int | None = None, accountant: str = "rdp") -> dict[str, Any]:
     """σ for ``target_epsilon``, or ε for ``noise_multiplier`` (exactly one of the two)."""
-    if (target_epsilon is None) == (noise_multiplier is None):
-        raise ConfigError("give exactly one of --target-epsilon and --noise-multiplier")
-    for name, value in (("--samples", num_samples), ("--batch-size", batch_size),
-                        ("--epochs", epochs), ("--rounds", rounds)):
-        if value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
-    if not 0 < delta < 1:
-        raise ConfigError(f"--delta must be in (0, 1), got {delta}")
+    _check_arguments(num_samples=num_samples, batch_size=batch_size, epochs=epochs,
+                     rounds=rounds, delta=delta, target_epsilon=target_epsilon,
+                     noise_multiplier=noise_multiplier, max_steps=max_steps,
+                     accountant=accountant)
     q, per_round, total = plan_steps(num_samples=num_samples, batch_size=batch_size,
                                      epochs=epochs, max_steps=max_steps, rounds=rounds)
     if noise_multiplier is None:
-        if target_epsilon <= 0:
-            raise ConfigError(f"--target-epsilon must be > 0, got {target_epsilon}")
         noise_multiplier = noise_multiplier_for(target_epsilon=target_epsilon, delta=delta,
                                                 sample_rate=q, num_steps=total,
                                                 mechanism=accountant)
-    elif noise_multiplier <= 0:
-        raise ConfigError(f"--noise-multiplier must be > 0, got {noise_multiplier}")
     acc = PrivacyAccountant(accountant)
     per_round_eps = []
     for _ in range(rounds):
@@ -50,6 +44,42 @@ def plan_budget(*, num_samples: int, batch_size: int, epochs: int, rounds: int, 
             "total_steps": total, "noise_multiplier": noise_multiplier, "delta": delta,
             "epsilon": per_round_eps[-1], "epsilon_per_round": per_round_eps,
             "target_epsilon": target_epsilon}
+
+
+def _check_arguments(*, num_samples: int, batch_size: int, epochs: int, rounds: int,
+                     delta: float, target_epsilon: float | None,
+                     noise_multiplier: float | None, max_steps: int | None,
+                     accountant: str) -> None:
+    """The flags' ranges are those of the configuration keys (``fedsilo.config``)."""
+    if (target_epsilon is None) == (noise_multiplier is None):
+        raise ConfigError("give exactly one of --target-epsilon and --noise-multiplier")
+    for name, value in (("--samples", num_samples), ("--batch-size", batch_size),
+                        ("--epochs", epochs), ("--rounds", rounds),
+                        ("--max-steps", 1 if max_steps is None else max_steps)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    _check_finite("--delta", delta, 0 < delta < 1, "in (0, 1)")
+    if target_epsilon is not None:
+        _check_finite("--target-epsilon", target_epsilon,
+                      0 < target_epsilon <= MAX_TARGET_EPSILON, f"in (0, {MAX_TARGET_EPSILON:g}]",
+                      "a larger ε promises no privacy: e^ε overflows a double from ε ≈ 709"
+                      if target_epsilon > MAX_TARGET_EPSILON else "")
+        if accountant == "gdp":
+            raise ConfigError(
+                "--accountant gdp cannot plan for --target-epsilon: GDP is a CLT approximation "
+                "that can under-report ε, so it cannot enforce a budget; use --accountant rdp "
+                "or prv for a target, or give --noise-multiplier to report GDP's ε")
+    if noise_multiplier is not None:
+        _check_finite("--noise-multiplier", noise_multiplier,
+                      MIN_NOISE_MULTIPLIER <= noise_multiplier <= MAX_NOISE_MULTIPLIER,
+                      f"in [{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}]",
+                      "the range dp.noise_multiplier accepts")
+
+
+def _check_finite(flag: str, value: float, ok: bool, expected: str, why: str = "") -> None:
+    if not (math.isfinite(value) and ok):
+        raise ConfigError(f"{flag} must be a finite number {expected}, got {value:.6g}"
+                          + (f" ({why})" if why else ""))
 
 
 def format_budget(plan: dict[str, Any]) -> str:

@@ -6,9 +6,11 @@ backward pass of the reweighted loss) where it covers the model, else by Opacus'
 ``GradSampleModule`` hooks.  Either is attached to the participant's model **once**:
 re-wrapping every round would stack hooks.  The
 sampling, clipping and noise are done here rather than by Opacus's ``DPDataLoader`` and
-``DPOptimizer`` so that all randomness comes from the round's seeded generator (seed,
-round, site): a resumed run is bit-identical, and the fresh optimizer of each round stays
-a plain torch optimizer.
+``DPOptimizer`` so that every draw the guarantee relies on comes from the site's **secret**
+stream (``secret.py``: ChaCha20 keyed by a 256-bit secret from the OS CSPRNG, per round and
+step), never from ``config.seed``: nobody else can regenerate the noise, a resumed run that
+restores the secret is bit-identical, and the fresh optimizer of each round stays a plain
+torch optimizer.
 
 Each step: Poisson sampling (every sample independently with rate q), per-sample
 gradients g_i, clipping to norm C (factor min(1, C / (‖g_i‖ + 1e-6)), as Opacus),
@@ -22,6 +24,7 @@ import time
 import warnings
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from opacus import GradSampleModule
 from torch import nn
@@ -29,7 +32,9 @@ from torch import nn
 from fedsilo.config import SiteDP, TrainConfig
 from fedsilo.errors import ModelError, PrivacyBudgetError
 from fedsilo.privacy import ghost
-from fedsilo.privacy.accounting import PrivacyAccountant, noise_multiplier_for, plan_steps
+from fedsilo.privacy.accounting import (PrivacyAccountant, noise_multiplier_for,
+                                        noise_multiplier_for_remaining, plan_steps)
+from fedsilo.privacy.secret import Purpose, SecretStream
 from fedsilo.privacy.validate import check_model, check_trainable
 
 log = logging.getLogger("fedsilo")
@@ -60,20 +65,33 @@ class ParticipantPrivacy:
         self.accountant = PrivacyAccountant(mechanism)
         self.stopped_round: int | None = None
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self._noise: np.ndarray | None = None  # host buffer for one parameter's noise
         self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
         if shared is not None:
             # another site on this rank trains the same model object: share its per-sample
             # machinery (hooks are attached once per model, never stacked)
             self.mode, self.clipper, self.module = shared.mode, shared.clipper, shared.module
             return
-        if mode == "auto":
-            mode = "mixed" if ghost.supports(model) else "hooks"
-        if mode == "mixed" and not ghost.supports(model):
-            raise ModelError(f"model {model_name!r} has layers that dp.grad_sample_mode=mixed "
-                             f"does not cover (it handles {', '.join(t.__name__ for t in ghost.SUPPORTED)}); "
-                             f"use dp.grad_sample_mode=hooks or auto")
+        self.clipper, why = None, f"dp.grad_sample_mode={mode}"
+        if mode == "auto" and not ghost.supports(model):
+            mode, why = "hooks", f"{why}: the model has layers mixed ghost clipping does not cover"
+        elif mode in ("auto", "mixed"):
+            if not ghost.supports(model):
+                raise ModelError(f"model {model_name!r} has layers that dp.grad_sample_mode=mixed "
+                                 f"does not cover (it handles {', '.join(t.__name__ for t in ghost.SUPPORTED)}); "
+                                 f"use dp.grad_sample_mode=hooks or auto")
+            try:  # weight sharing shows only when the model runs: one forward pass on 2 samples
+                self.clipper = ghost.clipper_for(model, sample=sample[:2])
+                why += ": mixed ghost clipping covers every layer" if mode == "auto" else ""
+                mode = "mixed"
+            except ghost.SharedLayerError as exc:
+                if mode == "mixed":
+                    raise ModelError(f"model {model_name!r} cannot use dp.grad_sample_mode=mixed: "
+                                     f"{exc}") from None
+                mode, why = "hooks", f"{why}: {exc.reason}, which mixed ghost clipping cannot clip"
+        log.info("model %r: per-sample clipping by %s (%s)", model_name,
+                 "mixed ghost clipping" if mode == "mixed" else "Opacus's hooks", why)
         self.mode = mode
-        self.clipper = ghost.GhostClipper(model) if mode == "mixed" else None
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum") \
             if mode == "hooks" else model
         check_trainable(self._trial_step, sample[:2], name=model_name, params=self.params)
@@ -110,57 +128,62 @@ class ParticipantPrivacy:
 
     # -- training ---------------------------------------------------------------------
 
-    def train_round(self, data: Any, *, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator, deadline: float | None = None
+    def train_round(self, data: Any, *, optimizer: torch.optim.Optimizer, secret: bytes,
+                    round_index: int, deadline: float | None = None
                     ) -> tuple[int, int, float, float]:
         """One round of DP-SGD on ``data``; returns (steps, samples, mean loss, seconds).
 
-        Stops early at ``deadline`` (a ``time.perf_counter()`` value).  Every step taken is
-        accounted, also when the round ends early or fails part-way (its update may then be
-        dropped, but the data was touched).
+        Poisson masks and noise come from ``secret`` (the site's own, see ``secret.py``),
+        one stream per (round, step).  Stops early at ``deadline`` (a ``time.perf_counter()``
+        value).  Every step taken is accounted, also when the round ends early or fails
+        part-way (its update may then be dropped, but the data was touched).
         """
         start = time.perf_counter()
         self.module.train()
-        device = data.labels.device
-        noise_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(
-            int(torch.randint(0, 2**62, (1,), generator=generator)))
         samples, loss_sum, steps = 0, 0.0, 0
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_NO_INPUT_GRAD)
-                for _ in range(self.steps_per_round):
+                for step in range(self.steps_per_round):
                     if deadline is not None and time.perf_counter() >= deadline:
                         break
                     steps += 1  # counted before the step: a step that fails was still taken
-                    samples, loss_sum = self._step(data, optimizer, generator, noise_generator,
+                    samples, loss_sum = self._step(data, optimizer, secret, round_index, step,
                                                    samples, loss_sum)
         finally:
             self.accountant.spend(noise_multiplier=self.noise_multiplier,
                                   sample_rate=self.sample_rate, num_steps=steps)
         return steps, samples, loss_sum / max(samples, 1), time.perf_counter() - start
 
-    def _step(self, data: Any, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-              noise_generator: torch.Generator, samples: int, loss_sum: float
-              ) -> tuple[int, float]:
+    def _step(self, data: Any, optimizer: torch.optim.Optimizer, secret: bytes,
+              round_index: int, step: int, samples: int, loss_sum: float) -> tuple[int, float]:
         """One DP-SGD step; returns the running (samples, loss sum)."""
         device = data.labels.device
         clip, sigma = self.settings.max_grad_norm, self.noise_multiplier
-        index = (torch.rand(self.num_samples, generator=generator) < self.sample_rate)
-        index = index.nonzero().squeeze(1).to(device)
+        mask = SecretStream(secret, purpose=Purpose.POISSON, round_index=round_index,
+                            step=step).bernoulli(self.num_samples, self.sample_rate)
+        index = torch.from_numpy(np.flatnonzero(mask)).to(device)
         optimizer.zero_grad(set_to_none=True)
         if index.numel():  # Poisson sampling may draw an empty batch: then noise only
             loss = self.clipped_sum(data.images[index], data.labels[index])
             samples += int(index.numel())
             loss_sum += float(loss.detach())
         expected_batch = self.sample_rate * self.num_samples
-        for p in self.params:
+        noise = SecretStream(secret, purpose=Purpose.NOISE, round_index=round_index, step=step)
+        for p in self.params:  # one stream, read in parameter order
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            noise = torch.normal(0.0, sigma * clip, size=p.shape, device=device,
-                                 generator=noise_generator)
-            p.grad.add_(noise).div_(expected_batch)
+            values = self._noise_buffer(p.numel())
+            noise.fill_gaussian(values, std=sigma * clip)
+            p.grad.add_(torch.from_numpy(values).view_as(p).to(device))
+            p.grad.div_(expected_batch)
         optimizer.step()
         return samples, loss_sum
+
+    def _noise_buffer(self, numel: int) -> np.ndarray:
+        if self._noise is None or self._noise.size < numel:
+            self._noise = np.empty(max(p.numel() for p in self.params), dtype=np.float32)
+        return self._noise[:numel]
 
     def clipped_sum(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Set each ``p.grad`` to Σ_i min(1, C/‖g_i‖) g_i over the batch; returns Σ_i ℓ_i."""
@@ -193,6 +216,29 @@ class ParticipantPrivacy:
         return {"accountant": self.accountant.state_dict(), "stopped_round": self.stopped_round,
                 "noise_multiplier": self.noise_multiplier}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], *, remaining_rounds: int) -> None:
+        """Continue from a checkpoint; ``remaining_rounds`` are the rounds the resumed job may
+        still train.  With σ chosen from the budget, it is planned again over what the
+        budget has left: the saved σ stays while the remaining rounds fit at it (so an
+        unchanged resume is bit-identical), else the smallest σ that keeps the spent history
+        plus the remaining rounds within the target (a resume that adds rounds)."""
         self.accountant.load_state_dict(state["accountant"])
         self.stopped_round = state["stopped_round"]
+        if self.settings.noise_multiplier is not None or self.settings.target_epsilon is None:
+            return  # σ given explicitly: the budget is only enforced
+        steps = remaining_rounds * self.steps_per_round
+        saved = float(state.get("noise_multiplier", self.noise_multiplier))
+        target, delta = self.settings.target_epsilon, self.settings.delta
+        if steps <= 0 or self.accountant.epsilon_after(
+                noise_multiplier=saved, sample_rate=self.sample_rate, num_steps=steps,
+                delta=delta) <= target:
+            self.noise_multiplier = saved
+            return
+        if self.accountant.epsilon(delta=delta) >= target:
+            self.noise_multiplier = saved  # nothing left: round_fits() stops the site
+            return
+        self.noise_multiplier = noise_multiplier_for_remaining(
+            accountant=self.accountant, target_epsilon=target, delta=delta,
+            sample_rate=self.sample_rate, num_steps=steps)
+        log.info("site %d: σ planned again over the remaining budget: %.4g for %d more "
+                 "rounds (was %.4g)", self.site, self.noise_multiplier, remaining_rounds, saved)

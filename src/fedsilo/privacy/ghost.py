@@ -16,7 +16,10 @@ The clipped sum Σ_i c_i g_i, c_i = min(1, C/‖g_i‖), is then formed from the
 without a second backward pass ("book-keeping", Bu, Wang, Zha & Karypis, ICML 2023): for
 a Linear layer (c ⊙ b)ᵀ a, for a convolution the same over the unfolded positions (or the
 per-sample gradients already formed for the norm, contracted with c).  Models with another parametrized
-layer type are not supported here (the engine uses Opacus's hooks for them).
+layer type are not supported here (the engine uses Opacus's hooks for them), nor are models that
+share weights (a layer run twice in one forward pass, or one parameter in two layers): the
+formulas above take one input and one output gradient per parameter, and would silently give the
+wrong norms and sums.  Those raise :class:`SharedLayerError`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from fedsilo.errors import ModelError
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
 
@@ -44,6 +49,16 @@ def _unsupported_conv(module: nn.Module) -> bool:
                                               or isinstance(module.padding, str))
 
 
+class SharedLayerError(ModelError):
+    """A model shares weights: a layer runs more than once in one forward pass, or two layers
+    own the same parameter.  Mixed ghost clipping cannot clip it; Opacus's hooks can."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}; mixed ghost clipping handles each parametrized layer once; "
+                         f"use dp.grad_sample_mode=hooks")
+        self.reason = reason
+
+
 class GhostClipper:
     """Clipped per-sample gradient sums for ``model``; hooks are registered once."""
 
@@ -58,10 +73,15 @@ class GhostClipper:
         self.outputs: dict[nn.Module, torch.Tensor] = {}
         self.versions: dict[nn.Module, int] = {}
         self.names = {m: name for name, m in model.named_modules()}
+        _refuse_tied_parameters(self.layers, self.names)
+        #: the outputs of every run of each layer in the forward pass being captured
+        self.runs: dict[nn.Module, list[torch.Tensor]] = {}
         self.handles = [m.register_forward_hook(self._capture) for m in self.layers]
 
     def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if self.capturing:
+        # a run outside autograd (under torch.no_grad) adds nothing to any gradient
+        if self.capturing and output.requires_grad:
+            self.runs.setdefault(module, []).append(output)
             self.inputs[module] = inputs[0].detach()
             self.outputs[module] = output
             self.versions[module] = output._version
@@ -72,14 +92,19 @@ class GhostClipper:
         self.capturing = True
         try:
             losses = loss_fn(self.model(images), labels, reduction="none")
+            self._refuse_repeated_runs()
+        except BaseException:
+            self._forget()
+            raise
         finally:
             self.capturing = False
+        self.runs.clear()
         layers = list(self.outputs)
         for module in layers:
             # b must be the gradient w.r.t. what the layer computed; an in-place change of
             # its output afterwards (out += identity, ReLU(inplace=True)) would alter that
             if self.outputs[module]._version != self.versions[module]:
-                self.inputs.clear(), self.outputs.clear()
+                self._forget()
                 raise RuntimeError(f"the output of layer '{self.names[module]}' "
                                    f"({type(module).__name__}) is modified in place")
         total = losses.sum()
@@ -97,6 +122,56 @@ class GhostClipper:
         for part in parts:
             part.write_clipped_sum(factor)
         return total.detach()
+
+    def check_forward(self, images: torch.Tensor) -> None:
+        """One training-mode forward pass on ``images`` (two samples are enough) for what only
+        running the model shows: :class:`SharedLayerError` where a layer runs more than once,
+        and a plain :class:`ModelError` where, besides, the output of one of its runs does not
+        reach the model's output (Opacus's hooks then never form that layer's per-sample
+        gradients: they wait for a backward pass through every run).  The global random state
+        is left as it was; a forward pass that fails is left to the caller's trial step."""
+        was_training = self.model.training
+        self.model.train()
+        on_cpu = images.device.type == "cpu"  # the CPU generator is always forked
+        self.capturing = True
+        try:
+            with torch.random.fork_rng(devices=[] if on_cpu else [images.device],
+                                       device_type=None if on_cpu else images.device.type):
+                try:
+                    output = self.model(images)
+                except RuntimeError:
+                    return
+            self._refuse_dead_runs(output)
+            self._refuse_repeated_runs()
+        finally:
+            self.capturing = False
+            self._forget()
+            self.model.train(was_training)
+
+    def _refuse_repeated_runs(self) -> None:
+        repeated = [f"layer '{self.names[m]}' ({type(m).__name__}) runs {len(outs)} times"
+                    for m, outs in self.runs.items() if len(outs) > 1]
+        if repeated:
+            raise SharedLayerError(", ".join(repeated) + " in one forward pass")
+
+    def _refuse_dead_runs(self, output: torch.Tensor) -> None:
+        repeated = [(m, i) for m, outs in self.runs.items() if len(outs) > 1
+                    for i in range(len(outs))]
+        if not repeated:
+            return
+        grads = torch.autograd.grad(output.sum(), [self.runs[m][i] for m, i in repeated],
+                                    allow_unused=True)
+        for (module, i), grad in zip(repeated, grads):
+            if grad is None:
+                raise ModelError(
+                    f"layer '{self.names[module]}' ({type(module).__name__}) runs "
+                    f"{len(self.runs[module])} times in one forward pass and the output of run "
+                    f"{i + 1} does not reach the model's output: neither mixed ghost clipping nor "
+                    f"Opacus's hooks give per-sample gradients then; make that run under "
+                    f"torch.no_grad() or drop it")
+
+    def _forget(self) -> None:
+        self.inputs.clear(), self.outputs.clear(), self.versions.clear(), self.runs.clear()
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -180,3 +255,29 @@ def _per_sample(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> _Part:
                 bias.grad = c @ g_b
         return _Part(norm_sq, write)
     raise TypeError(f"no per-sample norm for {type(module).__name__}")
+
+
+def _refuse_tied_parameters(layers: list[nn.Module], names: dict[nn.Module, str]) -> None:
+    """Raise :class:`SharedLayerError` where two layers own the same parameter (tied weights):
+    each layer would overwrite the other's ``p.grad`` and the per-sample norm would miss the
+    cross term."""
+    owner: dict[int, nn.Module] = {}
+    for module in layers:
+        for p in module.parameters(recurse=False):
+            first = owner.setdefault(id(p), module)
+            if first is not module:
+                raise SharedLayerError(
+                    f"layers '{names[first]}' ({type(first).__name__}) and '{names[module]}' "
+                    f"({type(module).__name__}) share a parameter")
+
+
+def clipper_for(model: nn.Module, *, sample: torch.Tensor) -> GhostClipper:
+    """A :class:`GhostClipper` for ``model`` once a forward pass on ``sample`` shows no weight
+    sharing; else :class:`SharedLayerError` (or :class:`ModelError`), with no hook left behind."""
+    clipper = GhostClipper(model)
+    try:
+        clipper.check_forward(sample)
+    except BaseException:
+        clipper.remove()
+        raise
+    return clipper
