@@ -5,7 +5,7 @@ Single process (no MPI)::
 
     python benchmarks/bench_he.py codec --json codec.json
 
-  bytes per parameter of a fresh ciphertext (uplink) and of a sum (what the tree forwards),
+  bytes per parameter of a fresh ciphertext (uplink) and of a sum (what the coordinator forwards),
   encryption throughput per core (1 thread, and all of the process's cores), and the
   relative error of the encrypted sum against the float64 exact sum for 2..16 participants.
 
@@ -14,8 +14,10 @@ Under MPI (rank 0 coordinator, ranks 1..P participants)::
     mpirun -n P+1 python benchmarks/bench_he.py aggregate --model resnet18 --json out.json
 
   the round's aggregation step for a model-sized update, both ways in the same run:
-  plaintext ``World.reduce_sum`` against encrypt + tree + decrypt + relay (per phase), and
-  the coordinator's peak RSS (it never holds a ciphertext, so it must not grow with P).
+  plaintext ``World.reduce_sum`` against encrypt + add at the coordinator + send the
+  encrypted total to participant 1 + decrypt + relay (per phase), and the coordinator's
+  RSS growth during the aggregation (VmHWM reset before it; it holds at most two
+  ciphertexts at once, so it must not grow with P).
 """
 
 from __future__ import annotations
@@ -88,7 +90,29 @@ def codec_bench(args: argparse.Namespace) -> dict:
     return out
 
 
+def _status_kb(field: str) -> int:
+    """A ``/proc/self/status`` field in kB (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def aggregate_bench(args: argparse.Namespace) -> dict | None:
+    """The protocol of ``transport.CKKSThroughCoordinator`` (issue #13): participants send
+    their ciphertexts to the key-less coordinator, which adds them as they arrive, sends the
+    encrypted total to participant 1 (AGGREGATOR) to decrypt, and gets the float sum back."""
     from fedsilo.comm import AGGREGATOR, World
     from fedsilo.crypto import CODECS
     from fedsilo.crypto.ckks import COORDINATOR_FILE, PARTICIPANT_FILE, generate_keys, load_keys
@@ -101,12 +125,12 @@ def aggregate_bench(args: argparse.Namespace) -> dict | None:
         keys_dir = Path(tempfile.mkdtemp()) / "keys"
         generate_keys(keys_dir, CKKSParams(), num_participants=16)
         world.bcast_obj(str(keys_dir))
+        # only the public context, as in roles.py: it can add ciphertexts, not decrypt them
         keys = load_keys(keys_dir / COORDINATOR_FILE, expect="coordinator")
-        codec = None
     else:
         keys_dir = Path(world.bcast_obj(None))
         keys = load_keys(keys_dir / PARTICIPANT_FILE, expect="participant", num_threads=threads)
-        codec = CODECS.get("ckks")(keys=keys)
+    codec = CODECS.get("ckks")(keys=keys)
     n = NUMEL.get(args.model, args.numel)
     buffer = np.zeros(n, dtype=np.float32)
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -124,40 +148,75 @@ def aggregate_bench(args: argparse.Namespace) -> dict | None:
         phases = {}
         begin = time.perf_counter()
         payload = None
-        if codec is not None:
+        if not world.is_coordinator:
             payload = codec.to_bytes(codec.encrypt(buffer))
         phases["encrypt"] = time.perf_counter() - begin
         world.quiet_barrier()  # the round has a barrier between local work and the sum
+        # coordinator memory during the aggregation: RSS before, peak (VmHWM reset) during
+        rss_before_kb = _status_kb("VmRSS")
+        kinds_before = {k: _status_kb(k) for k in ("RssAnon", "RssShmem", "RssFile")}
+        hwm_reset = _reset_peak_rss()
         t = time.perf_counter()
-        total = world.reduce_participants(payload, codec=codec)
-        phases["reduce"] = time.perf_counter() - t
+        total = world.add_at_coordinator(payload, codec=codec)
+        phases["add"] = time.perf_counter() - t
         t = time.perf_counter()
-        if total is not None:
-            codec.decrypt_into(total, buffer)
+        if world.is_coordinator:
+            data = codec.to_bytes(total)
             del total
-        phases["decrypt"] = time.perf_counter() - t
+            phases["total_bytes"] = len(data)
+            world.send_to_aggregator(data)
+            del data
+        else:
+            data = world.receive_total()
+            payload = None
+            if data is not None:  # the aggregator: the only participant that decrypts
+                codec.decrypt_into(codec.from_bytes(data), buffer)
+                del data
+        phases["send_decrypt"] = time.perf_counter() - t
         t = time.perf_counter()
         world.relay_to_coordinator(buffer, None)
         phases["relay"] = time.perf_counter() - t
         encrypted = time.perf_counter() - begin
+        peak_kb = _status_kb("VmHWM") if hwm_reset else None
+        phases["rss_peak_mb"] = None if peak_kb is None else peak_kb / 1024
+        phases["rss_growth_mb"] = None if peak_kb is None else (peak_kb - rss_before_kb) / 1024
+        phases["rss_before_mb"] = rss_before_kb / 1024
+        # after the step: heap (RssAnon) vs MPI's shared-memory segments (RssShmem)
+        phases["rss_kind_growth_mb"] = {k: (_status_kb(k) - v) / 1024
+                                        for k, v in kinds_before.items()}
         all_phases = world.allgather_obj(phases)
         sizes = world.allgather_obj(len(payload) if payload else 0)
+        coord = all_phases[0]
         rows.append({"plain_s": plain, "encrypted_s": encrypted,
-                     "encrypt_s_max": max(p["encrypt"] for p in all_phases),
-                     "reduce_s_aggregator": all_phases[AGGREGATOR]["reduce"],
-                     "decrypt_s": all_phases[AGGREGATOR]["decrypt"],
-                     "relay_s": all_phases[0]["relay"],
-                     "uplink_bytes_per_param": max(sizes) / n})
-        del payload
+                     "encrypt_s_max": max(p["encrypt"] for p in all_phases[1:]),
+                     "add_at_coordinator_s": coord["add"],
+                     "to_aggregator_and_decrypt_s": all_phases[AGGREGATOR]["send_decrypt"],
+                     "relay_s": coord["relay"],
+                     "total_ciphertext_bytes_per_param": coord["total_bytes"] / n,
+                     "coordinator_rss_before_mb": coord["rss_before_mb"],
+                     "coordinator_rss_growth_mb": coord["rss_growth_mb"],
+                     "coordinator_rss_peak_during_aggregation_mb": coord["rss_peak_mb"],
+                     "coordinator_rss_kind_growth_after_mb": coord["rss_kind_growth_mb"],
+                     "aggregator_rss_growth_mb": all_phases[AGGREGATOR]["rss_growth_mb"]})
     rss = world.allgather_obj(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     if not world.is_coordinator:
         return None
-    median = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
+    median = {k: float(np.median([r[k] for r in rows])) for k in rows[0]
+              if all(isinstance(r[k], (int, float)) for r in rows)}
     return {"model": args.model, "numel": n, "participants": world.num_participants,
+            "protocol": "add_at_coordinator (issue #13)",
             "threads_per_rank": threads, "repeats": args.repeats, "median": median,
+            "rows": rows,
             "ratio_encrypted_to_plain_aggregation": median["encrypted_s"] / median["plain_s"],
             "coordinator_peak_rss_mb": rss[0] / 1024,
             "coordinator_rss_before_rounds_mb": rss_start / 1024,
+            # freed heap stays mapped between repeats, so later repeats grow little: the
+            # figure is the highest peak during any aggregation minus the RSS just before
+            # the first one (model buffers, keys and imports already in place)
+            "coordinator_rss_before_first_aggregation_mb": rows[0]["coordinator_rss_before_mb"],
+            "coordinator_rss_growth_during_aggregation_mb":
+                max((r["coordinator_rss_peak_during_aggregation_mb"] or 0) for r in rows)
+                - rows[0]["coordinator_rss_before_mb"],
             "participant_peak_rss_mb": [r / 1024 for r in rss[1:]]}
 
 

@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 from fedsilo import __version__
-from fedsilo.errors import FedsiloError
+from fedsilo.errors import ConfigError, FedsiloError
 
 Formatter = argparse.ArgumentDefaultsHelpFormatter
 
@@ -83,10 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     budget.set_defaults(func=_budget)
 
     keys = sub.add_parser(
-        "keys", formatter_class=Formatter, help="create a CKKS key set for encrypted aggregation",
-        description="Write DIR/participant.key (secret key, mode 0600: give it to every "
+        "keys", formatter_class=Formatter,
+        help="create keys for secure aggregation (site identities, or a CKKS key set)",
+        description="With --identity: one X25519 identity key per site, DIR/site-NNN.key "
+                    "(mode 0600: give each site its own) and DIR/public.json (everyone's public "
+                    "keys: give it to every participant); train with --set "
+                    "aggregation.secure=masks --set aggregation.keys=DIR.  Without: a CKKS key "
+                    "set, DIR/participant.key (secret key, mode 0600: give it to every "
                     "participant), DIR/coordinator.ctx (no secret key: the coordinator's) and "
-                    "DIR/params.json. Train with --set he.enabled=true --set he.keys=DIR.")
+                    "DIR/params.json; train with --set aggregation.secure=ckks "
+                    "--set he.keys=DIR.")
+    keys.add_argument("--identity", action="store_true",
+                      help="issue per-site identity keys for masked secure aggregation")
+    keys.add_argument("--sites", type=int, default=None,
+                      help="--identity: number of sites (the shard set's, site-000 ...)")
     keys.add_argument("--out", metavar="DIR", required=True, help="directory to write the keys to")
     keys.add_argument("--poly-modulus-degree", type=int, default=8192,
                       help="ring degree N (N/2 values per ciphertext)")
@@ -138,6 +148,16 @@ def _budget(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
+    if args.identity:
+        from fedsilo.crypto.identity import generate_identities
+
+        if args.sites is None:
+            raise ConfigError("fedsilo keys --identity needs --sites P (the shard set's sites)")
+        paths = generate_identities(args.out, num_sites=args.sites)
+        print(f"wrote {len(paths) - 1} site identity keys (mode 0600: give site-NNN.key to "
+              f"site NNN only) and {paths[-1]} (public keys: give it to every participant) "
+              f"in {args.out}")
+        return 0
     from fedsilo.crypto.ckks import generate_keys
     from fedsilo.crypto.params import CKKSParams
 

@@ -80,6 +80,8 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
     world.agree(error, stage="loading data and model")
     if setup.config.he.enabled:
         _agree_on_keys(world, role)
+    elif setup.config.aggregation.secure == "masks":
+        _agree_on_identities(world, role)
 
     if not _run_rounds(world, role, setup, stop=StopFlag().install()):
         return EXIT_PREEMPTED
@@ -88,7 +90,11 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
 
 def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> bool:
     """The rounds, then the final validation; False if a signal stopped the run early."""
+    from fedsilo.transport import transport_for
+
     config = setup.config
+    transport = transport_for(config, role.strategy)
+    secure = config.aggregation.secure != "none"
     stop_seen = False  # coordinator: some rank reported a stop signal
     for round_index in range(setup.resume_round + 1, config.rounds + 1):
         timer = PhaseTimer()
@@ -123,37 +129,65 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> boo
         with timer("local"):
             world.quiet_barrier()
         with timer("coordination"):
-            # reports go to the coordinator only: no participant sees another's
-            gathered = world.agree_report((report, stop.requested), error,
-                                          stage=f"round {round_index}")
+            # reports go to the coordinator only: no participant sees another's; every rank
+            # gets the round's outcome (who contributed), which the transport needs
+            gathered, outcome = world.agree_report(
+                (report, stop.requested), error, stage=f"round {round_index}",
+                summarize=lambda payloads: role.outcome(plan, [r for r, _ in payloads]))
+            if secure:  # each participant checks the outcome against its own sites
+                world.agree(role.check_outcome(outcome), stage=f"round {round_index}")
         if gathered is not None:
             stop_seen = any(flag for _, flag in gathered)
-        if team is not None:
+        info = None
+        if team is not None and not outcome["refused"]:
             with timer("aggregate"):
-                if config.he.enabled:
-                    _encrypted_sum(team, role)
-                elif role.strategy.linear:
-                    team.reduce_sum(role.reduce_buffer)
-                else:
-                    # every contributing update, in site order (ranks hold contiguous sites);
-                    # only the coordinator needs every rank's count, a sender its own
-                    counts = [0] * team.size
-                    if world.is_coordinator:
-                        counts[1:] = [sum(r["contributed"] for r in gathered[rank][0]["sites"])
-                                      for rank in plan["ranks"]]
-                    else:
-                        counts[team.rank] = 0 if role.rows is None else len(role.rows)
-                    rows = team.gather_rows(role.rows, counts, role.layout.numel)
-                    if world.is_coordinator:
-                        role.rows = rows
-        role.finish_round(plan, None if gathered is None else [r for r, _ in gathered], timer)
+                info = transport.aggregate(team, role, outcome=outcome)
+        role.finish_round(plan, None if gathered is None else [r for r, _ in gathered], timer,
+                          outcome=outcome, transport=info)
 
     world.quiet_barrier()
     world.bcast_weights(role.global_weights)
     report, error = role.final_validation()
-    reports = world.agree_report(report, error, stage="final validation")
+    reports, _ = world.agree_report(report, error, stage="final validation")
     role.finish_job(reports)
     return True
+
+
+def _check_secure_floor(config: Config, manifest: Manifest) -> None:
+    """A secure mode needs at least aggregation.min_contributors sites in every round."""
+    aggregation = config.aggregation
+    if aggregation.secure == "none":
+        return
+    from fedsilo.participation import sample_size
+
+    floor = aggregation.min_contributors
+    if manifest.num_sites < floor:
+        raise ConfigError(f"aggregation.secure={aggregation.secure} needs at least "
+                          f"aggregation.min_contributors = {floor} sites, but the shard set has "
+                          f"{manifest.num_sites}: a sum of fewer would be one site's update")
+    share = config.participation
+    sampled = sample_size(manifest.num_sites, fraction=share.fraction, minimum=share.min)
+    if sampled < floor:
+        raise ConfigError(f"participation samples {sampled} of {manifest.num_sites} sites per "
+                          f"round, fewer than aggregation.min_contributors = {floor}, so every "
+                          f"secure round would be refused; raise participation.min to {floor}")
+
+
+def _agree_on_identities(world: World, role: Any) -> None:
+    """Before any training: every rank read the same list of public identity keys (each
+    participant has already checked its own private keys against it)."""
+    listed = world.agree_gather(role.identity_summary(), None, stage="identity keys")
+    digests = {s for s in listed[1:]}
+    if len(digests) > 1:
+        groups: dict[str, list[int]] = {}
+        for rank, digest in enumerate(listed):
+            if rank:
+                groups.setdefault(digest, []).append(rank)
+        raise AgreedError("identity keys failed on every rank: participants read different "
+                          "public key lists (" + "; ".join(
+                              f"ranks {r} read public.json {d[:12]}" for d, r in groups.items())
+                          + "); give every participant the same public.json from "
+                          "'fedsilo keys --identity'")
 
 
 def _agree_on_keys(world: World, role: Any) -> None:
@@ -165,22 +199,6 @@ def _agree_on_keys(world: World, role: Any) -> None:
     problem = key_mismatch(summaries)
     if problem:
         raise AgreedError(f"encryption keys failed on every rank: {problem}")
-
-
-def _encrypted_sum(world: World, role: Any) -> None:
-    """Ciphertexts are added along a tree of participants; the aggregating participant
-    decrypts the sum and sends the plaintext aggregate (only) to the coordinator."""
-    begin = time.perf_counter()
-    total = world.reduce_participants(getattr(role, "payload", None), codec=role.codec)
-    info = None
-    if total is not None:
-        info = {"reduce_s": time.perf_counter() - begin, **role.decrypt_aggregate(total)}
-        del total
-    info = world.relay_to_coordinator(role.reduce_buffer, info)
-    if world.is_coordinator:
-        role.he_round = info
-    else:
-        role.payload = None
 
 
 class PhaseTimer:
@@ -247,7 +265,9 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
     data_dir = Path(config.data.dir).expanduser().resolve()
     from dataclasses import replace
     config = replace(config, data=replace(config.data, dir=str(data_dir)),
-                     he=replace(config.he, keys=str(Path(config.he.keys).expanduser().resolve())))
+                     he=replace(config.he, keys=str(Path(config.he.keys).expanduser().resolve())),
+                     aggregation=replace(config.aggregation, keys=str(
+                         Path(config.aggregation.keys).expanduser().resolve())))
     manifest = load_manifest(data_dir)
     if manifest.num_sites < world.num_participants:
         raise CommunicationError(
@@ -255,6 +275,7 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
             f"most {manifest.num_sites + 1} MPI ranks (1 coordinator + 1 to "
             f"{manifest.num_sites} participants, each training one or more sites), but it "
             f"was started with {world.size}; use 'mpirun -n {manifest.num_sites + 1} ...'")
+    _check_secure_floor(config, manifest)
     unknown_sites = [k for k in config.dp.sites if k >= manifest.num_sites]
     if unknown_sites:
         raise ConfigError(f"config key 'dp.sites' overrides site(s) {unknown_sites}, but the "

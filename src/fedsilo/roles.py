@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,8 @@ from fedsilo import __version__
 from fedsilo.aggregate import count_nonfinite
 from fedsilo.comm import World
 from fedsilo.config import Config
-from fedsilo.errors import (CheckpointError, DataError, FedsiloError, ModelError, PolicyError,
-                             UpdateError)
+from fedsilo.errors import (CheckpointError, DataError, FedsiloError, KeyFileError, ModelError,
+                             PolicyError, UpdateError)
 from fedsilo.models import build_model
 from fedsilo.participation import assign_sites, rank_of_sites, sample_sites
 from fedsilo.privacy import userlevel
@@ -67,6 +68,10 @@ class _Role:
     def key_summary(self) -> dict[str, Any] | None:
         """What this rank tells the others about its keys: ids and parameters, no key."""
         return None if self.keys is None else self.keys.summary()
+
+    def identity_summary(self) -> str | None:
+        """Masks: the sha256 of the public key list this rank read (None: the coordinator)."""
+        return None
 
     def _check_model_fits(self, sample: torch.Tensor) -> None:
         try:
@@ -184,9 +189,37 @@ class Participant(_Role):
                                   num_threads=self.threads)
             validate(self.keys.params, num_participants=manifest.num_sites)
             self.codec = CODECS.get("ckks")(keys=self.keys)
+        #: masked aggregation: the sites' identity keys, pairwise keys, and the uint64 buffer
+        self.ring_buffer: np.ndarray | None = None
+        if config.aggregation.secure == "masks":
+            self._load_identities()
+        self._last_reports: dict[int, tuple[bool, bool]] = {}
         if self.resume_round:
             for site in self.sites:
                 self._load_checkpoint(site, self.resume_round)
+
+    def _load_identities(self) -> None:
+        import hashlib
+
+        from fedsilo.crypto.identity import load_identity, load_public_keys
+
+        key_dir = Path(self.config.aggregation.keys)
+        self.public_keys = load_public_keys(key_dir)
+        missing = sorted(set(range(self.manifest.num_sites)) - set(self.public_keys))
+        if missing:
+            raise KeyFileError(f"{key_dir / 'public.json'} lists no identity key for site(s) "
+                               f"{missing} of the shard set; issue keys for all "
+                               f"{self.manifest.num_sites} sites with 'fedsilo keys --identity "
+                               f"--sites {self.manifest.num_sites} --out DIR'")
+        self.identities = {site.index: load_identity(key_dir, site.index,
+                                                     public_keys=self.public_keys)
+                           for site in self.sites}
+        self._public_digest = hashlib.sha256((key_dir / "public.json").read_bytes()).hexdigest()
+        self._pair_keys: dict[tuple[int, int], bytes] = {}
+        self.ring_buffer = np.empty(self.reduce_buffer.size, dtype=np.uint64)
+
+    def identity_summary(self) -> str | None:
+        return getattr(self, "_public_digest", None)
 
     # -- state that stays on this rank --------------------------------------------------
 
@@ -256,11 +289,18 @@ class Participant(_Role):
                 reports.append(self._sit_out(site, round_index, reason="job failed"))
                 continue
             report, error = self._site_round(site, plan, deadline, rows)
+            shared = error is None and site.index in plan["weights"] \
+                and self._add_noise_share(site, plan)
+            # in_sum: whether the site adds anything to the sum (its update, or its noise
+            # share); masked aggregation masks exactly the sites that do
+            report["in_sum"] = bool(report["contributed"] or shared)
             reports.append(report)
-            if error is None and site.index in plan["weights"]:
-                self._add_noise_share(site, plan)
+        if error is None and self.ring_buffer is not None and self.world.rank in plan["ranks"]:
+            error = self._check_headroom(plan)
         if error is not None:
             self.reduce_buffer.fill(0)
+        self._last_reports = {r["site"]: (r["contributed"], r.get("in_sum", False))
+                              for r in reports}
         if not self.strategy.linear:
             self.rows = np.stack(rows) if rows else None
         he = None
@@ -287,13 +327,13 @@ class Participant(_Role):
                     f"{list(plan['participants'])}")
         return None
 
-    def _add_noise_share(self, site: Site, plan: dict[str, Any]) -> None:
+    def _add_noise_share(self, site: Site, plan: dict[str, Any]) -> bool:
         """User-level DP, distributed noise: every planned site adds its share, whether or not
         it contributes an update this round (so the noise on the sum never shrinks when a
-        site sits out), drawn from its own secret."""
+        site sits out), drawn from its own secret.  Returns whether it added one."""
         user_dp = self.config.dp.user
         if not user_dp.enabled or user_dp.noise != "distributed":
-            return
+            return False
         std = userlevel.noise_std(noise_multiplier=user_dp.noise_multiplier,
                                   clip_norm=user_dp.clip_norm,
                                   weights=_user_weights(self.strategy, self.manifest),
@@ -303,6 +343,75 @@ class Participant(_Role):
                               round_index=plan["round"], step=0)
         stream.fill_gaussian(self.contribution, std=std)
         self.reduce_buffer[:numel] += self.contribution
+        return True
+
+    # -- masked secure aggregation ------------------------------------------------------
+
+    def _check_headroom(self, plan: dict[str, Any]) -> UpdateError | None:
+        """Masks: this rank's sum must fit the fixed-point ring with room for every rank's
+        (each rank checks its own, so every partial sum of the Reduce fits)."""
+        from fedsilo.crypto.masks import check_headroom
+
+        peak = float(np.abs(self.reduce_buffer).max()) if self.reduce_buffer.size else 0.0
+        try:
+            check_headroom(peak, frac_bits=self.config.aggregation.frac_bits,
+                           num_terms=len(plan["ranks"]))
+        except UpdateError as exc:
+            return UpdateError(f"rank {self.world.rank} (sites "
+                               f"{[s.index for s in self.sites]}), round {plan['round']}: {exc}")
+        return None
+
+    def check_outcome(self, outcome: dict[str, Any]) -> PolicyError | None:
+        """Secure aggregation: the coordinator's account of who contributed must match what
+        this rank's sites did, and a round with fewer than aggregation.min_contributors
+        contributors is refused (this participant sends nothing)."""
+        floor = self.config.aggregation.min_contributors
+        for site, (contributed, in_sum) in self._last_reports.items():
+            if (site in outcome["contributors"]) != contributed \
+                    or (site in outcome["in_sum"]) != in_sum:
+                return PolicyError(
+                    f"participant {site} (site-{site:03d}) refuses round {outcome['round']}: the "
+                    f"coordinator lists contributors {outcome['contributors']}, which "
+                    f"misstates this site (contributed: {contributed})")
+        refused = len(outcome["contributors"]) < floor
+        if refused != outcome["refused"]:
+            return PolicyError(f"round {outcome['round']}: the coordinator's refusal flag "
+                               f"({outcome['refused']}) does not follow from "
+                               f"{len(outcome['contributors'])} contributor(s) and "
+                               f"aggregation.min_contributors = {floor}")
+        if refused and any(c for c, _ in self._last_reports.values()):
+            log.warning("round %d is refused: %d site(s) contributed, fewer than "
+                        "aggregation.min_contributors = %d, so no update of this rank is "
+                        "sent", outcome["round"], len(outcome["contributors"]), floor)
+        return None
+
+    def mask_contribution(self, outcome: dict[str, Any]) -> None:
+        """Quantize this rank's sum into ``ring_buffer`` and add each of its sites' pairwise
+        masks with its neighbours in the round's mask graph (crypto/masks.py)."""
+        from fedsilo.crypto.masks import add_masks, mask_graph, quantize, sparse_degree
+
+        aggregation = self.config.aggregation
+        quantize(self.reduce_buffer, frac_bits=aggregation.frac_bits, out=self.ring_buffer)
+        members = outcome["in_sum"]
+        degree = None if aggregation.mask_degree == 0 \
+            else sparse_degree(len(members)) if aggregation.mask_degree < 0 \
+            else aggregation.mask_degree
+        graph = mask_graph(members, degree=degree,
+                           seed=outcome["nonce"] + outcome["round"].to_bytes(4, "little"))
+        for site in self.sites:
+            if site.index not in graph:
+                continue
+            keys = {peer: self._pair_key(site.index, peer) for peer in graph[site.index]}
+            add_masks(self.ring_buffer, site=site.index, pair_keys=keys,
+                      round_index=outcome["round"], nonce=outcome["nonce"])
+
+    def _pair_key(self, site: int, peer: int) -> bytes:
+        from fedsilo.crypto.masks import pair_key
+
+        if (site, peer) not in self._pair_keys:
+            self._pair_keys[site, peer] = pair_key(self.identities[site], self.public_keys[peer],
+                                                   own_site=site, peer_site=peer)
+        return self._pair_keys[site, peer]
 
     def _site_round(self, site: Site, plan: dict[str, Any], deadline: float | None,
                     rows: list[np.ndarray]) -> tuple[dict[str, Any], FedsiloError | None]:
@@ -478,7 +587,11 @@ class Participant(_Role):
         self.codec.decrypt_into(total, self.reduce_buffer)
         return {"decrypt_s": time.perf_counter() - begin}
 
-    def finish_round(self, plan: dict[str, Any], reports: Sequence[Any], timer: Any) -> None:
+    def outcome(self, plan: dict[str, Any], reports: Sequence[Any]) -> None:
+        raise AssertionError("only the coordinator summarizes a round")
+
+    def finish_round(self, plan: dict[str, Any], reports: Sequence[Any] | None, timer: Any, *,
+                     outcome: dict[str, Any], transport: dict[str, Any] | None) -> None:
         pass
 
     def final_validation(self) -> tuple[dict[str, Any], None]:
@@ -531,13 +644,20 @@ class Coordinator(_Role):
         self.aggregate = np.empty(width, dtype=np.float32) if wide else self.reduce_buffer
         #: non-linear strategies: this round's individual updates, gathered
         self.rows: np.ndarray | None = None
-        #: the aggregating participant's report of the last encrypted reduction
-        self.he_round: dict[str, Any] | None = None
         if config.he.enabled:
+            from fedsilo.crypto import CODECS
             from fedsilo.crypto.ckks import COORDINATOR_FILE, load_keys
 
-            # only the public context: the coordinator never opens the participant key
+            # only the public context: the coordinator never opens the participant key; it
+            # can add ciphertexts, not decrypt them
             self.keys = load_keys(Path(config.he.keys) / COORDINATOR_FILE, expect="coordinator")
+            self.codec = CODECS.get("ckks")(keys=self.keys)
+        self.payload = None  # the coordinator adds nothing to an encrypted sum
+        #: masked aggregation: where the ring sum lands, and this launch's mask nonce (fresh
+        #: per launch, so a retried round never reuses a mask)
+        self.ring_buffer = np.empty(width, dtype=np.uint64) \
+            if config.aggregation.secure == "masks" else None
+        self.mask_nonce = secrets.token_bytes(8)
         self.last_test: dict[str, Any] | None = None
         #: each participant's latest privacy report, and the round a site stopped in
         self.privacy: dict[int, dict[str, Any]] = {}
@@ -545,7 +665,7 @@ class Coordinator(_Role):
         user_dp = config.dp.user
         self.user_accountant = UserAccounting(
             noise_multiplier=user_dp.noise_multiplier, noise=user_dp.noise,
-            secure=config.he.enabled) if user_dp.enabled else None
+            secure=config.aggregation.secure != "none") if user_dp.enabled else None
         #: central user-level noise: the coordinator's own secret (its 0600 checkpoint)
         self.secret = new_secret() if user_dp.enabled and user_dp.noise == "central" else None
         self.started = time.perf_counter()
@@ -617,12 +737,43 @@ class Coordinator(_Role):
     def local_round(self, plan: dict[str, Any]) -> tuple[None, None]:
         return None, None  # the coordinator adds nothing to the sum (World.reduce_sum)
 
-    def finish_round(self, plan: dict[str, Any], reports: Sequence[Any], timer: Any) -> None:
+    def outcome(self, plan: dict[str, Any], reports: Sequence[Any]) -> dict[str, Any]:
+        """What every rank learns of the round after the reports: who contributed (site
+        indexes only), which sites add to the sum, and whether a secure round is refused."""
+        sites = [r for rank in reports[1:] for r in rank["sites"]]
+        contributors = sorted(r["site"] for r in sites if r["contributed"])
+        secure = self.config.aggregation.secure != "none"
+        return {"round": plan["round"], "nonce": self.mask_nonce, "ranks": plan["ranks"],
+                "contributors": contributors,
+                "in_sum": sorted(r["site"] for r in sites if r.get("in_sum")),
+                "rows_per_rank": {rank: sum(r["contributed"] for r in report["sites"])
+                                  for rank, report in enumerate(reports) if rank},
+                "refused": secure and len(contributors) < self.config.aggregation.min_contributors}
+
+    def check_outcome(self, outcome: dict[str, Any]) -> None:
+        return None
+
+    def unmask(self) -> None:
+        """Masks: the ring sum, dequantized into the float buffer the strategy reads."""
+        from fedsilo.crypto.masks import dequantize
+
+        dequantize(self.ring_buffer, frac_bits=self.config.aggregation.frac_bits,
+                   out=self.reduce_buffer)
+
+    def finish_round(self, plan: dict[str, Any], reports: Sequence[Any] | None, timer: Any, *,
+                     outcome: dict[str, Any], transport: dict[str, Any] | None) -> None:
         round_index = plan["round"]
         ranks = reports[1:]
         sites = [r for rank in ranks for r in rank["sites"]]
         self._note_privacy(round_index, sites)
         contributors = [r for r in sites if r["contributed"]]
+        if outcome["refused"]:
+            log.warning("round %d is refused by the participants: %d site(s) contributed, "
+                        "fewer than aggregation.min_contributors = %d; the global model stays "
+                        "as it was", round_index, len(contributors),
+                        self.config.aggregation.min_contributors)
+            contributors = []
+        self.transport_info = transport
         with timer("server_step"):
             if contributors:
                 aggregate = self._user_level_sum(plan) if self.user_accountant is not None \
@@ -790,12 +941,22 @@ class Coordinator(_Role):
             "reduce": weight_bytes * active * control * wide if self.strategy.linear
             else weight_bytes * len(reports),
             "metadata": len(pickle.dumps(plan)) + len(pickle.dumps(list(ranks)))}
-        if self.keys is not None:
+        if self.config.aggregation.secure == "masks":
+            # uint64 in the ring: 8 bytes per value from every active rank
+            row["bytes"]["reduce"] = len(self.ring_buffer) * 8 * active
+            row["masks"] = {"reduce_s": (self.transport_info or {}).get("reduce_s"),
+                            "bytes_per_param": 8.0}
+        if self.config.aggregation.secure != "none":
+            row["contributors"] = len(reports)
+            if len(reports) < self.config.aggregation.min_contributors:
+                row["refused"] = (f"{len(reports)} contributor(s) < aggregation.min_contributors"
+                                  f" = {self.config.aggregation.min_contributors}")
+        if self.keys is not None and not row.get("refused"):
             row["he"] = self._he_row([rank for rank in ranks if rank["he"] is not None])
-            # the tree: every participant but the aggregator sends one ciphertext-sized
-            # message; the aggregator sends the plaintext aggregate to the coordinator
+            # every active participant sends its ciphertext to the coordinator, which sends
+            # the encrypted total to the aggregator, which returns the float32 sum
             sizes = list(row["he"]["ciphertext_bytes"].values())
-            row["bytes"]["reduce"] = sum(sizes) - sizes[0] + weight_bytes * control
+            row["bytes"]["reduce"] = sum(sizes) + max(sizes) + weight_bytes * control
         return row
 
     def _user_epsilon_row(self) -> dict[str, Any]:
@@ -812,20 +973,23 @@ class Coordinator(_Role):
             "user_delta": self.config.dp.delta}
 
     def _he_row(self, ranks: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        info = self.he_round or {}
+        info = getattr(self, "transport_info", None) or {}
         # one ciphertext per participant rank, named by the sites it sums ("0", or "0+1")
         names = ["+".join(str(r["site"]) for r in rank["sites"]) for rank in ranks]
         sizes = {name: rank["he"]["ciphertext_bytes"] for name, rank in zip(names, ranks)}
         return {
             "encrypt_s": max(rank["he"]["encrypt_s"] for rank in ranks),
             "reduce_s": info.get("reduce_s"),
+            "add_s": info.get("add_s"),
             "decrypt_s": info.get("decrypt_s"),
             "encrypt_s_per_site": {name: rank["he"]["encrypt_s"]
                                    for name, rank in zip(names, ranks)},
             "ciphertext_bytes": sizes,
             "ciphertext_bytes_per_param": max(sizes.values()) / self.layout.numel,
-            # what the coordinator receives: the plaintext aggregate only, float32
-            "coordinator_receives_bytes": len(self.reduce_buffer) * 4,
+            # what the coordinator receives: each rank's ciphertext (it cannot decrypt them)
+            # and the float32 aggregate; what a participant receives: at most the total
+            "coordinator_receives_bytes": sum(sizes.values()) + len(self.reduce_buffer) * 4,
+            "aggregator_receives_bytes": max(sizes.values()),
         }
 
     def final_validation(self) -> tuple[None, None]:

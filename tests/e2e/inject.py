@@ -5,6 +5,7 @@ FEDSILO_TEST_FAULT=KIND:RANK:CALL makes the CALL-th local training on RANK fail:
   exit   - the process dies at once with status 3 (a crash: OOM kill, segfault)
   data   - raise a DataError (a foreseeable, recoverable error: a bad batch)
   nan    - train, then poison one weight with NaN (a non-finite update)
+  huge   - train, then move one weight by 1e6 (a finite update too large for the ring)
   dpdata - under DP: the CALL-th DP-SGD *step* on RANK raises a DataError, mid-round
   weights - a dishonest coordinator (RANK 0): every plan gives site CALL ten times its weight
 """
@@ -61,6 +62,9 @@ if MPI.COMM_WORLD.Get_rank() == int(rank):
             if calls[0] == int(call) and kind == "nan":
                 with torch.no_grad():
                     next(model.parameters()).view(-1)[0] = float("nan")
+            if calls[0] == int(call) and kind == "huge":
+                with torch.no_grad():
+                    next(model.parameters()).view(-1)[0] += 1e6
             return stats
 
         roles.train_local = faulty

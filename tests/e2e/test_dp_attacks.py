@@ -111,10 +111,17 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def test_noise_cannot_be_regenerated_from_the_run_directory(shards1: Path,
-                                                            tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    dp_run(shards1, run)
+@pytest.fixture(scope="module")
+def dp_runs(shards1: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """Two DP runs of the same configuration and config.seed (shared by the tests)."""
+    root = tmp_path_factory.mktemp("dp-attack")
+    dp_run(shards1, root / "a")
+    dp_run(shards1, root / "b")
+    return root / "a", root / "b"
+
+
+def test_noise_cannot_be_regenerated_from_the_run_directory(shards1: Path, dp_runs) -> None:
+    run = dp_runs[0]
     view = public_view(run, shards1)
     update = view["update"]
 
@@ -132,12 +139,10 @@ def test_noise_cannot_be_regenerated_from_the_run_directory(shards1: Path,
     assert float(recovered.norm()) > 0.5 * float(update.norm())  # nothing was stripped
 
 
-def test_same_seed_draws_different_noise(shards1: Path, tmp_path: Path) -> None:
+def test_same_seed_draws_different_noise(shards1: Path, dp_runs) -> None:
     """Two DP runs with the same config.seed: if their noise were equal, the difference
     of their updates would cancel it."""
-    first, second = tmp_path / "a", tmp_path / "b"
-    dp_run(shards1, first)
-    dp_run(shards1, second)
+    first, second = dp_runs
     a = flat(torch.load(first / "model.pt", weights_only=True))
     b = flat(torch.load(second / "model.pt", weights_only=True))
     view = public_view(first, shards1)

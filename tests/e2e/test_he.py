@@ -67,7 +67,12 @@ def test_encrypted_training_matches_plaintext(shards3, keys, tmp_path):
         assert set(he["ciphertext_bytes"]) == {"0", "1", "2"}
         assert he["ciphertext_bytes_per_param"] <= 32
         assert he["encrypt_s"] > 0 and he["reduce_s"] >= 0 and he["decrypt_s"] > 0
-        assert he["coordinator_receives_bytes"] == row["bytes"]["broadcast"] // 3
+        # the coordinator receives every ciphertext (it cannot open them) and the float32
+        # aggregate; the one decrypting participant receives only the encrypted total
+        assert he["coordinator_receives_bytes"] == sum(he["ciphertext_bytes"].values()) \
+            + row["bytes"]["broadcast"] // 3
+        assert he["aggregator_receives_bytes"] == max(he["ciphertext_bytes"].values())
+        assert he["add_s"] >= 0
     assert "he" not in a[-1]
 
 

@@ -1,4 +1,5 @@
-"""MPI tests of the encrypted reduction (run under ``mpirun -n N``, N >= 2)."""
+"""MPI tests of the encrypted sum (run under ``mpirun -n N``, N >= 2): ciphertexts added
+at the key-less coordinator, decrypted by one participant."""
 
 from __future__ import annotations
 
@@ -34,11 +35,11 @@ def update_of(rank: int) -> np.ndarray:
     return (rng.standard_normal(SIZE) * 1e-3 / max(world.num_participants, 1)).astype(np.float32)
 
 
-def test_tree_sums_every_participant_with_the_identity_codec() -> None:
+def test_coordinator_adds_every_participant_with_the_identity_codec() -> None:
     codec = CODECS.get("identity")()
     payload = codec.to_bytes(codec.encrypt(np.full(1001, float(world.rank), np.float32)))
-    total = world.reduce_participants(None if world.is_coordinator else payload, codec=codec)
-    if world.rank == AGGREGATOR:
+    total = world.add_at_coordinator(None if world.is_coordinator else payload, codec=codec)
+    if world.is_coordinator:
         assert np.array_equal(total, np.full(1001, sum(range(1, world.size)), np.float32)), total[:3]
     else:
         assert total is None
@@ -58,14 +59,17 @@ def test_encrypted_sum_equals_the_plaintext_sum() -> None:
     if world.is_coordinator:
         keys = load_keys(KEYS / COORDINATOR_FILE, expect="coordinator")
         assert not keys.is_private
-        total = world.reduce_participants(None, codec=None)
+        codec = CODECS.get("ckks")(keys=keys)  # adds, cannot decrypt
+        total = world.add_at_coordinator(None, codec=codec)
+        world.send_to_aggregator(codec.to_bytes(total))
     else:
         keys = load_keys(KEYS / PARTICIPANT_FILE, expect="participant")
         codec = CODECS.get("ckks")(keys=keys)
         payload = codec.to_bytes(codec.encrypt(update_of(world.rank)))
-        total = world.reduce_participants(payload, codec=codec)
-    if world.rank == AGGREGATOR:
-        codec.decrypt_into(total, aggregate)
+        world.add_at_coordinator(payload, codec=codec)
+        data = world.receive_total()
+        if data is not None:
+            codec.decrypt_into(codec.from_bytes(data), aggregate)
     world.relay_to_coordinator(aggregate, None)
     if not world.is_coordinator:  # 32 B per slot at most, slots come in ciphertexts of N/2
         num_slots = -(-SIZE // keys.params.slots) * keys.params.slots

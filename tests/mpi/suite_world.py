@@ -118,8 +118,9 @@ def test_agree_report_reaches_the_coordinator_only() -> None:
     """A participant's round report is for the coordinator: no other participant receives
     any part of it (least metadata), while errors still reach every rank."""
     secret_value = f"report of rank {world.rank}"
-    got = world.agree_report({"rank": world.rank, "private": secret_value}, None,
-                             stage="round 1")
+    got, summary = world.agree_report({"rank": world.rank, "private": secret_value}, None,
+                                      stage="round 1", summarize=lambda p: len(p))
+    assert summary == world.size  # what the coordinator made of the reports reaches all
     if world.is_coordinator:
         assert [p["rank"] for p in got] == list(range(world.size))
         assert got[-1]["private"] == f"report of rank {world.size - 1}"

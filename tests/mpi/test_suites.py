@@ -19,3 +19,12 @@ def test_suite(suite: str, num_ranks: int) -> None:
     job = mpirun(num_ranks, [suite], timeout=180, cwd=HERE, python_args=())
     assert job.returncode == 0, job.output[-5000:]
     assert "0 failed" in job.stdout and " passed" in job.stdout, job.output[-3000:]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("num_ranks", [5, 9])
+def test_secure_transport_suite_with_more_participants(num_ranks: int) -> None:
+    """The no-exposure test with 4 and 8 participants (3 run above, with 4 ranks)."""
+    job = mpirun(num_ranks, ["suite_secure.py"], timeout=240, cwd=HERE, python_args=())
+    assert job.returncode == 0, job.output[-5000:]
+    assert "0 failed" in job.stdout and " passed" in job.stdout, job.output[-3000:]

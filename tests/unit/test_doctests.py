@@ -9,7 +9,8 @@ MODULES = ["fedsilo.registry", "fedsilo.config", "fedsilo.aggregate", "fedsilo.m
            "fedsilo.partition", "fedsilo.shards.hdf5", "data_prep.synthetic",
            "fedsilo.privacy.accounting", "fedsilo.privacy.budget", "fedsilo.privacy.validate",
            "fedsilo.privacy.userlevel", "fedsilo.crypto.params", "fedsilo.grouping",
-           "data_prep.plan", "data_prep.dicom"]
+           "data_prep.plan", "data_prep.dicom", "fedsilo.privacy.secret",
+           "fedsilo.privacy.user_accounting", "fedsilo.crypto.masks", "fedsilo.crypto.identity"]
 
 
 @pytest.mark.parametrize("name", MODULES)

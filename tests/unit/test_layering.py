@@ -13,8 +13,8 @@ PURE = ["fedsilo/aggregate.py", "fedsilo/metrics.py", "fedsilo/partition.py", "f
         "fedsilo/grouping.py", "data_prep/plan.py",
         "fedsilo/errors.py", "fedsilo/strategies/", "fedsilo/privacy/accounting.py",
         "fedsilo/privacy/userlevel.py", "fedsilo/privacy/secret.py", "fedsilo/privacy/budget.py",
-        "fedsilo/crypto/params.py",
-        "fedsilo/crypto/codec.py"]
+        "fedsilo/crypto/params.py", "fedsilo/crypto/masks.py", "fedsilo/crypto/identity.py",
+        "fedsilo/crypto/codec.py", "fedsilo/transport.py"]
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from mpi4py import MPI
@@ -11,9 +11,9 @@ from mpi4py import MPI
 from fedsilo.errors import AgreedError, FedsiloError
 
 COORDINATOR = 0
-#: the participant at the root of the encrypted reduction: it decrypts the sum
+#: the participant that decrypts the encrypted total (CKKS) and returns the float sum
 AGGREGATOR = 1
-_TAG_TREE, _TAG_RELAY = 17, 18
+_TAG_TREE, _TAG_RELAY, _TAG_TOTAL = 17, 18, 19
 
 
 class World:
@@ -30,6 +30,7 @@ class World:
         self.size = self.comm.Get_size()
         self.poll_s = poll_s
         self._zeros: np.ndarray | None = None  # the coordinator's contribution to reduce_sum
+        self._ring_zeros: np.ndarray | None = None  # ... and to reduce_ring
         self._subsets: dict[tuple[int, ...], "World | None"] = {}
         shared = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = shared.Get_rank()
@@ -134,41 +135,63 @@ class World:
         finally:
             row.Free()
 
-    # -- encrypted aggregation -------------------------------------------------------
-
-    def reduce_participants(self, payload: bytes | None, *, codec: Any) -> Any:
-        """Sum the participants' serialized ciphertexts with a binomial tree over ranks 1..P.
-
-        ``codec`` gives ``from_bytes``, ``add_into`` and ``to_bytes``: ciphertext addition is
-        the reduction operator.  Each participant sends one message (its partial sum) and
-        receives at most log2(P), so no rank ever holds more than two sums at once; the
-        coordinator takes no part.  Returns the total (a codec object) on
-        :data:`AGGREGATOR`, None elsewhere.  Waiting ranks sleep instead of spinning.
-        """
+    def reduce_ring(self, buffer: np.ndarray) -> None:
+        """Sum the participants' uint64 ``buffer`` modulo 2^64 into the coordinator's: one
+        ``MPI_Reduce`` whose unsigned wrap-around is exactly the ring of masked aggregation
+        (``crypto/masks.py``).  The coordinator's contribution is zero, as in reduce_sum."""
+        if buffer.dtype != np.uint64 or not buffer.flags.c_contiguous:
+            raise TypeError("masked updates must travel as one contiguous uint64 buffer")
         if self.is_coordinator:
+            if self._ring_zeros is None or self._ring_zeros.size != buffer.size:
+                self._ring_zeros = np.zeros(buffer.size, dtype=np.uint64)
+            self.comm.Reduce([self._ring_zeros, MPI.UINT64_T], [buffer, MPI.UINT64_T],
+                             op=MPI.SUM, root=COORDINATOR)
+        else:
+            self.comm.Reduce([buffer, MPI.UINT64_T], None, op=MPI.SUM, root=COORDINATOR)
+
+
+    # -- encrypted aggregation (CKKS) -------------------------------------------------
+
+    def add_at_coordinator(self, payload: bytes | None, *, codec: Any) -> Any:
+        """Every participant sends its serialized ciphertext to the coordinator, which adds
+        them as they arrive (``codec.from_bytes``/``add_into``: it needs no key), holding the
+        running total and one incoming ciphertext at a time.  Returns the total (a codec
+        object) on the coordinator, None elsewhere.  No participant receives anything here,
+        so none ever holds another participant's ciphertext."""
+        if not self.is_coordinator:
+            if payload is None:
+                raise ValueError(f"rank {self.rank} has no ciphertext to send")
+            self.comm.Send([np.frombuffer(payload, dtype=np.uint8), MPI.BYTE],
+                           dest=COORDINATOR, tag=_TAG_TREE)
             return None
-        index, count = self.rank - AGGREGATOR, self.num_participants
         total = None
-        step = 1
-        while step < count:
-            if index % (2 * step) == step:  # hand the partial sum up the tree, done
-                data = payload if total is None else codec.to_bytes(total)
-                self.comm.Send([np.frombuffer(data, dtype=np.uint8), MPI.BYTE],
-                               dest=index - step + AGGREGATOR, tag=_TAG_TREE)
-                return None
-            if index + step < count:
-                source = index + step + AGGREGATOR
-                status = MPI.Status()
-                while not self.comm.Iprobe(source=source, tag=_TAG_TREE, status=status):
-                    time.sleep(self.poll_s)
-                buffer = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
-                self.comm.Recv([buffer, MPI.BYTE], source=source, tag=_TAG_TREE)
-                if total is None:
-                    total = codec.from_bytes(payload)
-                total = codec.add_into(total, codec.from_bytes(memoryview(buffer)))
-                del buffer
-            step *= 2
-        return total if total is not None else codec.from_bytes(payload)
+        status = MPI.Status()
+        for _ in range(self.size - 1):
+            while not self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_TREE, status=status):
+                time.sleep(self.poll_s)
+            buffer = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
+            self.comm.Recv([buffer, MPI.BYTE], source=status.Get_source(), tag=_TAG_TREE)
+            incoming = codec.from_bytes(memoryview(buffer))
+            del buffer
+            total = incoming if total is None else codec.add_into(total, incoming)
+        return total
+
+    def send_to_aggregator(self, data: bytes) -> None:
+        """Coordinator: hand the encrypted total to :data:`AGGREGATOR` to decrypt."""
+        self.comm.Send([np.frombuffer(data, dtype=np.uint8), MPI.BYTE], dest=AGGREGATOR,
+                       tag=_TAG_TOTAL)
+
+    def receive_total(self) -> bytes | None:
+        """On :data:`AGGREGATOR`: the encrypted total from the coordinator (waiting without
+        spinning); None on the other participants."""
+        if self.rank != AGGREGATOR:
+            return None
+        status = MPI.Status()
+        while not self.comm.Iprobe(source=COORDINATOR, tag=_TAG_TOTAL, status=status):
+            time.sleep(self.poll_s)
+        buffer = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
+        self.comm.Recv([buffer, MPI.BYTE], source=COORDINATOR, tag=_TAG_TOTAL)
+        return buffer.tobytes()
 
     def relay_to_coordinator(self, buffer: np.ndarray, info: Any = None) -> Any:
         """Send :data:`AGGREGATOR`'s float32 ``buffer`` (and small ``info``) into the
@@ -219,25 +242,30 @@ class World:
                               exit_code=failures[0][1][2])
         return [p for p, _ in gathered]
 
-    def agree_report(self, payload: Any, error: FedsiloError | None, *, stage: str
-                     ) -> list[Any] | None:
+    def agree_report(self, payload: Any, error: FedsiloError | None, *, stage: str,
+                     summarize: Callable[[list[Any]], Any] | None = None) -> tuple[Any, Any]:
         """Gather every rank's small ``payload`` at the coordinator only (a participant's
         report is for the coordinator, never for the other participants); if any rank
         reports an error, every rank raises the same :class:`AgreedError` instead.
 
-        Returns the payloads in rank order on the coordinator, None elsewhere.  Two
-        collectives: a gather, then a broadcast of the failures alone.
+        Returns ``(payloads, summary)``: the payloads in rank order on the coordinator (None
+        elsewhere), and on every rank what ``summarize(payloads)`` made of them on the
+        coordinator (None without ``summarize``).  Two collectives: a gather, then a
+        broadcast of the failures and the summary.
         """
         report = None if error is None else (type(error).__name__, str(error), error.exit_code)
         gathered = self.comm.gather((payload, report), root=COORDINATOR)
-        failures = None
+        message = None
         if self.is_coordinator:
             failures = [(rank, r) for rank, (_, r) in enumerate(gathered) if r is not None]
-        failures = self.comm.bcast(failures, root=COORDINATOR)
+            summary = None if failures or summarize is None \
+                else summarize([p for p, _ in gathered])
+            message = (failures, summary)
+        failures, summary = self.comm.bcast(message, root=COORDINATOR)
         if failures:
             raise AgreedError(_describe_failures(stage, failures, self.size),
                               exit_code=failures[0][1][2])
-        return [p for p, _ in gathered] if self.is_coordinator else None
+        return ([p for p, _ in gathered] if self.is_coordinator else None), summary
 
     def agree_from_coordinator(self, payload: Any, error: FedsiloError | None, *, stage: str) -> Any:
         """Broadcast the coordinator's ``payload``, or its error to be raised on every rank."""
