@@ -54,7 +54,7 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
             f"participants), but it was started with {world.size}; launch it as "
             f"'mpirun -n P+1 fedsilo train ...' (or srun under SLURM), P = number of shards")
 
-    setup, error = None, None
+    setup, error, lock = None, None, None
     if world.is_coordinator:
         try:
             if auto_resume and out_dir is not None and RunDir(out_dir).config.is_file() \
@@ -64,6 +64,7 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
                 config_path, resume_dir = None, out_dir
             setup = _prepare(world, config_path=config_path, overrides=overrides,
                              out_dir=out_dir, resume_dir=resume_dir)
+            lock = RunDir(setup.run_dir).lock()  # held until this process ends
         except FedsiloError as exc:
             error = exc
     setup = world.agree_from_coordinator(setup, error, stage="configuration")
@@ -82,9 +83,11 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
         _agree_on_keys(world, role)
     elif setup.config.aggregation.secure == "masks":
         _agree_on_identities(world, role)
+    _commit(world, role, setup)
 
     if not _run_rounds(world, role, setup, stop=StopFlag().install()):
         return EXIT_PREEMPTED
+    del lock  # released with the file, at the end of the job
     return 0
 
 
@@ -250,7 +253,10 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
             log.info("resuming %s from the checkpoint of round %d", run.root, resume_round)
         else:
             log.info("resuming %s: no complete checkpoint, starting from round 1", run.root)
-        run.truncate_metrics(last_round=resume_round)
+        if config.rounds < resume_round:
+            raise ConfigError(f"--resume {run.root}: the run has completed {resume_round} "
+                              f"rounds, so rounds={config.rounds} would end it before where it "
+                              f"already is; give rounds >= {resume_round} (to extend it, more)")
     else:
         if out_dir is None:
             raise ConfigError("fedsilo train needs --out RUN_DIR (or --resume RUN_DIR)")
@@ -282,7 +288,24 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
                           f"shard set has sites 0..{manifest.num_sites - 1} (keys are site "
                           f"indexes: site-00K.h5 is site K, run by MPI rank K+1)")
     run.root.mkdir(parents=True, exist_ok=True)
-    run.stopped.unlink(missing_ok=True)  # this run goes on
-    atomic_write_text(run.config, dump_config(config))
+    # config.yaml, metrics.jsonl and stopped.json change only once every rank has checked
+    # its data, model, checkpoint and keys (_commit): a refused resume changes nothing
     return Setup(config=config, run_dir=str(run.root.resolve()), manifest=manifest,
                  resume_round=resume_round)
+
+
+def _commit(world: World, role: Any, setup: Setup) -> None:
+    """After every check passed on every rank: write the resolved config.yaml, drop the rows
+    of rounds without a complete checkpoint, and clear a previous stop marker."""
+    error = None
+    if world.is_coordinator:
+        run = RunDir(setup.run_dir)
+        try:
+            run.truncate_metrics(last_round=setup.resume_round)
+            role.restore_metrics_row()
+            run.stopped.unlink(missing_ok=True)  # this run goes on
+            atomic_write_text(run.config, dump_config(setup.config))
+        except OSError as exc:
+            error = CheckpointError(f"cannot write the run directory {run.root}: "
+                                    f"{exc.strerror or exc}")
+    world.agree(error, stage="writing the run directory")

@@ -33,6 +33,7 @@ from fedsilo.privacy.user_accounting import UserAccounting
 from fedsilo.progress import RoundProgress
 from fedsilo.rundir import RunDir, atomic_torch_save, dump_json, finite_json, load_torch
 from fedsilo.runtime import configure_threads, select_device
+from fedsilo.errors import ShardError
 from fedsilo.shards import Manifest, check_shard, read_shard
 from fedsilo.strategies import build_strategy
 from fedsilo.training import (LocalStats, TensorSplit, evaluate, gradient_corrections,
@@ -129,10 +130,11 @@ class Participant(_Role):
         for index in indexes:
             entry = manifest.sites[index]
             path = Path(config.data.dir) / entry.file
-            check_shard(path, kind="site",
-                        expected_sha256=entry.sha256 if config.data.verify_hashes else None,
-                        image_shape=tuple(manifest.image_shape),
-                        num_classes=manifest.num_classes, required_splits=("train", "val"))
+            info = check_shard(path, kind="site",
+                               expected_sha256=entry.sha256 if config.data.verify_hashes else None,
+                               image_shape=tuple(manifest.image_shape),
+                               num_classes=manifest.num_classes, required_splits=("train", "val"))
+            _check_counts(entry, info, path)
             shard = read_shard(path)
             mean, std = self._normalization(shard.splits["train"])
             train = shard.splits["train"]
@@ -621,10 +623,11 @@ class Coordinator(_Role):
         super().__init__(**kwargs)
         config, manifest = self.config, self.manifest
         path = Path(config.data.dir) / manifest.test.file
-        check_shard(path, kind="test",
-                    expected_sha256=manifest.test.sha256 if config.data.verify_hashes else None,
-                    image_shape=tuple(manifest.image_shape), num_classes=manifest.num_classes,
-                    required_splits=("test",))
+        info = check_shard(path, kind="test",
+                           expected_sha256=manifest.test.sha256 if config.data.verify_hashes
+                           else None, image_shape=tuple(manifest.image_shape),
+                           num_classes=manifest.num_classes, required_splits=("test",))
+        _check_counts(manifest.test, info, path)
         split = read_shard(path).splits["test"]
         mean, std = self._normalization(None)
         self.test_data = TensorSplit.from_arrays(split.images, split.labels, mean=mean, std=std,
@@ -696,6 +699,12 @@ class Coordinator(_Role):
         if list(state.get("layout", [])) != list(self.layout.names):
             raise CheckpointError(f"checkpoint {path} holds a different model than "
                                   f"{self.config.model.name!r}")
+        if state["weights"].numel() != self.layout.numel:
+            raise CheckpointError(
+                f"checkpoint {path} holds {state['weights'].numel()} weights, but model "
+                f"{self.config.model.name!r} on this shard set ({self.manifest.num_classes} "
+                f"classes, images {tuple(self.manifest.image_shape)}) has {self.layout.numel}: "
+                f"the shard set or the model changed since the checkpoint")
         self.global_weights[:] = state["weights"].numpy()
         self.strategy.load_state_dict({k: v.numpy() if torch.is_tensor(v) else v
                                        for k, v in state["strategy"].items()})
@@ -710,9 +719,17 @@ class Coordinator(_Role):
                 raise CheckpointError(f"checkpoint {path} holds no privacy secret for the "
                                       f"central user-level noise; start a new run")
             self.secret = check_secret(bytes(state["secret"].tolist()))
+        #: the checkpoint's metrics row, restored if metrics.jsonl lost it (restore_metrics_row)
+        self._checkpoint_row = json.loads(state["metrics_row"]) \
+            if state.get("metrics_row") else None
+
+    def restore_metrics_row(self) -> None:
+        """Resume: a crash between the checkpoint and metrics.jsonl loses no row (called once
+        every rank has accepted the resume)."""
+        row = getattr(self, "_checkpoint_row", None)
         rows = self.run_dir.read_metrics()
-        if (not rows or rows[-1]["round"] < round_index) and state.get("metrics_row"):
-            self.run_dir.append_metrics(json.loads(state["metrics_row"]))
+        if row is not None and (not rows or rows[-1]["round"] < self.resume_round):
+            self.run_dir.append_metrics(row)
 
     def plan(self, round_index: int) -> dict[str, Any]:
         if self.config.dp.budget_policy == "stop":
@@ -1046,6 +1063,20 @@ class Coordinator(_Role):
         dump_json(self.run_dir.summary, summary)
         log.info("finished: test acc %.4f auc %.4f loss %.4f -> %s", self.last_test["acc"],
                  self.last_test["auc"], self.last_test["loss"], self.run_dir.root)
+
+
+def _check_counts(entry: Any, info: Any, path: Path) -> None:
+    """Every figure the manifest gives for a shard must be what the shard holds: the FedAvg
+    weights are computed from it."""
+    for split, n in sorted(entry.num_samples.items()):
+        real_n = info.num_samples.get(split)
+        real_counts = tuple(info.class_counts.get(split, ()))
+        if real_n != n or real_counts != tuple(entry.class_counts.get(split, ())):
+            raise ShardError(
+                f"{path}: the manifest says split {split!r} holds {n} samples with class counts "
+                f"{list(entry.class_counts.get(split, ()))}, the shard holds {real_n} with "
+                f"{list(real_counts)}; the manifest does not describe this shard (re-run "
+                f"'fedsilo prep verify' or prepare the set again)")
 
 
 def _private(config: Config) -> bool:

@@ -93,6 +93,23 @@ class RunDir:
     def participant_checkpoint(self, round_index: int, site: int) -> Path:
         return self.round_dir(round_index) / f"site-{site:03d}.pt"
 
+    def lock(self) -> "BinaryIO":
+        """Lock the run directory for this process (``.fedsilo.lock``, an exclusive
+        ``flock`` released when the returned file is closed or the process ends); a
+        second job on the same directory gets a CheckpointError instead of a shared run."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / ".fedsilo.lock", "a+b")  # noqa: SIM115 - held for the job
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise CheckpointError(f"{self.root} is in use by another fedsilo job (its "
+                                  f".fedsilo.lock is held); wait for it to end, or choose "
+                                  f"another --out") from None
+        return handle
+
     def holds_run(self) -> bool:
         return self.metrics.exists() or self.checkpoints.exists() or self.model.exists()
 

@@ -116,3 +116,23 @@ def test_gradient_corrections_add_the_proximal_and_drift_terms_before_the_step()
         expect_w = before_w - 0.1 * (2 * before_w + 2.0 * (before_w - anchor_w) + drift[:3])
         expect_b = before_b - 0.1 * (3 + 2.0 * (before_b - anchor_b) + drift[3:])
         assert torch.allclose(w, expect_w) and torch.allclose(b, expect_b)
+
+
+def test_secure_modes_refuse_a_federation_below_the_contributor_floor():
+    """One site's 'sum' is its update: a secure mode needs min_contributors sites in the
+    set and in every round's sample (checked before any rank loads data)."""
+    from types import SimpleNamespace
+
+    from fedsilo.federation import _check_secure_floor
+
+    masks = load_config(None, overrides=["aggregation.secure=masks"])
+    with pytest.raises(ConfigError, match="needs at least aggregation.min_contributors = 2 "
+                                          "sites, but the shard set has 1"):
+        _check_secure_floor(masks, SimpleNamespace(num_sites=1))
+    sampled = load_config(None, overrides=["aggregation.secure=ckks",
+                                           "participation.fraction=0.1"])
+    with pytest.raises(ConfigError, match="samples 1 of 5 sites per round"):
+        _check_secure_floor(sampled, SimpleNamespace(num_sites=5))
+    _check_secure_floor(load_config(None, overrides=["participation.fraction=0.1"]),
+                        SimpleNamespace(num_sites=5))  # plaintext: no floor
+    _check_secure_floor(masks, SimpleNamespace(num_sites=2))
