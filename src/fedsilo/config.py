@@ -113,7 +113,7 @@ class ParticipationConfig:
     def __post_init__(self) -> None:
         _check(0 < self.fraction <= 1, "participation.fraction", "must be in (0, 1]")
         _check(self.min >= 1, "participation.min", "must be >= 1")
-        _check(self.seed >= 0, "participation.seed", "must be >= 0")
+        _check(0 <= self.seed < 2**63, "participation.seed", "must be in [0, 2^63)")
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,8 @@ class RuntimeConfig:
     reduce_dtype: Literal["float32", "float64"] = "float32"
 
     def __post_init__(self) -> None:
-        _check(self.threads >= 0, "runtime.threads", "must be >= 0")
+        _check(0 <= self.threads <= 1024, "runtime.threads",
+               "must be in [0, 1024] (0: the node's cores divided among its ranks)")
 
 
 #: keys a ``dp.sites.K`` override may set (the rest is job-wide)
@@ -378,7 +379,7 @@ class Config:
                                dataclasses.replace(self.aggregation, secure=secure))
             object.__setattr__(self, "he", dataclasses.replace(self.he, enabled=secure == "ckks"))
         _check(self.rounds >= 1, "rounds", "must be >= 1")
-        _check(self.seed >= 0, "seed", "must be >= 0")
+        _check(0 <= self.seed < 2**63, "seed", "must be in [0, 2^63) (torch's seed range)")
         from fedsilo.strategies import STRATEGIES
 
         strategy = STRATEGIES.get(self.strategy.name)
@@ -427,6 +428,9 @@ def load_config(path: str | Path | None, *, overrides: Sequence[str] = ()) -> Co
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {path} nests deeper than a configuration can "
+                              f"(a YAML bomb or a generated file gone wrong)") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
         data = loaded or {}
@@ -449,6 +453,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"override {item[:60]!r}...: value nests too deeply") from None
     node = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):

@@ -301,6 +301,8 @@ def _commit(world: World, role: Any, setup: Setup) -> None:
     if world.is_coordinator:
         run = RunDir(setup.run_dir)
         try:
+            for tmp in run.remove_temporaries():  # left by a crash mid-write
+                log.info("removed %s, left by an interrupted write", tmp)
             run.truncate_metrics(last_round=setup.resume_round)
             role.restore_metrics_row()
             run.stopped.unlink(missing_ok=True)  # this run goes on

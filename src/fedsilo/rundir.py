@@ -110,6 +110,15 @@ class RunDir:
                                   f"another --out") from None
         return handle
 
+    def remove_temporaries(self) -> list[Path]:
+        """Delete the temporary files a crash left mid-write (``.NAME.*.tmp`` from
+        :func:`atomic_file`); returns what was removed."""
+        removed = []
+        for tmp in [*self.root.glob(".*.tmp"), *self.checkpoints.glob("round-*/.*.tmp")]:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+        return removed
+
     def holds_run(self) -> bool:
         return self.metrics.exists() or self.checkpoints.exists() or self.model.exists()
 

@@ -125,3 +125,23 @@ def test_user_level_dp_refuses_fednova_normalization():
 def test_user_level_dp_refuses_strategies_that_send_control_variates() -> None:
     with pytest.raises(ConfigError, match="control-variate change .* leak"):
         load_config(None, overrides=["dp.user.enabled=true", "strategy.name=scaffold"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=18446744073709551616", "'seed' must be in [0, 2^63)"),
+    ("participation.seed=-1", "'participation.seed' must be in [0, 2^63)"),
+    ("runtime.threads=100000", "'runtime.threads' must be in [0, 1024]"),
+])
+def test_numbers_that_crash_a_library_are_refused(override, message):
+    """A seed torch cannot take and a thread count that made rank 0 segfault."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides=[override])
+    assert message in str(info.value)
+
+
+@pytest.mark.timeout(30)
+def test_a_deeply_nested_yaml_is_a_config_error(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("a: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match="nests deeper than a configuration can"):
+        load_config(path)

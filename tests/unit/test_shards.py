@@ -480,3 +480,18 @@ def test_compression_threads_change_no_byte_and_chunks_are_plain_zlib(tmp_path):
             block[: len(part)] = part
             assert info.filter_mask == 0
             assert ds.id.read_direct_chunk(info.chunk_offset)[1] == zlib.compress(block.tobytes(), 4)
+
+
+def test_run_directory_removes_the_temporaries_a_crash_left(tmp_path):
+    from fedsilo.rundir import RunDir, atomic_write_text
+
+    run = RunDir(tmp_path / "run")
+    (run.round_dir(3)).mkdir(parents=True)
+    leftovers = [run.round_dir(3) / ".coordinator.pt.abc123.tmp", run.root / ".metrics.jsonl.x.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half a file")
+    atomic_write_text(run.config, "seed: 0\n")
+    keep = run.round_dir(3) / "site-000.pt"
+    keep.write_bytes(b"checkpoint")
+    assert sorted(run.remove_temporaries()) == sorted(leftovers)
+    assert not any(p.exists() for p in leftovers) and keep.exists() and run.config.exists()
