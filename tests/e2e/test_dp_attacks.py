@@ -187,13 +187,10 @@ def regenerate(secret: bytes, *, round_index: int, numel: int, std: float) -> to
 
 
 def weights_after(run: Path, round_index: int) -> torch.Tensor:
-    if round_index == 0:
-        from fedsilo.models import build_model
-        from fedsilo.weights import WeightLayout
+    if round_index == 0:  # the initial weights follow from the public seed
+        from test_dp_train import initial_and_round1
 
-        torch.manual_seed(0)
-        model = build_model("small_cnn", in_channels=1, num_classes=3, image_size=(28, 28))
-        return torch.from_numpy(WeightLayout.of(model).flatten(model).copy()).double()
+        return initial_and_round1(run)[0].double()
     state = torch.load(run / "checkpoints" / f"round-{round_index:04d}" / "coordinator.pt",
                        weights_only=True)
     return state["weights"].double()

@@ -3,7 +3,6 @@ anything else aborts the whole job.  Never a hang (helpers.mpirun fails a test o
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import fedsilo_cli, mpirun
-from test_faults import LIMIT_S, assert_agreed_failure
+from test_faults import assert_agreed_failure
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 

@@ -17,7 +17,7 @@ from fedsilo.config import load_config
 from fedsilo.errors import ConfigError, ModelError, PrivacyBudgetError
 from fedsilo.models import build_model
 from fedsilo.privacy import PrivacyAccountant, noise_multiplier_for, plan_steps
-from fedsilo.privacy.validate import check_model, check_trainable
+from fedsilo.privacy.validate import check_model
 
 OPACUS = {"rdp": RDPAccountant, "prv": PRVAccountant, "gdp": GaussianAccountant}
 
