@@ -124,7 +124,7 @@ def aggregate_bench(args: argparse.Namespace) -> dict | None:
         keys_dir = Path(tempfile.mkdtemp()) / "keys"
         generate_keys(keys_dir, CKKSParams(), num_participants=16)
         world.bcast_obj(str(keys_dir))
-        # only the public context, as in roles.py: it can add ciphertexts, not decrypt them
+        # only the public context, as in coordinator.py: it can add ciphertexts, not decrypt them
         keys = load_keys(keys_dir / COORDINATOR_FILE, expect="coordinator")
     else:
         keys_dir = Path(world.bcast_obj(None))
@@ -184,7 +184,7 @@ def aggregate_bench(args: argparse.Namespace) -> dict | None:
         phases["rss_kind_growth_mb"] = {k: (_status_kb(k) - v) / 1024
                                         for k, v in kinds_before.items()}
         all_phases = world.allgather_obj(phases)
-        sizes = world.allgather_obj(len(payload) if payload else 0)
+        world.allgather_obj(len(payload) if payload else 0)
         coord = all_phases[0]
         rows.append({"plain_s": plain, "encrypted_s": encrypted,
                      "encrypt_s_max": max(p["encrypt"] for p in all_phases[1:]),

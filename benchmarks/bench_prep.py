@@ -45,7 +45,8 @@ from PIL import Image
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def make_folder(root: Path, *, num_images: int, size: int, channels: int, classes: int, seed: int) -> Path:
+def make_folder(root: Path, *, num_images: int, size: int, channels: int, classes: int,
+                seed: int) -> Path:
     """``root/class-K/NNNNNN.png``; reused if already complete."""
     marker = root / ".complete"
     if marker.exists():
@@ -81,11 +82,13 @@ def linked_subset(full: Path, root: Path, num_images: int) -> Path:
     return root
 
 
-def run_prep(folder: Path, out: Path, *, workers: int, limit_mib: int | None = None) -> dict[str, Any]:
-    """Run ``fedsilo prep folder`` once; wall seconds, peak RSS of the largest process and of the tree."""
+def run_prep(folder: Path, out: Path, *, workers: int,
+             limit_mib: int | None = None) -> dict[str, Any]:
+    """Run ``fedsilo prep folder`` once; wall seconds, peak RSS of the largest process and of the
+    tree."""
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "fedsilo", "prep", "folder", "--root", str(folder),
-               "--participants", "4", "--partition", "iid", "--out", str(out), "--workers", str(workers)]  # fmt: skip
+    command = [sys.executable, "-m", "fedsilo", "prep", "folder", "--source", str(folder),
+               "--sites", "4", "--partition", "iid", "--out", str(out), "--workers", str(workers)]
 
     def limit() -> None:
         if limit_mib is not None:
@@ -93,7 +96,7 @@ def run_prep(folder: Path, out: Path, *, workers: int, limit_mib: int | None = N
 
     begin = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               preexec_fn=limit)  # fmt: skip
+                               preexec_fn=limit)
     tree_peak, main_cpu = 0, 0.0
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
@@ -107,7 +110,8 @@ def run_prep(folder: Path, out: Path, *, workers: int, limit_mib: int | None = N
     stderr = process.stderr.read().decode() if process.stderr else ""
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}): {stderr[-2000:]}")
-    return {"seconds": wall, "max_rss_mib": usage.ru_maxrss / 1024, "tree_rss_mib": tree_peak / (1 << 20),
+    return {"seconds": wall, "max_rss_mib": usage.ru_maxrss / 1024,
+            "tree_rss_mib": tree_peak / (1 << 20),
             "cpu_s": usage.ru_utime + usage.ru_stime, "main_cpu_s": main_cpu}
 
 
@@ -139,8 +143,8 @@ def _tree_rss(pid: int) -> int:
 
 def throughput(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     sets = [
-        ("28x28 gray", make_folder(work / "small", num_images=args.small_images, size=28, channels=1,
-                                   classes=10, seed=1), args.small_images, 28 * 28),  # fmt: skip
+        ("28x28 gray", make_folder(work / "small", num_images=args.small_images, size=28,
+                                   channels=1, classes=10, seed=1), args.small_images, 28 * 28),
         ("224x224 RGB", linked_subset(work / "mem-8", work / "large", args.large_images),
          args.large_images, 224 * 224 * 3),
     ]
@@ -158,7 +162,7 @@ def throughput(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             rows.append({"images": label, "count": count, "workers": workers, "median_s": median,
                          "runs_s": seconds, "images_per_s": count / median,
                          "decoded_mib_per_s": count * image_bytes / median / (1 << 20),
-                         "cpu_s": cpu, "main_cpu_s": main_cpu})  # fmt: skip
+                         "cpu_s": cpu, "main_cpu_s": main_cpu})
             print(f"{label:12s} {count:6d} images  workers {workers}: {median:7.2f} s  "
                   f"{count / median:8.0f} images/s  CPU {cpu:6.2f} s (main {main_cpu:6.2f} s)  "
                   f"(runs {', '.join(f'{s:.2f}' for s in seconds)})")
@@ -174,8 +178,9 @@ def memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         decoded = factor * n * 224 * 224 * 3 / (1 << 20)
         result = run_prep(folder, work / "out", workers=workers, limit_mib=args.limit_mib)
         rows.append({"images": factor * n, "decoded_mib": decoded, "workers": workers,
-                     "limit_mib": args.limit_mib, **result})  # fmt: skip
-        print(f"224x224 RGB {factor * n:6d} images ({decoded:6.0f} MiB decoded), workers {workers}, "
+                     "limit_mib": args.limit_mib, **result})
+        print(f"224x224 RGB {factor * n:6d} images ({decoded:6.0f} MiB decoded), "
+              f"workers {workers}, "
               f"RLIMIT_AS {args.limit_mib} MiB: peak RSS {result['max_rss_mib']:.0f} MiB (largest "
               f"process), {result['tree_rss_mib']:.0f} MiB (tree), {result['seconds']:.1f} s")
     return rows
@@ -183,11 +188,12 @@ def memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/fedsilo-bench-prep"),
                         help="where the generated folders and shard sets go (kept for reruns)")
     parser.add_argument("--small-images", type=int, default=20000, help="28x28 images")
-    parser.add_argument("--large-images", type=int, default=1000, help="224x224 images (throughput)")
+    parser.add_argument("--large-images", type=int, default=1000,
+                        help="224x224 images (throughput)")
     parser.add_argument("--memory-images", type=int, default=500,
                         help="224x224 images of the 1x memory set (then 2x, 4x and 8x)")
     parser.add_argument("--limit-mib", type=int, default=512, help="RLIMIT_AS of the memory runs")
@@ -199,7 +205,7 @@ def main() -> int:
     memory_rows = memory(args, args.work)  # first: it generates the 224x224 images
     results = {"throughput": throughput(args, args.work), "memory": memory_rows,
                "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
-               "total_s": time.perf_counter() - begin}  # fmt: skip
+               "total_s": time.perf_counter() - begin}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

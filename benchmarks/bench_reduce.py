@@ -12,11 +12,12 @@ rotates every repeat, each measurement is preceded by a barrier):
                        ``COMM_WORLD.Dup()``, preallocated numpy buffers;
 - ``reduce_bare_inplace`` the same with ``MPI.IN_PLACE`` at the root (what fedsilo does),
                        to tell an in-place effect from a fedsilo effect;
-- ``reduce_world``     ``World.reduce_sum`` (the coordinator contributes a zeroed buffer);
+- ``reduce_world``     fedsilo's plain transport (``transport.PlainReduce``: the identity codec,
+                       then ``World.reduce_sum``; the coordinator contributes a zeroed buffer);
 - ``aggregation``      the round loop's whole aggregation step: participants weight their
                        update (``np.subtract`` + ``*=``) and check it (``count_nonfinite``),
                        ``reduce_sum``, then at rank 0 the FedAvg ``server_step(..., out=...)``
-                       and the finiteness check of the new weights (``roles.py``);
+                       and the finiteness check of the new weights (``coordinator.py``);
 - ``bcast_bare`` / ``bcast_world``  ``comm.Bcast`` against ``World.bcast_weights``.
 
 Times are wall-clock seconds from the end of the barrier to the end of the call.  The
@@ -73,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fedsilo.aggregate import count_nonfinite
     from fedsilo.comm import World
+    from fedsilo.messages import Contribution, RoundOutcome
     from fedsilo.strategies import build_strategy
+    from fedsilo.transport import TRANSPORTS
 
     bare = MPI.COMM_WORLD.Dup()
     world = World()
@@ -97,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     world_buf = np.zeros(numel, dtype=np.float32)
     inplace_buf = np.zeros(numel, dtype=np.float32)
     bcast_buf = np.full(numel, float(rank), dtype=np.float32)
-    # the aggregation step's buffers, as in roles.py
+    # the aggregation step's buffers, as in participant.py and coordinator.py
     global_w = np.random.default_rng(1000).standard_normal(numel, dtype=np.float32)
     local_w = global_w + send  # this participant's trained weights
     reduce_buffer = np.zeros(numel, dtype=np.float32)
@@ -115,8 +118,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             bare.Reduce([send, MPI.FLOAT], None, op=MPI.SUM, root=0)
 
+    # fedsilo's path: the plain transport (identity codec, then World.reduce_sum)
+    transport = TRANSPORTS.get("plain")()
+    everyone = tuple(range(1, size))
+    outcome = RoundOutcome(round=1, ranks=everyone, contributors=everyone, in_sum=everyone,
+                           rows_per_rank={}, refused=False)
+    world_contribution = Contribution(total=world_buf if rank == 0 else send)
+    round_contribution = Contribution(total=reduce_buffer)
+
     def reduce_world() -> None:
-        world.reduce_sum(world_buf if rank == 0 else send)
+        transport.aggregate(world, world_contribution, outcome)
 
     def aggregation() -> None:
         begin = time.perf_counter()
@@ -124,11 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             reduce_buffer.fill(0)  # Coordinator.local_round
         else:  # Participant.local_round, after flatten
             np.subtract(local_w, global_w, out=reduce_buffer)
-            np.multiply(reduce_buffer, weight, out=reduce_buffer)  # roles.py: `*= weight`
+            np.multiply(reduce_buffer, weight, out=reduce_buffer)  # participant.py: `*= weight`
             if count_nonfinite(reduce_buffer):
                 raise AssertionError("non-finite update")
         prepared = time.perf_counter()
-        world.reduce_sum(reduce_buffer)
+        transport.aggregate(world, round_contribution, outcome)
         reduced = time.perf_counter()
         if rank == 0:  # Coordinator.finish_round
             strategy.server_step(global_w, reduce_buffer, out=global_w)
@@ -242,13 +253,15 @@ def _summarize(gathered: list[dict[str, list[float]]], parts: list[dict[str, lis
         "repeats": repeats,
         "warmup": warmup,
         "host": platform.node(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else os.cpu_count()),
         "mpi": MPI.Get_library_version().splitlines()[0].split(",")[0],
         "mpi4py": __import__("mpi4py").__version__,
         "numpy": np.__version__,
         "ops": ops,
         "aggregation_parts_median_ms": {
-            "participant_prep (subtract, scale, nonfinite check)": _median_ms(prep) if prep else None,
+            "participant_prep (subtract, scale, nonfinite check)":
+                _median_ms(prep) if prep else None,
             "server_step (fedavg add + nonfinite check, rank 0)":
                 _median_ms(parts[0]["server_step"]) if parts[0]["server_step"] else None,
         },

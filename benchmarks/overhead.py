@@ -77,7 +77,8 @@ def analyse(rows: Sequence[dict]) -> dict:
     shares = {}
     for label, denominator in (("round", lambda s: s["round"]),
                                ("round+checkpoint",
-                                lambda s: s["round"] + (0.0 if s["new_format"] else s["checkpoint"]))):
+                                lambda s: s["round"] + (0.0 if s["new_format"]
+                                                        else s["checkpoint"]))):
         shares[label] = {
             "not_training_median": statistics.median(
                 (denominator(s) - work(s)) / denominator(s) for s in seconds),

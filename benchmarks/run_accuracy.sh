@@ -6,7 +6,7 @@
 # MODEL is resnet18 and/or small_cnn (default: both, small_cnn first).  From the repo root
 # (the script cds there itself), with ../shared/data/pneumoniamnist.npz beside the repo:
 #
-#   1. fedsilo prep medmnist --npz ../shared/data/pneumoniamnist.npz --participants 3 \
+#   1. fedsilo prep medmnist --source ../shared/data/pneumoniamnist.npz --sites 3 \
 #          --partition dirichlet:0.5 --seed 0 --out shards/pneu
 #      (skipped when DIR/manifest.json exists; the shard set is verified either way, which
 #      prints the per-site class histograms)
@@ -50,7 +50,7 @@ MPI_FLAGS=(--oversubscribe --bind-to none)
 
 echo "== shards: $SHARDS"
 if [[ ! -f $SHARDS/manifest.json ]]; then
-    "$PYTHON" -m fedsilo prep medmnist --npz "$NPZ" --participants 3 \
+    "$PYTHON" -m fedsilo prep medmnist --source "$NPZ" --sites 3 \
         --partition dirichlet:0.5 --seed 0 --out "$SHARDS"
 fi
 "$PYTHON" -m fedsilo prep verify "$SHARDS"

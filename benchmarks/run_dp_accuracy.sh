@@ -50,7 +50,7 @@ MPI_FLAGS=(--oversubscribe --bind-to none)
 [[ $(id -u) -eq 0 ]] && MPI_FLAGS+=(--allow-run-as-root)
 
 if [[ ! -f $SHARDS/manifest.json ]]; then
-    "$PYTHON" -m fedsilo prep medmnist --npz "$NPZ" --participants 3 \
+    "$PYTHON" -m fedsilo prep medmnist --source "$NPZ" --sites 3 \
         --partition dirichlet:0.5 --seed 0 --out "$SHARDS"
 fi
 mkdir -p "$RUNS"

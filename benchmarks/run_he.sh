@@ -3,8 +3,8 @@
 #
 #   benchmarks/run_he.sh MODEL ROUNDS SHARDS RUNS
 #
-# SHARDS from: fedsilo prep medmnist --npz ../shared/data/pneumoniamnist.npz \
-#                  --participants 3 --partition dirichlet:0.5 --seed 0 --out SHARDS
+# SHARDS from: fedsilo prep medmnist --source ../shared/data/pneumoniamnist.npz \
+#                  --sites 3 --partition dirichlet:0.5 --seed 0 --out SHARDS
 # Writes RUNS/keys (fedsilo keys, default parameters), RUNS/MODEL-plain, RUNS/MODEL-he, and
 # prints the comparison (benchmarks/compare_he.py).  Hyperparameters: jobs/configs/pneumoniamnist.yaml.
 set -euo pipefail

@@ -43,7 +43,7 @@ runs=()
 for alpha in "${ALPHAS[@]}"; do
     shards=$RUNS/shards-$alpha
     if [[ ! -f $shards/manifest.json ]]; then
-        "$PYTHON" -m fedsilo prep medmnist --npz "$NPZ" --participants 6 \
+        "$PYTHON" -m fedsilo prep medmnist --source "$NPZ" --sites 6 \
             --partition "dirichlet:$alpha" --seed 0 --out "$shards"
     fi
     for strategy in fedavg fedprox fedadam scaffold; do

@@ -15,7 +15,7 @@ flags=(--oversubscribe --bind-to none)
 mkdir -p "$out"
 for p in 2 4 8; do
   [ -f "$out/shards-$p/manifest.json" ] || "$python" -m fedsilo prep synthetic --samples 4000 \
-    --classes 2 --participants "$p" --partition iid --seed 0 --out "$out/shards-$p" >/dev/null
+    --classes 2 --sites "$p" --partition iid --seed 0 --out "$out/shards-$p" >/dev/null
   for model in small_cnn resnet18; do
     rm -rf "$out/run-$model-$p"
     timeout 1800 "$mpirun" -n $((p + 1)) "${flags[@]}" "$python" -m fedsilo train \

@@ -15,7 +15,8 @@ def summarize(run: Path, threshold: float) -> dict:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     reached = next((r["round"] for r in rows if r.get("acc", 0) >= threshold), None)
     summary = json.loads((run / "summary.json").read_text())
-    return {"run": run.name, "final_acc": summary["test"]["acc"], "final_auc": summary["test"]["auc"],
+    return {"run": run.name, "final_acc": summary["test"]["acc"],
+            "final_auc": summary["test"]["auc"],
             "best_acc": max(r["acc"] for r in rows if "acc" in r), "rounds_to": reached,
             "rounds": rows[-1]["round"]}
 

@@ -42,7 +42,8 @@ def main(out: str) -> dict:
     for p, m in zip(per_mode["plain"]["round_s_per_run"], per_mode["masks"]["round_s_per_run"]):
         pair_ratios.append(m / p)
     result.update(per_mode)
-    result["ratio_round_median"] = per_mode["masks"]["round_s_median"] / per_mode["plain"]["round_s_median"]
+    result["ratio_round_median"] = (per_mode["masks"]["round_s_median"]
+                                    / per_mode["plain"]["round_s_median"])
     result["ratio_round_per_pair"] = pair_ratios
     result["ratio_round_median_of_pairs"] = statistics.median(pair_ratios)
     result["aggregate_s_increase"] = (per_mode["masks"]["aggregate_s_median"]

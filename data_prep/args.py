@@ -15,16 +15,20 @@ def add_common(parser: argparse.ArgumentParser, *, natural: bool = False) -> Non
     """Options every source takes: sites, partition, seed, output, hold-outs, array task.
 
     ``natural``: the source has labels-file columns, so ``natural:COLUMN`` is offered and
-    ``--participants`` may be left out for it.
+    ``--sites`` may be left out for it.  ``--participants`` is the old spelling of
+    ``--sites``, kept as an alias.
     """
     if natural:
-        parser.add_argument("--participants", type=positive_int, default=None,
-                            help="number of sites, one shard each; required unless the "
-                            "partition is natural:COLUMN (one site per value of the column)")
+        parser.add_argument("--sites", "--participants", dest="sites", type=positive_int,
+                            default=None, metavar="P",
+                            help="number of sites to split the samples over, one shard each; "
+                            "required unless the partition is natural:COLUMN (one site per "
+                            "value of the column)")
     else:
-        parser.add_argument("--participants", type=positive_int, required=True,
-                            default=argparse.SUPPRESS,
-                            help="number of sites, one shard each (required)")
+        parser.add_argument("--sites", "--participants", dest="sites", type=positive_int,
+                            required=True, default=argparse.SUPPRESS, metavar="P",
+                            help="number of sites to split the samples over, one shard each "
+                            "(required)")
     parser.add_argument("--partition", default="iid",
                         help="how samples are split over sites: iid, dirichlet:ALPHA "
                         "(label skew), quantity:ALPHA (size skew) or classes:K"
@@ -47,6 +51,13 @@ def add_common(parser: argparse.ArgumentParser, *, natural: bool = False) -> Non
                         "SLURM array): site:K, test, or 'array' to take it from "
                         "SLURM_ARRAY_TASK_ID (0..P-1 = sites, P = test). The task that "
                         "completes the set writes manifest.json")
+
+
+def add_source(parser: argparse.ArgumentParser, old: str, *, what: str) -> None:
+    """``--source PATH``, the one spelling of every source's input; ``old`` (``--npz``,
+    ``--root``, ``--images``) is kept as an alias."""
+    parser.add_argument("--source", old, dest="source", type=Path, required=True,
+                        default=argparse.SUPPRESS, metavar="PATH", help=f"{what} (required)")
 
 
 def resolve_only(only: str | None) -> str | None:

@@ -11,13 +11,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from data_prep import record_cli, stats
-from data_prep.args import FORMATTER, add_common, positive_int, resolve_only
-from data_prep.medmnist import load_medmnist
-from data_prep.pipeline import prepare_shards
-from data_prep.source import SourceData
-from data_prep.synthetic import make_synthetic
 from fedsilo.errors import ShardError
+from fedsilo.prep import record_cli, stats
+from fedsilo.prep.args import FORMATTER, add_common, add_source, positive_int, resolve_only
+from fedsilo.prep.medmnist import load_medmnist
+from fedsilo.prep.pipeline import prepare_shards
+from fedsilo.prep.source import SourceData
+from fedsilo.prep.synthetic import make_synthetic
 from fedsilo.shards import MANIFEST_FILE, Manifest, load_manifest, verify_shard_set
 
 #: exit status of ``prep verify`` when the shard set has problems
@@ -43,10 +43,7 @@ def add_parser(subparsers: Any) -> None:
         "sites, its val split follows each site's label mix, its test split becomes test.h5.",
         formatter_class=FORMATTER,
     )
-    medmnist.add_argument(
-        "--npz", type=Path, required=True, default=argparse.SUPPRESS,
-        help="path of the MedMNIST .npz file (required)",
-    )  # fmt: skip
+    add_source(medmnist, "--npz", what="path of the MedMNIST .npz file")
     add_common(medmnist)
     medmnist.set_defaults(func=_run_medmnist)
 
@@ -83,7 +80,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _run_medmnist(args: argparse.Namespace) -> int:
-    return _prepare(load_medmnist(args.npz), args)
+    return _prepare(load_medmnist(args.source), args)
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
@@ -104,7 +101,7 @@ def _prepare_source(source: SourceData, args: argparse.Namespace) -> Manifest | 
     return prepare_shards(
         source,
         out_dir=args.out,
-        participants=args.participants,
+        participants=args.sites,
         partition=args.partition,
         seed=args.seed,
         val_fraction=args.val_fraction,
@@ -124,7 +121,7 @@ def _report(manifest: Manifest | None, args: argparse.Namespace) -> int:
     if manifest.skipped is not None:
         print(f"skipped {len(manifest.skipped)} bad input(s)"
               + (f"; listed under 'skipped' in {Path(args.out) / MANIFEST_FILE}"
-                 if manifest.skipped else ""))  # fmt: skip
+                 if manifest.skipped else ""))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Decoding DICOM images into uint8 C x H x W arrays, with pydicom (the only module that imports it).
+"""Decoding DICOM images into uint8 C x H x W arrays, with pydicom (the only module that
+imports it).
 
 Grayscale (MONOCHROME1/2) images go through the standard display pipeline of DICOM
 PS3.3 (C.11.1 and C.11.2): stored values -> modality LUT (rescale slope and intercept,
@@ -27,8 +28,8 @@ from PIL import Image
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-from data_prep.images import finish, stretch_to_8bit
-from data_prep.records import BadInput
+from fedsilo.prep.images import finish, stretch_to_8bit
+from fedsilo.prep.records import BadInput
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT")
@@ -54,7 +55,7 @@ class DicomDecoder:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames != 1:
             return BadInput(path, f"multi-frame DICOM ({frames} frames) is not supported: "
-                                  f"one image per file")  # fmt: skip
+                                  f"one image per file")
         try:
             pixels = ds.pixel_array
         # the pixel handlers raise NotImplementedError, RuntimeError, ValueError... for an
@@ -81,7 +82,7 @@ class DicomDecoder:
     def describe(self) -> dict[str, Any]:
         return {"decoder": "pydicom", "channels": self.channels,
                 "size": None if self.size is None else list(self.size),
-                "window": None if self.window is None else list(self.window)}  # fmt: skip
+                "window": None if self.window is None else list(self.window)}
 
 
 def display_values(
@@ -99,10 +100,12 @@ def display_values(
     else:
         function = "LINEAR"  # a window given on the command line is the standard linear one
     center, width = window
-    return np.clip(np.rint(apply_window(values, center, width, function=function)), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(apply_window(values, center, width, function=function)),
+                   0, 255).astype(np.uint8)
 
 
-def apply_window(values: np.ndarray, center: float, width: float, *, function: str = "LINEAR") -> np.ndarray:
+def apply_window(values: np.ndarray, center: float, width: float, *,
+                 function: str = "LINEAR") -> np.ndarray:
     """A VOI window onto 0..255 (float), as DICOM PS3.3 C.11.2.1.2 defines the functions.
 
     >>> apply_window(np.array([-1000.0, 40.0, 1000.0]), 40, 400).round(1).tolist()

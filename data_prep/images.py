@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from data_prep.records import BadInput
+from fedsilo.prep.records import BadInput
 
 #: Pillow's errors for files it cannot identify, parse or fully read (truncated)
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -50,7 +50,7 @@ class ImageDecoder:
 
     def describe(self) -> dict[str, Any]:
         return {"decoder": "pillow", "channels": self.channels,
-                "size": None if self.size is None else list(self.size)}  # fmt: skip
+                "size": None if self.size is None else list(self.size)}
 
 
 def to_8bit(image: Image.Image) -> Image.Image:

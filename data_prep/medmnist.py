@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.source import SOURCE_SPLITS, SourceData
 from fedsilo.errors import DataError
+from fedsilo.prep.source import SOURCE_SPLITS, SourceData
 from fedsilo.shards import sha256_file
 
 

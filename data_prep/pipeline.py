@@ -15,7 +15,7 @@ and writes only the missing ones (``--overwrite`` rewrites everything).  Files a
 atomically (:class:`~fedsilo.shards.ShardWriter`), so an interruption never leaves a
 partial shard.
 
-Seeds: the partition over sites uses ``seed`` itself, so ``fedsilo.partition.partition``
+Seeds: the partition over sites uses ``seed`` itself, so ``fedsilo.prep.partition.partition``
 called with the same spec and seed on the training labels (those left after any test
 hold-out) reproduces it; the test and validation hold-outs use streams derived from
 ``seed``.
@@ -33,19 +33,11 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from data_prep.plan import (
-    NATURAL,
-    TEST_STREAM,
-    VAL_STREAM,
-    derive_seed,
-    natural_column,
-    plan_splits,
-)
-from data_prep.source import SourceData
-from data_prep.stream import Batch, Decoding, RecordSource, RecordTable, probe_shape
 from fedsilo.errors import ConfigError, DataError, ShardError
-from fedsilo.partition import assign_like, class_histogram, stratified_holdout
-from fedsilo.partition import partition as partition_sites
+from fedsilo.prep.partition import assign_like, class_histogram
+from fedsilo.prep.plan import NATURAL, VAL_STREAM, derive_seed, natural_column, plan_splits
+from fedsilo.prep.source import SourceData
+from fedsilo.prep.stream import Batch, Decoding, RecordSource, RecordTable, probe_shape
 from fedsilo.shards import (
     MANIFEST_FILE,
     TEST_FILE,
@@ -154,24 +146,31 @@ def prepare_shards(
 
     images, labels = source.splits["train"]
     train = ArrayTable("train", images, labels)
-    if "test" in source.splits:
-        pool = np.arange(len(labels), dtype=np.int64)
+    own_test, own_val = "test" in source.splits, "val" in source.splits
+    # the record pipeline's planner, so both kinds of source share every hold-out; a
+    # split the source brings itself is not held out again
+    val = 0.0 if own_val else val_fraction
+    test = None if own_test else test_fraction
+    plan = plan_splits(labels, partition=partition, num_sites=participants, seed=seed,
+                       val_fraction=val, test_fraction=test)
+    site_train = list(plan.site_train)
+    if own_test:
         test_table = ArrayTable("test", *source.splits["test"])
         test_idx = np.arange(len(test_table.labels), dtype=np.int64)
     else:
-        pool, test_idx = stratified_holdout(labels, test_fraction, seed=derive_seed(seed, TEST_STREAM))
-        test_table = train
-    parts = partition_sites(partition, labels[pool], participants, seed=seed)
-    site_train = [pool[p] for p in parts]
-    site_val, val_table = _validation(source, site_train, val_fraction=val_fraction, seed=seed)
+        test_table, test_idx = train, plan.test
+    if own_val:
+        site_val, val_table = _follow_label_mix(source, site_train, seed=seed)
+    else:
+        site_val, val_table = list(plan.site_val), train
 
     spec = SetSpec(image_shape=source.image_shape, num_classes=source.num_classes,
-                   provenance=source.provenance, partition=partition, seed=int(seed))  # fmt: skip
+                   provenance=source.provenance, partition=partition, seed=int(seed))
     attrs = {"partition": partition, "seed": int(seed), "num_sites": int(participants),
-             "source": source.name}  # fmt: skip
+             "source": source.name}
     jobs = [_job(spec, site_file_name(k), "site", {**attrs, "site": k},
                  (("train", train, site_train[k]), ("val", val_table, site_val[k])))
-            for k in range(participants)]  # fmt: skip
+            for k in range(participants)]
     jobs.append(_job(spec, TEST_FILE, "test", attrs, (("test", test_table, test_idx),)))
     return _write_set(Path(out_dir), jobs, spec, only=only, overwrite=overwrite)
 
@@ -194,7 +193,7 @@ def prepare_record_shards(
 ) -> Manifest | None:
     """Write the shard set of a listed dataset, decoding its images chunk by chunk.
 
-    Planned on the records (:func:`data_prep.plan.plan_splits`): ``participants`` may be
+    Planned on the records (:func:`fedsilo.prep.plan.plan_splits`): ``participants`` may be
     None only for ``natural:COLUMN``, which makes one site per value of the column.
     ``patient_column`` keeps each patient's records in one split and one site.
     ``workers`` > 1 decodes on that many processes and compresses on that many threads;
@@ -212,7 +211,7 @@ def prepare_record_shards(
     def values_of(name: str, option: str) -> np.ndarray:
         if name not in records.columns:
             raise ConfigError(f"{option} names the column {name!r}, but source {source.name!r} "
-                              f"has no such column (a labels file is needed)")  # fmt: skip
+                              f"has no such column (a labels file is needed)")
         return np.asarray(records.columns[name], dtype=str)
 
     plan = plan_splits(
@@ -220,9 +219,10 @@ def prepare_record_shards(
         val_fraction=val_fraction, test_fraction=test_fraction, test_split=test_split,
         patients=None if patient_column is None else values_of(patient_column, "--patient-column"),
         site_values=None if column is None else values_of(column, f"--partition {partition}"),
-    )  # fmt: skip
+    )
     if records.problems:
-        log.warning("%s: left out %d bad input(s) while listing", source.name, len(records.problems))
+        log.warning("%s: left out %d bad input(s) while listing", source.name,
+                    len(records.problems))
     provenance = {
         **source.provenance,
         "decoder": source.decoder.describe(),
@@ -231,26 +231,27 @@ def prepare_record_shards(
         "options": {"val_fraction": val_fraction, "test_fraction": test_fraction,
                     "test_split": test_split, "patient_column": patient_column,
                     "skip_bad": bool(skip_bad)},
-    }  # fmt: skip
+    }
     if plan.site_names is not None:
         provenance[NATURAL] = {"column": column, "sites": list(plan.site_names)}
     with Decoding(source.decoder, workers=workers) as decoding:
         image_shape, first_path = probe_shape(source, skip_bad=skip_bad)
         table = RecordTable(source, decoding, image_shape=image_shape, first_path=first_path,
-                            skip_bad=skip_bad)  # fmt: skip
+                            skip_bad=skip_bad)
         spec = SetSpec(
             image_shape=image_shape, num_classes=len(records.class_names), provenance=provenance,
             partition=partition, seed=int(seed), class_names=records.class_names,
             listing_skipped=tuple(p.to_dict() for p in records.problems) if skip_bad else None,
             threads=workers,
-        )  # fmt: skip
+        )
         attrs = {"partition": partition, "seed": int(seed), "num_sites": plan.num_sites,
-                 "source": source.name}  # fmt: skip
+                 "source": source.name}
         jobs = []
         for k in range(plan.num_sites):
             named = {} if plan.site_names is None else {"site_name": plan.site_names[k]}
             jobs.append(_job(spec, site_file_name(k), "site", {**attrs, "site": k, **named},
-                             (("train", table, plan.site_train[k]), ("val", table, plan.site_val[k]))))  # fmt: skip
+                             (("train", table, plan.site_train[k]),
+                              ("val", table, plan.site_val[k]))))
         jobs.append(_job(spec, TEST_FILE, "test", attrs, (("test", table, plan.test),)))
         return _write_set(Path(out_dir), jobs, spec, only=only, overwrite=overwrite)
 
@@ -259,18 +260,18 @@ def prepare_record_shards(
 
 
 def _job(spec: SetSpec, name: str, kind: str, attrs: dict[str, Any],
-         splits: tuple[tuple[str, Table, np.ndarray], ...]) -> FileJob:  # fmt: skip
+         splits: tuple[tuple[str, Table, np.ndarray], ...]) -> FileJob:
     identity = {
         "source": spec.provenance, "partition": spec.partition, "seed": spec.seed,
         "image_shape": list(spec.image_shape), "kind": kind, "attrs": attrs,
         "splits": [[split, table.fingerprint(idx)] for split, table, idx in splits],
-    }  # fmt: skip
+    }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     return FileJob(name=name, kind=kind, attrs={**attrs, "plan": digest}, splits=splits)
 
 
 def _write_set(out: Path, jobs: list[FileJob], spec: SetSpec, *, only: str | None,
-               overwrite: bool) -> Manifest | None:  # fmt: skip
+               overwrite: bool) -> Manifest | None:
     if only is not None:
         return _write_one(out, jobs, spec, only=only, overwrite=overwrite)
     # only now, with every split decided, is the directory touched: a bad spec or
@@ -294,7 +295,7 @@ def _write_set(out: Path, jobs: list[FileJob], spec: SetSpec, *, only: str | Non
 
 
 def _write_one(out: Path, jobs: list[FileJob], spec: SetSpec, *, only: str,
-               overwrite: bool) -> Manifest | None:  # fmt: skip
+               overwrite: bool) -> Manifest | None:
     """One file of the set (an array task), then the manifest if the set is complete."""
     job = _pick(jobs, only)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,7 +319,7 @@ def _pick(jobs: list[FileJob], only: str) -> FileJob:
     if kind == "task" and index.isdigit():
         if int(index) > participants:
             raise ConfigError(f"array task {index} is beyond this set's {participants + 1} files "
-                              f"(submit the array as 0-{participants})")  # fmt: skip
+                              f"(submit the array as 0-{participants})")
         return jobs[int(index)]
     if only == "test":
         return jobs[-1]
@@ -332,7 +333,7 @@ def _write_file(out: Path, job: FileJob, spec: SetSpec) -> tuple[ShardInfo, list
     skipped: list[dict[str, str]] = []
     counts = dict.fromkeys((split for split, _, _ in job.splits), 0)
     with ShardWriter(out / job.name, kind=job.kind, image_shape=spec.image_shape,
-                     num_classes=spec.num_classes, attrs=job.attrs, threads=spec.threads) as writer:  # fmt: skip
+                     num_classes=spec.num_classes, attrs=job.attrs, threads=spec.threads) as writer:
         for split, table, indices in job.splits:
             for batch in table.batches(indices):
                 writer.append(split, batch.images, batch.labels)
@@ -341,7 +342,7 @@ def _write_file(out: Path, job: FileJob, spec: SetSpec) -> tuple[ShardInfo, list
                 del batch  # else it stays alive while the generator decodes the next chunk
         if job.kind == "site" and counts["train"] == 0:
             raise DataError(f"{out / job.name}: no training images left after leaving out "
-                            f"{len(skipped)} bad input(s)")  # fmt: skip
+                            f"{len(skipped)} bad input(s)")
         if spec.listing_skipped is not None:
             writer.set_attrs({"skipped": json.dumps(skipped)})
     if skipped:
@@ -351,7 +352,8 @@ def _write_file(out: Path, job: FileJob, spec: SetSpec) -> tuple[ShardInfo, list
 
 def _reuse(out: Path, job: FileJob, spec: SetSpec) -> tuple[ShardInfo, list[dict[str, str]]]:
     path = out / job.name
-    info = check_shard(path, kind=job.kind, image_shape=spec.image_shape, num_classes=spec.num_classes)
+    info = check_shard(path, kind=job.kind, image_shape=spec.image_shape,
+                       num_classes=spec.num_classes)
     return info, _file_skipped(path)
 
 
@@ -378,7 +380,7 @@ def _manifest(results: list[tuple[ShardInfo, list[dict[str, str]]]], spec: SetSp
     infos = [info for info, _ in results]
     return build_manifest(sites=infos[:-1], test=infos[-1], source=spec.provenance,
                           partition=spec.partition, seed=spec.seed,
-                          class_names=spec.class_names, skipped=skipped)  # fmt: skip
+                          class_names=spec.class_names, skipped=skipped)
 
 
 def _claim(out: Path, jobs: list[FileJob], *, overwrite: bool) -> tuple[list[Path], set[str]]:
@@ -397,13 +399,14 @@ def _claim(out: Path, jobs: list[FileJob], *, overwrite: bool) -> tuple[list[Pat
         names = ", ".join(p.name for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
         if (out / MANIFEST_FILE).exists():
             raise DataError(f"{out} already holds a shard set ({names}); refusing to replace it "
-                            f"without --overwrite")  # fmt: skip
+                            f"without --overwrite")
         plans = {job.name: job.attrs["plan"] for job in jobs}
-        foreign = [p.name for p in existing if p.name not in plans or _file_plan(p) != plans[p.name]]
+        foreign = [p.name for p in existing
+                   if p.name not in plans or _file_plan(p) != plans[p.name]]
         if foreign:
             shown = ", ".join(foreign[:4]) + (" ..." if len(foreign) > 4 else "")
             raise DataError(f"{out} already holds shard files of another preparation ({shown}) "
-                            f"and no manifest; refusing to replace them without --overwrite")  # fmt: skip
+                            f"and no manifest; refusing to replace them without --overwrite")
         return [], {p.name for p in existing}
     # the old manifest goes first: a set whose rewrite fails part-way then has no
     # manifest, rather than one that vouches for a mix of old and new files
@@ -441,33 +444,15 @@ def _clear_temporaries(out: Path, names: Sequence[str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _validation(
-    source: SourceData, site_train: list[np.ndarray], *, val_fraction: float, seed: int
+def _follow_label_mix(
+    source: SourceData, site_train: list[np.ndarray], *, seed: int
 ) -> tuple[list[np.ndarray], ArrayTable]:
-    """Per-site validation indices, and the table they index into.
-
-    Without a source val split the held-out samples are removed from ``site_train``
-    in place.
-    """
-    images, labels = source.splits["train"]
-    if "val" in source.splits:
-        hists = np.stack([class_histogram(labels[idx], source.num_classes) for idx in site_train])
-        val_images, val_labels = source.splits["val"]
-        site_val = assign_like(val_labels, hists, seed=derive_seed(seed, VAL_STREAM))
-        return site_val, ArrayTable("val", val_images, val_labels)
-    site_val = []
-    for k, idx in enumerate(site_train):
-        keep, held = stratified_holdout(
-            labels[idx], val_fraction, seed=derive_seed(seed, VAL_STREAM, k)
-        )
-        if len(keep) == 0:
-            raise DataError(
-                f"site {k} would keep no training samples after holding out a validation "
-                f"fraction of {val_fraction}; lower the fraction or use fewer participants"
-            )
-        site_train[k], held_idx = idx[keep], idx[held]
-        site_val.append(held_idx)
-    return site_val, ArrayTable("train", images, labels)
+    """Split the source's own val split over the sites, each like its training label mix."""
+    labels = source.splits["train"][1]
+    hists = np.stack([class_histogram(labels[idx], source.num_classes) for idx in site_train])
+    val_images, val_labels = source.splits["val"]
+    site_val = assign_like(val_labels, hists, seed=derive_seed(seed, VAL_STREAM))
+    return site_val, ArrayTable("val", val_images, val_labels)
 
 
 def _check_seed(seed: object) -> None:

@@ -1,7 +1,7 @@
 """Listing a dataset before decoding it: one record (path, label, extra columns) per image.
 
 Partitioning and splitting need only labels, sites and patients, which are cheap; the
-pixels are decoded later, chunk by chunk (:mod:`data_prep.stream`).  Two layouts are
+pixels are decoded later, chunk by chunk (:mod:`fedsilo.prep.stream`).  Two layouts are
 read here:
 
 * **class folders** -- ``ROOT/<class>/**/<image>``, one sub-folder per class, class
@@ -100,9 +100,11 @@ def list_class_folders(
         names = _check_class_list(classes)
         absent = [c for c in names if c not in folders]
         if absent:
-            raise DataError(f"{root / absent[0]}: class folder not found (--classes lists {absent[0]!r})")
-        problems += [BadInput(str(folders[name]), f"unknown class folder: not one of --classes {list(names)}")
-                     for name in sorted(set(folders) - set(names))]  # fmt: skip
+            raise DataError(f"{root / absent[0]}: class folder not found "
+                            f"(--classes lists {absent[0]!r})")
+        problems += [BadInput(str(folders[name]),
+                              f"unknown class folder: not one of --classes {list(names)}")
+                     for name in sorted(set(folders) - set(names))]
     else:
         names = tuple(sorted(folders))
     wanted = {e.lower() for e in extensions}
@@ -114,7 +116,7 @@ def list_class_folders(
             (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in wanted
              and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
             key=lambda p: p.relative_to(folder).as_posix(),
-        )  # fmt: skip
+        )
         if not files:
             shown = ", ".join(e or "(none)" for e in extensions)
             problems.append(BadInput(str(folder), f"class folder {name!r} has no images ({shown})"))
@@ -153,7 +155,7 @@ def read_label_file(
             if not header:
                 raise DataError(f"{labels_file}: the labels file is empty (no header row)")
             for option, name in (("--path-column", path_column), ("--label-column", label_column),
-                                 *(("a column option", c) for c in extra)):  # fmt: skip
+                                 *(("a column option", c) for c in extra)):
                 if name not in header:
                     raise ConfigError(f"{labels_file}: no column {name!r} ({option}); its columns "
                                       f"are {header}")
@@ -172,7 +174,8 @@ def read_label_file(
             continue
         path = os.path.normpath(os.path.join(root, path_text))
         if path in seen:
-            problems.append(BadInput(path, f"duplicate path: row {i} repeats row {seen[path]} of {labels_file}"))
+            problems.append(BadInput(path, f"duplicate path: row {i} repeats row {seen[path]} "
+                                           f"of {labels_file}"))
             continue
         seen[path] = i
         label = (row.get(label_column) or "").strip()
@@ -196,7 +199,7 @@ def read_label_file(
         key = str(int(label)) if integer and _INTEGER.match(label) else label
         if key not in index:
             problems.append(BadInput(path, f"unknown label {label!r} ({labels_file}, row {i}); "
-                                           f"known: {list(names)}"))  # fmt: skip
+                                           f"known: {list(names)}"))
             continue
         paths.append(path)
         labels.append(index[key])
@@ -211,18 +214,18 @@ def raise_bad(problems: Sequence[BadInput], *, where: str) -> None:
         return
     more = (f" (and {len(problems) - 1} more problem(s) in {where})" if len(problems) > 1 else "")
     raise DataError(f"{problems[0].message()}{more}; --skip-bad leaves bad inputs out and "
-                    f"lists them in the manifest")  # fmt: skip
+                    f"lists them in the manifest")
 
 
 def _finish(paths: list[str], labels: list[int], names: tuple[str, ...],
             columns: dict[str, tuple[str, ...]], problems: list[BadInput], *, skip_bad: bool,
-            where: str) -> RecordSet:  # fmt: skip
+            where: str) -> RecordSet:
     if not skip_bad:
         raise_bad(problems, where=where)
     if not paths:
         raise DataError(f"{where}: no usable images found")
     return RecordSet(paths=tuple(paths), labels=np.asarray(labels, dtype=np.int64),
-                     class_names=names, columns=columns, problems=tuple(problems))  # fmt: skip
+                     class_names=names, columns=columns, problems=tuple(problems))
 
 
 def _check_class_list(classes: Sequence[str]) -> tuple[str, ...]:

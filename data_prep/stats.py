@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.args import FORMATTER
+from fedsilo.prep.args import FORMATTER
 from fedsilo.shards import Manifest, load_manifest, read_split_attrs
 
 PLOT_FILE = "class-distribution.png"
@@ -44,7 +44,7 @@ def add_parser(sources: Any) -> None:
         description="Print each site's sample and class counts, label skew and pixel "
         "statistics, and write a PNG bar chart of the class distribution per site.",
         formatter_class=FORMATTER,
-    )  # fmt: skip
+    )
     parser.add_argument("dir", type=Path, help="directory holding manifest.json and the shards")
     parser.add_argument("--plot", type=Path, default=None,
                         help=f"where to write the chart (default: DIR/{PLOT_FILE})")
@@ -67,7 +67,7 @@ def site_stats(manifest: Manifest, directory: str | Path) -> list[SiteStats]:
             label_skew=float(0.5 * np.abs(mix - overall).sum()),
             mean=tuple(float(v) for v in np.ravel(train.get("mean", []))),
             std=tuple(float(v) for v in np.ravel(train.get("std", []))),
-        ))  # fmt: skip
+        ))
     return result
 
 
@@ -85,10 +85,10 @@ def format_stats(manifest: Manifest, sites: list[SiteStats]) -> str:
     classes = list(manifest.class_names or (f"class {c}" for c in range(manifest.num_classes)))
     header = ["file", "site", "train", "val", *classes, "skew", "mean", "std"]
     rows = [[s.file, s.name, str(s.train), str(s.val), *map(str, s.class_counts),
-             f"{s.label_skew:.3f}", _join(s.mean), _join(s.std)] for s in sites]  # fmt: skip
+             f"{s.label_skew:.3f}", _join(s.mean), _join(s.std)] for s in sites]
     total = np.sum([s.class_counts for s in sites], axis=0)
     rows.append(["all sites", "", str(sum(s.train for s in sites)), str(sum(s.val for s in sites)),
-                 *map(str, total), "", "", ""])  # fmt: skip
+                 *map(str, total), "", "", ""])
     test = manifest.test.class_counts.get("test", ())
     rows.append([manifest.test.file, "(test)", "", "", *map(str, test), "", "", ""])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

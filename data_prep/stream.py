@@ -1,6 +1,6 @@
 """Streaming a listed dataset into shards: decode in bounded chunks, optionally in parallel.
 
-A :class:`RecordSource` is a :class:`~data_prep.records.RecordSet` (paths, labels,
+A :class:`RecordSource` is a :class:`~fedsilo.prep.records.RecordSet` (paths, labels,
 columns) plus a decoder (path -> uint8 C x H x W array, or a :class:`BadInput`).  The
 pipeline decides which records go into which file from the labels alone, then asks a
 :class:`RecordTable` for the pixels of one file's records.  The table decodes them a
@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from data_prep.records import BadInput, RecordSet
 from fedsilo.errors import ConfigError, DataError
+from fedsilo.prep.records import BadInput, RecordSet
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class Decoding:
 
     def _broken(self, exc: BaseException) -> DataError:
         return DataError(f"a decoding worker process died or could not start ({exc}); "
-                         f"rerun with --workers 1 to see the cause")  # fmt: skip
+                         f"rerun with --workers 1 to see the cause")
 
 
 class RecordTable:
@@ -121,7 +121,7 @@ class RecordTable:
 
     def __init__(self, source: RecordSource, decoding: Decoding, *,
                  image_shape: tuple[int, int, int], first_path: str | None,
-                 skip_bad: bool) -> None:  # fmt: skip
+                 skip_bad: bool) -> None:
         self.source = source
         self.decoding = decoding
         self.image_shape = image_shape
@@ -134,7 +134,8 @@ class RecordTable:
         """Decoded images of ``indices`` in that order, bad ones dropped or raised."""
         paths = self.source.records.paths
         labels = self.source.records.labels
-        chunks = [indices[i : i + self.chunk_records] for i in range(0, len(indices), self.chunk_records)]
+        chunks = [indices[i : i + self.chunk_records]
+                  for i in range(0, len(indices), self.chunk_records)]
         pending = self.decoding.submit([paths[i] for i in chunks[0]]) if chunks else None
         for n, chunk in enumerate(chunks):
             results = pending()
@@ -161,13 +162,13 @@ class RecordTable:
             if isinstance(result, BadInput):
                 if not self.skip_bad:
                     raise DataError(f"{result.message()}; --skip-bad leaves bad inputs out and "
-                                    f"lists them in the manifest")  # fmt: skip
+                                    f"lists them in the manifest")
                 skipped.append(result)
                 continue
             images[j] = result
             keep[j] = True
         return Batch(images=images[keep] if not keep.all() else images,
-                     labels=labels[chunk][keep], skipped=tuple(skipped))  # fmt: skip
+                     labels=labels[chunk][keep], skipped=tuple(skipped))
 
     def _shape_problem(self, shape: tuple[int, ...]) -> str:
         have, want = shape, self.image_shape
@@ -178,7 +179,7 @@ class RecordTable:
             fixes.append("--size H W")
         return (f"image is {_fmt(have)} (channels x height x width) but the first image "
                 f"({self.first_path}) is {_fmt(want)}; pass {' and '.join(fixes)} to convert "
-                f"every image to one shape")  # fmt: skip
+                f"every image to one shape")
 
 
 def probe_shape(source: RecordSource, *, skip_bad: bool) -> tuple[tuple[int, int, int], str | None]:
@@ -196,11 +197,12 @@ def probe_shape(source: RecordSource, *, skip_bad: bool) -> tuple[tuple[int, int
         if isinstance(result, BadInput):
             if not skip_bad:
                 raise DataError(f"{result.message()}; --skip-bad leaves bad inputs out and lists "
-                                f"them in the manifest")  # fmt: skip
+                                f"them in the manifest")
             continue
         c, h, w = (int(v) for v in result.shape)
         return (c, h, w), path
-    raise DataError(f"source {source.name!r}: none of its {len(source.records)} images can be decoded")
+    raise DataError(f"source {source.name!r}: none of its {len(source.records)} images "
+                    f"can be decoded")
 
 
 def _fmt(shape: Sequence[int]) -> str:

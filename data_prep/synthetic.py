@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_prep.source import SourceData
 from fedsilo.errors import DataError
+from fedsilo.prep.source import SourceData
 
 #: own-class blend weight range; below 0.5 the image looks more like another class
 _MIX_LOW, _MIX_HIGH = 0.45, 1.0

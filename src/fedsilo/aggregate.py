@@ -74,6 +74,81 @@ def weighted_mean(updates: Sequence[np.ndarray] | np.ndarray,
     return weighted_sum(list(updates), [float(w) / total for w in weights])
 
 
+# -- one round's weighting: what the sites send and what the coordinator rescales --------
+
+
+def contribution_factor(steps: int, planned_steps: int, *, normalize_steps: bool) -> float:
+    """The factor ``f_k`` a site multiplies its weighted update by: the share of its planned
+    local steps it did (a straggler cut by a deadline counts for what it did), or under
+    ``normalize_steps`` (FedNova) ``1 / τ_k``, an update per step.
+
+    >>> (contribution_factor(5, 10, normalize_steps=False),
+    ...  contribution_factor(4, 10, normalize_steps=True))
+    (0.5, 0.25)
+    """
+    return 1.0 / steps if normalize_steps else steps / planned_steps
+
+
+def renormalization(weights: Sequence[float], steps: Sequence[int], planned_steps: Sequence[int],
+                    *, normalize_steps: bool) -> float:
+    """The factor that turns the contributors' sum ``Σ p_k f_k Δ_k`` into their weighted mean.
+
+    ``p_k`` are the planned weights of the sites that contributed (they sum to less than
+    one when planned sites sat out, were dropped or stopped early) and ``f_k`` is
+    :func:`contribution_factor`.  Without ``normalize_steps`` the result is
+    ``Σ p_k f_k Δ_k / Σ p_k f_k``; with it (FedNova, Wang et al. 2020), the per-step mean
+    scaled by the weighted mean number of steps, ``τ_eff = Σ p_k τ_k / Σ p_k``.
+
+    >>> renormalization([0.25, 0.25], [10, 10], [10, 10], normalize_steps=False)
+    2.0
+    >>> renormalization([0.5, 0.5], [4, 8], [10, 10], normalize_steps=True)
+    6.0
+    """
+    total = sum(weights)
+    if not total > 0:
+        raise UpdateError(f"cannot renormalize over contributors whose weights sum to {total}")
+    if normalize_steps:
+        tau = sum(p * s for p, s in zip(weights, steps)) / total
+        return tau / total
+    return 1.0 / sum(p * s / n for p, s, n in zip(weights, steps, planned_steps))
+
+
+def step_normalized(rows: np.ndarray, weights: Sequence[float], steps: Sequence[int]) -> np.ndarray:
+    """FedNova for the non-linear strategies: each unweighted update ``Δ_k`` (a row) scaled
+    in place to ``τ_eff Δ_k / τ_k``, so a robust combination sees per-step updates at the
+    common scale.  Returns ``rows``.
+
+    >>> step_normalized(np.ones((2, 1), np.float32), [0.5, 0.5], [2, 6]).ravel().tolist()
+    [2.0, 0.6666666865348816]
+    """
+    total = sum(weights)
+    tau = sum(p * s for p, s in zip(weights, steps)) / total
+    tau_k = np.array(steps, dtype=np.float32)
+    rows *= (np.float32(tau) / tau_k)[:, None]
+    return rows
+
+
+def weighted_validation(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Federated validation: the sample-weighted mean of the sites' own validation metrics
+    (acc, loss; AUC over the sites where it is defined), and the samples counted.
+
+    >>> weighted_validation([{"acc": 1.0, "loss": 0.5, "auc": float("nan"), "num_samples": 1},
+    ...                      {"acc": 0.5, "loss": 0.25, "auc": 0.75, "num_samples": 3}])
+    {'acc': 0.625, 'loss': 0.3125, 'auc': 0.75, 'num_samples': 4}
+    """
+    total = sum(m["num_samples"] for m in metrics)
+    if not total:
+        return {}
+    out: dict[str, float] = {}
+    for key in ("acc", "loss"):
+        out[key] = sum(m[key] * m["num_samples"] for m in metrics) / total
+    aucs = [(m["auc"], m["num_samples"]) for m in metrics if not np.isnan(m["auc"])]
+    if aucs:
+        out["auc"] = sum(a * n for a, n in aucs) / sum(n for _, n in aucs)
+    out["num_samples"] = total
+    return out
+
+
 # 64K float32 = 256 KB per temporary: it stays in cache, and 11M floats take ~170 blocks.
 _BLOCK = 1 << 16
 

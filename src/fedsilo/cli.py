@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from fedsilo import __version__
 from fedsilo.errors import ConfigError, FedsiloError
 
 Formatter = argparse.ArgumentDefaultsHelpFormatter
+#: sites a CKKS key set keeps precise unless ``fedsilo keys --sites`` says otherwise
+_CKKS_SITES = 16
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,9 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", formatter_class=Formatter, help="run a small federation end to end",
-        description="Generate a synthetic image dataset, shard it over the participants, and "
+        description="Generate a synthetic image dataset, shard it over P sites, and "
                     "train on P+1 MPI ranks launched by this command.")
-    demo.add_argument("--participants", type=int, default=3, help="number of participants P")
+    demo.add_argument("--sites", "--participants", dest="sites", type=int, default=3, metavar="P",
+                      help="number of sites: P synthetic shards, one participant rank each "
+                           "(P+1 MPI ranks in all)")
     demo.add_argument("--rounds", type=int, default=5, help="federated rounds")
     demo.add_argument("--model", default="small_cnn", help="model name")
     demo.add_argument("--samples", type=int, default=3000, help="synthetic training images")
@@ -60,24 +64,42 @@ def build_parser() -> argparse.ArgumentParser:
         "budget", formatter_class=Formatter, help="plan a participant's privacy budget offline",
         description="Noise multiplier for a target epsilon, or epsilon for a noise multiplier, "
                     "of one participant's DP-SGD over a whole federated job (Poisson sampling "
-                    "at rate B/N, ceil(N/B) steps per local epoch). Give exactly one of "
-                    "--target-epsilon and --noise-multiplier.")
-    budget.add_argument("--samples", type=int, required=True, metavar="N",
-                        help="training samples of the participant (required)")
-    budget.add_argument("--batch-size", type=int, default=64, metavar="B",
-                        help="expected batch size (train.batch_size)")
-    budget.add_argument("--epochs", type=int, default=1, metavar="E",
-                        help="local epochs per round (train.epochs)")
-    budget.add_argument("--max-steps", type=int, default=None,
-                        help="cap on local steps per round (train.max_steps)")
-    budget.add_argument("--rounds", type=int, default=10, metavar="R", help="federated rounds")
-    budget.add_argument("--delta", type=float, default=1e-5, metavar="D", help="target delta")
-    budget.add_argument("--target-epsilon", type=float, default=None, metavar="X",
+                    "at rate B/N, ceil(N/B) steps per local epoch). With --config, the numbers "
+                    "come from a training config (train.*, rounds, dp.*) and N from the "
+                    "manifest of its data.dir; any flag given overrides the config's value. "
+                    "Without --config, give --samples and exactly one of --target-epsilon "
+                    "and --noise-multiplier.")
+    # flags left out are absent (SUPPRESS), so a config can fill them in
+    unset = argparse.SUPPRESS
+    budget.add_argument("--config", metavar="CFG.yaml", default=None,
+                        help="training config to read train.batch_size, train.epochs, "
+                             "train.max_steps, rounds, dp.target_epsilon or "
+                             "dp.noise_multiplier, dp.delta and dp.accountant from")
+    budget.add_argument("--site", type=int, default=unset, metavar="K",
+                        help="with --config: plan for site K (its training samples in the "
+                             "manifest, its dp.sites.K overrides); default: the site with the "
+                             "fewest training samples")
+    budget.add_argument("--samples", type=int, default=unset, metavar="N",
+                        help="training samples of the participant (default: from the manifest "
+                             "of --config's data.dir; required without one)")
+    budget.add_argument("--batch-size", type=int, default=unset, metavar="B",
+                        help="expected batch size (default: the config's train.batch_size, "
+                             "else 64)")
+    budget.add_argument("--epochs", type=int, default=unset, metavar="E",
+                        help="local epochs per round (default: the config's train.epochs, else 1)")
+    budget.add_argument("--max-steps", type=int, default=unset,
+                        help="cap on local steps per round (default: the config's train.max_steps, "
+                             "else none)")
+    budget.add_argument("--rounds", type=int, default=unset, metavar="R",
+                        help="federated rounds (default: the config's rounds, else 10)")
+    budget.add_argument("--delta", type=float, default=unset, metavar="D",
+                        help="target delta (default: the config's dp.delta, else 1e-05)")
+    budget.add_argument("--target-epsilon", type=float, default=unset, metavar="X",
                         help="epsilon to spend over the job: prints the noise multiplier")
-    budget.add_argument("--noise-multiplier", type=float, default=None, metavar="S",
+    budget.add_argument("--noise-multiplier", type=float, default=unset, metavar="S",
                         help="noise multiplier sigma: prints the epsilon it spends")
-    budget.add_argument("--accountant", choices=["rdp", "prv", "gdp"], default="rdp",
-                        help="privacy accountant")
+    budget.add_argument("--accountant", choices=["rdp", "prv", "gdp"], default=unset,
+                        help="privacy accountant (default: the config's dp.accountant, else rdp)")
     budget.add_argument("--json", action="store_true", default=False,
                         help="print the plan as JSON")
     budget.set_defaults(func=_budget)
@@ -95,19 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "--set he.keys=DIR.")
     keys.add_argument("--identity", action="store_true",
                       help="issue per-site identity keys for masked secure aggregation")
-    keys.add_argument("--sites", type=int, default=None,
-                      help="--identity: number of sites (the shard set's, site-000 ...)")
+    keys.add_argument("--sites", "--participants", dest="sites", type=int,
+                      default=argparse.SUPPRESS, metavar="P",
+                      help="number of sites: with --identity, the shard set's sites, one key each "
+                           "(required); without it, the most sites whose sum the CKKS keys must "
+                           f"keep precise (default {_CKKS_SITES})")
     keys.add_argument("--out", metavar="DIR", required=True, help="directory to write the keys to")
     keys.add_argument("--poly-modulus-degree", type=int, default=8192,
                       help="ring degree N (N/2 values per ciphertext)")
     keys.add_argument("--data-bits", type=int, default=56,
                       help="bits of the one data prime (128-bit security bounds apply)")
     keys.add_argument("--scale-bits", type=int, default=46, help="log2 of the CKKS scale")
-    keys.add_argument("--participants", type=int, default=16,
-                      help="most participants the keys must aggregate precisely")
     keys.set_defaults(func=_keys)
 
-    from data_prep.cli import add_parser as add_prep_parser
+    from fedsilo.prep.cli import add_parser as add_prep_parser
 
     add_prep_parser(sub)
     return parser
@@ -139,23 +162,93 @@ def _budget(args: argparse.Namespace) -> int:
 
     from fedsilo.privacy.budget import format_budget, plan_budget
 
-    plan = plan_budget(num_samples=args.samples, batch_size=args.batch_size, epochs=args.epochs,
-                       rounds=args.rounds, delta=args.delta, target_epsilon=args.target_epsilon,
-                       noise_multiplier=args.noise_multiplier, max_steps=args.max_steps,
-                       accountant=args.accountant)
-    print(json.dumps(plan, indent=2) if args.json else format_budget(plan))
+    inputs, site = _budget_inputs(args)
+    plan = plan_budget(**inputs)
+    plan = {**plan, "num_samples": inputs["num_samples"], "site": site}
+    if args.json:
+        print(json.dumps(plan, indent=2))
+    else:
+        if site is not None and "samples" not in vars(args):
+            print(f"site {site}: {inputs['num_samples']} training samples "
+                  f"(manifest of {args.config}'s data.dir)")
+        print(format_budget(plan))
     return 0
+
+
+def _budget_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], int | None]:
+    """plan_budget's arguments: the flags given, else ``--config``'s values, else the
+    defaults; and the site they are for (None: none in particular)."""
+    from fedsilo.config import load_config
+
+    given = vars(args)
+    config = load_config(args.config)  # None: the defaults, as fedsilo train has them
+    site, num_samples = given.get("site"), given.get("samples")
+    if args.config is None:
+        if site is not None:
+            raise ConfigError("--site K picks a site of a training config's shard set: "
+                              "give --config CFG.yaml")
+        if num_samples is None:
+            raise ConfigError("give --samples N (the participant's training samples), or "
+                              "--config CFG.yaml whose data.dir holds a shard set")
+    elif num_samples is None:
+        site, num_samples = _site_samples(config.data.dir, site, config_path=args.config)
+    dp = config.dp if site is None else config.dp.for_site(site)  # job-wide, or the site's
+    sigma_or_eps: dict[str, Any] = {k: given[k] for k in ("target_epsilon", "noise_multiplier")
+                                    if k in given}
+    if not sigma_or_eps and args.config is not None:
+        # as training does: an explicit sigma wins, the target is then only the budget
+        if dp.noise_multiplier is not None:
+            sigma_or_eps = {"noise_multiplier": dp.noise_multiplier}
+        elif dp.target_epsilon is not None:
+            sigma_or_eps = {"target_epsilon": dp.target_epsilon}
+        else:
+            raise ConfigError(f"{args.config} sets neither dp.target_epsilon nor "
+                              f"dp.noise_multiplier; give --target-epsilon or --noise-multiplier")
+    train = config.train
+    inputs = {
+        "num_samples": num_samples,
+        "batch_size": given.get("batch_size", train.batch_size),
+        "epochs": given.get("epochs", train.epochs),
+        "max_steps": given.get("max_steps", train.max_steps),
+        "rounds": given.get("rounds", config.rounds),
+        "delta": given.get("delta", dp.delta),
+        "accountant": given.get("accountant", config.dp.accountant),
+        **sigma_or_eps,
+    }
+    return inputs, site
+
+
+def _site_samples(data_dir: str, site: int | None, *, config_path: str) -> tuple[int, int]:
+    """(site, its training samples) from the manifest of ``data_dir``; without ``site``,
+    the site with the fewest."""
+    from pathlib import Path
+
+    from fedsilo.shards import MANIFEST_FILE, load_manifest
+
+    directory = Path(data_dir).expanduser().resolve()
+    if not (directory / MANIFEST_FILE).is_file():
+        raise ConfigError(f"--samples not given, and {config_path}'s data.dir {directory} holds "
+                          f"no shard set ({MANIFEST_FILE}) to count them in: give --samples N, "
+                          f"or prepare the shards first (fedsilo prep)")
+    manifest = load_manifest(directory)
+    counts = [int(entry.num_samples.get("train", 0)) for entry in manifest.sites]
+    if site is None:
+        site = counts.index(min(counts))
+    elif not 0 <= site < len(counts):
+        raise ConfigError(f"--site {site}: the shard set {directory} has sites "
+                          f"0..{len(counts) - 1}")
+    return site, counts[site]
 
 
 def _keys(args: argparse.Namespace) -> int:
     if args.identity:
         from fedsilo.crypto.identity import generate_identities
 
-        if args.sites is None:
+        if getattr(args, "sites", None) is None:
             raise ConfigError("fedsilo keys --identity needs --sites P (the shard set's sites)")
-        paths = generate_identities(args.out, num_sites=args.sites)
-        print(f"wrote {len(paths) - 1} site identity keys (mode 0600: give site-NNN.key to "
-              f"site NNN only) and {paths[-1]} (public keys: give it to every participant) "
+        written = generate_identities(args.out, num_sites=args.sites)
+        print(f"wrote {len(written) - 1} site identity keys (mode 0600: give site-NNN.key to "
+              f"site NNN only) and {written[-1]} (public keys: give it to every participant) "
               f"in {args.out}")
         return 0
     from fedsilo.crypto.ckks import generate_keys
@@ -163,10 +256,10 @@ def _keys(args: argparse.Namespace) -> int:
 
     params = CKKSParams(poly_modulus_degree=args.poly_modulus_degree, data_bits=args.data_bits,
                         scale_bits=args.scale_bits)
-    paths = generate_keys(args.out, params, num_participants=args.participants)
+    paths = generate_keys(args.out, params, num_participants=getattr(args, "sites", _CKKS_SITES))
     print(f"wrote {paths['participant']} (secret key, mode 0600: participants only), "
           f"{paths['coordinator']} (no secret key: the coordinator) and {paths['params']}; "
-          f"parameters {params.to_dict()}, up to {params.max_participants()} participants, "
+          f"parameters {params.to_dict()}, up to {params.max_participants()} sites, "
           f"|values| < {params.max_abs:g}")
     return 0
 
@@ -174,6 +267,6 @@ def _keys(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from fedsilo.demo import run_demo
 
-    return run_demo(participants=args.participants, rounds=args.rounds, model=args.model,
+    return run_demo(participants=args.sites, rounds=args.rounds, model=args.model,
                     samples=args.samples, partition=args.partition, seed=args.seed,
                     out=args.out, mpirun=args.mpirun)

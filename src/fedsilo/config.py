@@ -10,7 +10,7 @@ themselves; unknown keys and ill-typed values fail with the key's dotted path.
 Traceback (most recent call last):
 ...
 fedsilo.errors.ConfigError: unknown config key 'train.epochz'; known keys of 'train': batch_size, epochs, lr, lr_decay, max_steps, momentum, normalize_steps, optimizer, round_deadline_s, weight_decay
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -98,7 +98,9 @@ class StrategyConfig:
     def __post_init__(self) -> None:
         from fedsilo.strategies import STRATEGIES
 
-        STRATEGIES.get(self.name).validate_options(self.options)
+        options = STRATEGIES.get(self.name).validate_options(self.options)
+        # keep the coerced values ("1e-3" -> 0.001), so a dump holds numbers
+        object.__setattr__(self, "options", {k: getattr(options, k) for k in self.options})
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,7 @@ class DPConfig:
                     raise ConfigError(f"unknown config key 'dp.sites.{key}.{name}'; known keys "
                                       f"of 'dp.sites.{key}': {', '.join(sorted(SITE_DP_KEYS))}")
                 hint = typing.get_type_hints(SiteDP)[name]
-                clean[name] = _coerce(hint, value, f"dp.sites.{key}.{name}")
+                clean[name] = coerce_value(hint, value, f"dp.sites.{key}.{name}")
             self._check_site(f"dp.sites.{key}",
                              dataclasses.replace(self.for_site(site, _sites={}), **clean))
             sites[site] = clean
@@ -432,7 +434,8 @@ def load_config(path: str | Path | None, *, overrides: Sequence[str] = ()) -> Co
             raise ConfigError(f"config file {path} nests deeper than a configuration can "
                               f"(a YAML bomb or a generated file gone wrong)") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+            raise ConfigError(f"config file {path} must hold a mapping, "
+                              f"got {type(loaded).__name__}")
         data = loaded or {}
     for item in overrides:
         apply_override(data, item)
@@ -496,7 +499,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             raise ConfigError(
                 f"unknown config key '{prefix}{key}'; known keys of '{where}': {known}"
             )
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+        kwargs[key] = coerce_value(hints[key], value, f"{prefix}{key}")
     return cls(**kwargs)
 
 
@@ -510,10 +513,23 @@ def _build_strategy(data: Mapping[str, Any], prefix: str) -> StrategyConfig:
     return StrategyConfig(name=name, options=options)
 
 
-def _coerce(hint: Any, value: Any, key: str) -> Any:
+def coerce_value(hint: Any, value: Any, key: str) -> Any:
+    """``value`` as type ``hint``, or a :class:`ConfigError` naming ``key`` (a dotted path).
+
+    The one coercion of the project: config keys and strategy options
+    (:meth:`fedsilo.strategies.Strategy.validate_options`) both go through it.  Floats accept
+    ints and the ``1e-3`` strings PyYAML leaves unparsed; ints accept integral floats.
+
+    >>> coerce_value(float, "1e-3", "strategy.mu"), coerce_value(int, 3.0, "rounds")
+    (0.001, 3)
+    >>> coerce_value(int, 2.5, "rounds")
+    Traceback (most recent call last):
+    ...
+    fedsilo.errors.ConfigError: config key 'rounds' must be an integer, got float 2.5
+    """
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
+        return _build(typing.cast(type, hint), value, key + ".")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
@@ -523,7 +539,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(arg, value, key)
+                return coerce_value(arg, value, key)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"config key '{key}' is invalid")
@@ -541,6 +557,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be true or false, got {_describe(value)}")
         return value
     if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}' must be an integer, got {_describe(value)}")
         return value

@@ -15,8 +15,8 @@ from fedsilo.launch import mpirun_command, rank_environment
 
 def run_demo(*, participants: int, rounds: int, model: str, samples: int, partition: str,
              seed: int, out: str | None, mpirun: str | None) -> int:
-    from data_prep.pipeline import prepare_shards
-    from data_prep.synthetic import make_synthetic
+    from fedsilo.prep.pipeline import prepare_shards
+    from fedsilo.prep.synthetic import make_synthetic
 
     root = Path(out) if out else Path(tempfile.mkdtemp(prefix="fedsilo-demo-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 Every rank runs :func:`run_job`.  The sequence of collectives is written once, in
 :func:`_run_rounds`, and is the same on every rank; what differs between the coordinator
-and a participant is only the local work between collectives (``roles.py``)::
+and a participant is only the local work between collectives (``coordinator.py``,
+``participant.py``), and the messages between them are typed (``messages.py``)::
 
     quiet barrier · plan (bcast) · weights (Bcast) · local training · quiet barrier ·
     reports + errors (gather to the coordinator, failures bcast) · weighted updates (Reduce) ·
@@ -25,8 +26,14 @@ from typing import Any, Sequence
 
 from fedsilo.comm import World
 from fedsilo.config import Config, dump_config, load_config
-from fedsilo.errors import (AgreedError, CheckpointError, CommunicationError, ConfigError,
-                            FedsiloError)
+from fedsilo.errors import (
+    AgreedError,
+    CheckpointError,
+    CommunicationError,
+    ConfigError,
+    FedsiloError,
+)
+from fedsilo.messages import RoundPlan
 from fedsilo.rundir import RunDir, atomic_write_text, dump_json
 from fedsilo.shards import Manifest, load_manifest
 from fedsilo.stopping import EXIT_PREEMPTED, StopFlag
@@ -69,7 +76,9 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
             error = exc
     setup = world.agree_from_coordinator(setup, error, stage="configuration")
 
-    from fedsilo.roles import Coordinator, Participant  # torch is imported from here on
+    # torch is imported from here on
+    from fedsilo.coordinator import Coordinator
+    from fedsilo.participant import Participant
 
     role, error = None, None
     try:
@@ -92,22 +101,24 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
 
 
 def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> bool:
-    """The rounds, then the final validation; False if a signal stopped the run early."""
-    from fedsilo.transport import transport_for
+    """The rounds, then the final validation; False if a signal stopped the run early.
 
+    One round: plan · weights · local work · reports · outcome · transport · server step
+    and record.  The messages are the dataclasses of :mod:`fedsilo.messages`.
+    """
     config = setup.config
-    transport = transport_for(config, role.strategy)
     secure = config.aggregation.secure != "none"
     stop_seen = False  # coordinator: some rank reported a stop signal
     for round_index in range(setup.resume_round + 1, config.rounds + 1):
         timer = PhaseTimer()
         with timer("coordination"):
             world.quiet_barrier()
-            plan = None
+            plan: RoundPlan | None = None
             if world.is_coordinator:
                 plan = role.plan(round_index)
-                plan["stop"] = plan["stop"] or stop_seen or stop.requested
-                if plan["stop"]:
+                if not plan.stop and (stop_seen or stop.requested):
+                    plan = plan.stopping()
+                if plan.stop:
                     # before any rank learns of the stop, so before any rank exits: a batch
                     # script reads this marker even if the launcher kills slow ranks and
                     # reports their status instead of ours
@@ -115,13 +126,13 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> boo
                         "signal": stop.signal_name or "received by a participant",
                         "before_round": round_index, "exit_status": EXIT_PREEMPTED})
             plan = world.bcast_obj(plan)
-        if plan["stop"]:
+        if plan.stop:
             log.warning("stopping before round %d on a signal; --resume continues from the "
                         "last complete checkpoint (exit status %d asks for a requeue)",
                         round_index, EXIT_PREEMPTED)
             return False
         # the ranks with a site sampled this round; the others idle until the next gather
-        team = world.subset(plan["ranks"])
+        team = world.subset(plan.ranks)
         if team is not None:
             with timer("broadcast"):
                 team.bcast_weights(role.global_weights)
@@ -141,12 +152,13 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> boo
                 world.agree(role.check_outcome(outcome), stage=f"round {round_index}")
         if gathered is not None:
             stop_seen = any(flag for _, flag in gathered)
-        info = None
-        if team is not None and not outcome["refused"]:
+        aggregate = None
+        if team is not None and not outcome.refused:
             with timer("aggregate"):
-                info = transport.aggregate(team, role, outcome=outcome)
-        role.finish_round(plan, None if gathered is None else [r for r, _ in gathered], timer,
-                          outcome=outcome, transport=info)
+                aggregate = role.transport.aggregate(team, role.contribution_of_rank(), outcome)
+        if world.is_coordinator:
+            role.finish_round(plan, [r for r, _ in gathered], timer, outcome=outcome,
+                              aggregate=aggregate)
 
     world.quiet_barrier()
     world.bcast_weights(role.global_weights)

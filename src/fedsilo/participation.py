@@ -25,8 +25,10 @@ from typing import Sequence
 import numpy as np
 
 from fedsilo.errors import ConfigError
+from fedsilo.seeds import seed_sequence
 
 #: keeps the participation stream apart from every other (seed, round) stream
+#: (the tags in use: fedsilo.seeds)
 _STREAM = 0x5A4D_9E
 
 
@@ -58,6 +60,6 @@ def sample_sites(available: Sequence[int], *, fraction: float, minimum: int, see
     count = sample_size(len(available), fraction=fraction, minimum=minimum)
     if count >= len(available):
         return available
-    rng = np.random.default_rng([seed, round_index, _STREAM])
+    rng = np.random.default_rng(seed_sequence(seed, round_index, _STREAM))
     chosen = rng.choice(len(available), size=count, replace=False)
     return sorted(available[i] for i in chosen)

@@ -21,7 +21,8 @@ class RoundProgress:
         seconds = row["seconds"]["round"]
         parts = [f"round {round_index}/{self.total}"]
         if "acc" in row:
-            parts.append(f"test acc {row['acc']:.4f} auc {_fmt(row.get('auc'))} loss {row['loss']:.4f}")
+            parts.append(f"test acc {row['acc']:.4f} auc {_fmt(row.get('auc'))} "
+                         f"loss {row['loss']:.4f}")
         if row.get("val"):
             parts.append(f"val acc {row['val']['acc']:.4f}")
         parts.append(f"{seconds:.1f}s")
@@ -33,7 +34,8 @@ class RoundProgress:
     def _draw(self, done: int, text: str) -> None:
         width = 24
         filled = int(width * done / max(self.total, 1))
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {text}\033[K")
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
+                         f"{text}\033[K")
         sys.stderr.flush()
         self._drawn = True
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from fedsilo import metrics
 from fedsilo.config import TrainConfig
+from fedsilo.seeds import derive_seed
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def gradient_corrections(params: Sequence[tuple[torch.Tensor, int, int]], *, mu:
             for i, (p, offset, numel) in enumerate(params):
                 if p.grad is None:
                     continue
-                if mu:
+                if anchors is not None:
                     p.grad.add_(p - anchors[i], alpha=mu)
                 if drift is not None:
                     p.grad.add_(drift[offset: offset + numel].view_as(p))
@@ -105,9 +106,9 @@ def sgd_travel(lr: float, momentum: float, steps: int) -> float:
 
 
 def round_seed(seed: int, round_index: int, site: int) -> int:
-    """A seed for one site's work in one round, independent of every other (site, round)."""
-    return int(np.random.SeedSequence([seed, round_index, site]).generate_state(1, np.uint64)[0]
-               >> np.uint64(1))
+    """A seed for one site's work in one round, independent of every other (site, round):
+    63 bits, torch's seed range (:func:`fedsilo.seeds.derive_seed`)."""
+    return derive_seed(seed, round_index, site, bits=63)
 
 
 def planned_steps(num_samples: int, config: TrainConfig) -> int:

@@ -1,87 +1,191 @@
 """How a round's updates are added up: one interface, one transport per way of doing it.
 
-A transport runs on every rank of the round's team (the coordinator and the participant
-ranks with a sampled site), at the same point of the round, after the reports have reached
-the coordinator and the round's outcome (who contributed) has reached every rank.  On the
-coordinator it leaves the sum of the participants' contributions in ``role.reduce_buffer``
-(or, for robust strategies, every contribution in ``role.rows``) and returns what the
-metrics row should say about it; elsewhere it returns None.
+A transport is a value each rank builds once (:func:`transport_for`) and the round loop
+calls at two fixed points:
 
-- ``plain``: one ``MPI_Reduce`` of the float buffers (Horovod's ``Compression.none``).
+- ``prepare(contribution, plan=, rank=)`` on a participant rank of the round's team, after
+  its local work and before its report leaves: the checks and the work the report must
+  account for (the fixed-point headroom of masks, the CKKS encryption and its figures).
+- ``aggregate(team, contribution, outcome)`` on every rank of the team (the coordinator
+  and the participant ranks with a sampled site), once the reports have reached the
+  coordinator and the round's outcome (who contributed) has reached every rank.  It
+  returns the :class:`~fedsilo.messages.Aggregate` on the coordinator, None elsewhere.
+
+Nothing is written back into a role: what a rank sends is its
+:class:`~fedsilo.messages.Contribution`, what the coordinator receives is the return value.
+
+- ``plain``: one ``MPI_Reduce`` of the float buffers, through the identity codec
+  (Horovod's ``Compression.none``).
 - ``gather``: every contributing update gathered at the coordinator (median, trimmed mean).
 - ``masks``: pairwise-masked secure aggregation (Bonawitz et al. 2017; Bell et al. 2020):
   fixed point in Z_2^64, masks that cancel in the sum, one ``MPI_Reduce`` of uint64.
 - ``ckks``: CKKS ciphertexts sent to the key-less coordinator, which adds them as they
   arrive and hands the encrypted total to one participant to decrypt; no participant ever
   receives another participant's ciphertext.
+
+>>> sorted(TRANSPORTS.names())
+['ckks', 'gather', 'masks', 'plain']
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from typing import Any, Protocol
 
+import numpy as np
+
+from fedsilo.crypto.codec import IdentityCodec
+from fedsilo.errors import FedsiloError, UpdateError
+from fedsilo.messages import Aggregate, Contribution, RoundOutcome, RoundPlan
 from fedsilo.registry import Registry
 
-#: the transports by name: ``TRANSPORTS.get(name)()``
+
+class Transport(Protocol):
+    """The interface every transport implements (see the module docstring)."""
+
+    name: str
+
+    def prepare(self, contribution: Contribution, *, plan: RoundPlan,
+                rank: int) -> tuple[dict[str, Any] | None, FedsiloError | None]:
+        """Participant, before its report: (figures for the report, error that ends the job)."""
+
+    def aggregate(self, team: Any, contribution: Contribution,
+                  outcome: RoundOutcome) -> Aggregate | None:
+        """Every team rank: the sum (or the rows) at the coordinator, None elsewhere."""
+
+
+#: the transports by name: ``TRANSPORTS.get(name)(**kwargs)``
 TRANSPORTS: Registry[Any] = Registry("transport")
 
 
-def transport_for(config: Any, strategy: Any) -> Any:
-    """The transport a run uses: its secure mode, else gather (non-linear) or plain."""
+def transport_for(config: Any, strategy: Any, *, codec: Any = None,
+                  identities: Any = None) -> Transport:
+    """The transport a run uses: its secure mode (with this rank's keys: the CKKS ``codec``,
+    the masks' site ``identities``; None on the coordinator), else gather (non-linear
+    strategies) or plain."""
     secure = config.aggregation.secure
-    if secure != "none":
-        return TRANSPORTS.get(secure)()
+    if secure == "masks":
+        aggregation = config.aggregation
+        return TRANSPORTS.get("masks")(frac_bits=aggregation.frac_bits,
+                                       mask_degree=aggregation.mask_degree,
+                                       identities=identities)
+    if secure == "ckks":
+        return TRANSPORTS.get("ckks")(codec=codec)
     return TRANSPORTS.get("plain" if strategy.linear else "gather")()
 
 
+class _NoPreparation:
+    def prepare(self, contribution: Contribution, *, plan: RoundPlan,
+                rank: int) -> tuple[dict[str, Any] | None, FedsiloError | None]:
+        return None, None
+
+
 @TRANSPORTS.register("plain")
-class PlainReduce:
-    """One ``MPI_Reduce`` of the ranks' float sums."""
+class PlainReduce(_NoPreparation):
+    """One ``MPI_Reduce`` of the ranks' float sums, through a codec (the identity codec by
+    default: the buffer itself goes on the wire, no copy)."""
 
     name = "plain"
 
-    def aggregate(self, team: Any, role: Any, *, outcome: Mapping[str, Any]) -> None:
-        team.reduce_sum(role.reduce_buffer)
-        return None
+    def __init__(self, codec: Any = None) -> None:
+        self.codec = codec or IdentityCodec()
+
+    def aggregate(self, team: Any, contribution: Contribution,
+                  outcome: RoundOutcome) -> Aggregate | None:
+        wire = self.codec.compress(contribution.total)
+        team.reduce_sum(wire)
+        if not team.is_coordinator:
+            return None
+        return Aggregate(total=self.codec.decompress(wire, out=contribution.total))
 
 
 @TRANSPORTS.register("gather")
-class GatherRows:
+class GatherRows(_NoPreparation):
     """Every contributing update, in site order (ranks hold contiguous sites)."""
 
     name = "gather"
 
-    def aggregate(self, team: Any, role: Any, *, outcome: Mapping[str, Any]) -> None:
+    def aggregate(self, team: Any, contribution: Contribution,
+                  outcome: RoundOutcome) -> Aggregate | None:
         counts = [0] * team.size
+        rows = contribution.rows
         if team.is_coordinator:
-            counts[1:] = [outcome["rows_per_rank"].get(rank, 0) for rank in outcome["ranks"]]
+            counts[1:] = [outcome.rows_per_rank.get(rank, 0) for rank in outcome.ranks]
         else:
-            counts[team.rank] = 0 if role.rows is None else len(role.rows)
-        rows = team.gather_rows(role.rows, counts, role.layout.numel)
-        if team.is_coordinator:
-            role.rows = rows
-        return None
+            counts[team.rank] = 0 if rows is None else len(rows)
+        numel = contribution.total.size if rows is None else rows.shape[1]
+        gathered = team.gather_rows(rows, counts, numel)
+        return Aggregate(total=None, rows=gathered) if team.is_coordinator else None
 
 
 @TRANSPORTS.register("masks")
 class MaskedReduce:
     """Quantize, mask with every neighbour in the round's mask graph, sum in the ring by one
-    ``MPI_Reduce`` of uint64, dequantize at the coordinator (``crypto/masks.py``)."""
+    ``MPI_Reduce`` of uint64, dequantize at the coordinator (``crypto/masks.py``).
+
+    ``identities`` (participants) gives the pairwise keys of this rank's sites
+    (:class:`fedsilo.crypto.identity.SiteIdentities`); the coordinator holds none.
+    """
 
     name = "masks"
 
-    def aggregate(self, team: Any, role: Any, *, outcome: Mapping[str, Any]) -> dict | None:
+    def __init__(self, *, frac_bits: int, mask_degree: int, identities: Any = None) -> None:
+        self.frac_bits, self.mask_degree, self.identities = frac_bits, mask_degree, identities
+        self.ring: np.ndarray | None = None
+
+    def _ring(self, size: int) -> np.ndarray:
+        if self.ring is None or self.ring.size != size:
+            self.ring = np.empty(size, dtype=np.uint64)
+        return self.ring
+
+    def prepare(self, contribution: Contribution, *, plan: RoundPlan,
+                rank: int) -> tuple[dict[str, Any] | None, FedsiloError | None]:
+        """This rank's sum must fit the ring with room for every rank's (each rank checks
+        its own, so every partial sum of the Reduce fits)."""
+        from fedsilo.crypto.masks import check_headroom
+
+        total = contribution.total
+        peak = float(np.abs(total).max()) if total.size else 0.0
+        try:
+            check_headroom(peak, frac_bits=self.frac_bits, num_terms=len(plan.ranks))
+        except UpdateError as exc:
+            return None, UpdateError(f"rank {rank} (sites {list(contribution.sites)}), round "
+                                     f"{plan.round}: {exc}")
+        return None, None
+
+    def aggregate(self, team: Any, contribution: Contribution,
+                  outcome: RoundOutcome) -> Aggregate | None:
+        from fedsilo.crypto.masks import dequantize
+
         begin = time.perf_counter()
+        ring = self._ring(contribution.total.size)
         if team.is_coordinator:
-            team.reduce_ring(role.ring_buffer)
+            team.reduce_ring(ring)
             reduce_s = time.perf_counter() - begin
-            role.unmask()
-            return {"mask_s": None, "reduce_s": reduce_s}
-        role.mask_contribution(outcome)
-        mask_s = time.perf_counter() - begin
-        team.reduce_ring(role.ring_buffer)
-        return {"mask_s": mask_s}
+            dequantize(ring, frac_bits=self.frac_bits, out=contribution.total)
+            return Aggregate(total=contribution.total,
+                             info={"mask_s": None, "reduce_s": reduce_s})
+        self._mask(contribution, outcome, ring)
+        team.reduce_ring(ring)
+        return None
+
+    def _mask(self, contribution: Contribution, outcome: RoundOutcome, ring: np.ndarray) -> None:
+        """Quantize this rank's sum into ``ring`` and add each of its sites' pairwise masks
+        with its neighbours in the round's mask graph."""
+        from fedsilo.crypto.masks import add_masks, mask_graph, quantize, sparse_degree
+
+        quantize(contribution.total, frac_bits=self.frac_bits, out=ring)
+        members = list(outcome.in_sum)
+        degree = None if self.mask_degree == 0 \
+            else sparse_degree(len(members)) if self.mask_degree < 0 else self.mask_degree
+        graph = mask_graph(members, degree=degree,
+                           seed=outcome.nonce + outcome.round.to_bytes(4, "little"))
+        for site in contribution.sites:
+            if site not in graph:
+                continue
+            keys = {peer: self.identities.pair_key(site, peer) for peer in graph[site]}
+            add_masks(ring, site=site, pair_keys=keys, round_index=outcome.round,
+                      nonce=outcome.nonce)
 
 
 @TRANSPORTS.register("ckks")
@@ -92,19 +196,39 @@ class CKKSThroughCoordinator:
 
     name = "ckks"
 
-    def aggregate(self, team: Any, role: Any, *, outcome: Mapping[str, Any]) -> dict | None:
+    def __init__(self, *, codec: Any) -> None:
+        self.codec = codec
+        #: this round's serialized ciphertext (participants, between prepare and aggregate)
+        self.payload: bytes | None = None
+
+    def prepare(self, contribution: Contribution, *, plan: RoundPlan,
+                rank: int) -> tuple[dict[str, Any] | None, FedsiloError | None]:
+        """Encrypt this rank's sum (one ciphertext per rank; a rank with nothing to add
+        encrypts zeros, as the coordinator sums one ciphertext per team participant)."""
         begin = time.perf_counter()
-        total = team.add_at_coordinator(role.payload, codec=role.codec)
-        info = None
+        ciphertext = self.codec.encrypt(contribution.total)
+        self.payload = self.codec.to_bytes(ciphertext)
+        del ciphertext
+        return {"encrypt_s": time.perf_counter() - begin,
+                "ciphertext_bytes": len(self.payload)}, None
+
+    def aggregate(self, team: Any, contribution: Contribution,
+                  outcome: RoundOutcome) -> Aggregate | None:
+        begin = time.perf_counter()
+        total = team.add_at_coordinator(self.payload, codec=self.codec)
         if team.is_coordinator:
             add_s = time.perf_counter() - begin
-            team.send_to_aggregator(role.codec.to_bytes(total))
+            team.send_to_aggregator(self.codec.to_bytes(total))
             del total
-            info = team.relay_to_coordinator(role.reduce_buffer, None)
-            return {**(info or {}), "add_s": add_s, "reduce_s": time.perf_counter() - begin}
-        role.payload = None
+            info = team.relay_to_coordinator(contribution.total, None)
+            return Aggregate(total=contribution.total, info={
+                **(info or {}), "add_s": add_s, "reduce_s": time.perf_counter() - begin})
+        self.payload = None
         data = team.receive_total()
+        info = None
         if data is not None:  # the aggregator: the only participant that decrypts
-            info = role.decrypt_aggregate(role.codec.from_bytes(data))
-        team.relay_to_coordinator(role.reduce_buffer, info)
+            decrypt = time.perf_counter()
+            self.codec.decrypt_into(self.codec.from_bytes(data), contribution.total)
+            info = {"decrypt_s": time.perf_counter() - decrypt}
+        team.relay_to_coordinator(contribution.total, info)
         return None

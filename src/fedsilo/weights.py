@@ -63,5 +63,6 @@ class WeightLayout:
 
     def to_state_dict(self, vector: np.ndarray) -> dict[str, torch.Tensor]:
         """A plain ``state_dict`` (CPU tensors, cloned) for ``torch.save``."""
-        return {name: torch.from_numpy(vector[o: o + int(np.prod(s, dtype=np.int64))].copy()).view(s)
+        return {name: torch.from_numpy(vector[o: o + int(np.prod(s, dtype=np.int64))]
+                                       .copy()).view(s)
                 for name, shape, o in zip(self.names, self.shapes, self.offsets) for s in [shape]}

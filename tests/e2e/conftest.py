@@ -3,14 +3,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from helpers import fedsilo_cli
 
 
 def make_shards(out: Path, *, participants: int, samples: int = 1500, classes: int = 3,
                 partition: str = "dirichlet:1.0", seed: int = 0) -> Path:
     job = fedsilo_cli(["prep", "synthetic", "--samples", str(samples), "--classes", str(classes),
-                       "--participants", str(participants), "--partition", partition,
+                       "--sites", str(participants), "--partition", partition,
                        "--seed", str(seed), "--out", str(out)])
     assert job.returncode == 0, job.output
     return out

@@ -17,23 +17,28 @@ from mpi4py import MPI
 
 kind, rank, call = os.environ["FEDSILO_TEST_FAULT"].split(":")
 if MPI.COMM_WORLD.Get_rank() == int(rank):
+    import dataclasses
+
     import torch
 
-    import fedsilo.roles as roles
+    import fedsilo.coordinator as coordinator
+    import fedsilo.participant as participant
     from fedsilo.errors import DataError
 
     calls = [0]
 
     if kind == "weights":
-        original_plan = roles.Coordinator.plan
+        original_plan = coordinator.Coordinator.plan
 
         def inflating_plan(self, round_index):
             plan = original_plan(self, round_index)
-            if int(call) in plan["weights"]:
-                plan["weights"][int(call)] *= 10
+            if int(call) in plan.weights:
+                weights = dict(plan.weights)
+                weights[int(call)] *= 10
+                plan = dataclasses.replace(plan, weights=weights)
             return plan
 
-        roles.Coordinator.plan = inflating_plan
+        coordinator.Coordinator.plan = inflating_plan
     elif kind == "dpdata":
         from fedsilo.privacy.engine import ParticipantPrivacy
 
@@ -47,7 +52,7 @@ if MPI.COMM_WORLD.Get_rank() == int(rank):
 
         ParticipantPrivacy._step = faulty_step
     else:
-        original = roles.train_local
+        original = participant.train_local
 
         def faulty(model, *args, **kwargs):
             calls[0] += 1
@@ -67,7 +72,7 @@ if MPI.COMM_WORLD.Get_rank() == int(rank):
                     next(model.parameters()).view(-1)[0] += 1e6
             return stats
 
-        roles.train_local = faulty
+        participant.train_local = faulty
 
 from fedsilo.cli import main  # noqa: E402
 

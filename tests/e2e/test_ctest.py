@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
@@ -22,7 +21,8 @@ def test_cmake_configures_and_ctest_passes(tmp_path: Path) -> None:
     assert "mpi4py loads" in configure.stdout
     listing = subprocess.run(["ctest", "--test-dir", str(build), "-N"], capture_output=True,
                              text=True, timeout=60).stdout
-    assert "unit" in listing and "mpi.suite_world.np2" in listing and "mpi.suite_world.np4" in listing
+    assert ("unit" in listing and "mpi.suite_world.np2" in listing
+            and "mpi.suite_world.np4" in listing)
     run = subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure"],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from helpers import mpirun
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]

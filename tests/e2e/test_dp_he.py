@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import fedsilo_cli, mpirun
 from test_dp_train import SIGMA, budget_after_two_rounds, crash_copy, dp_args, rows_of
 

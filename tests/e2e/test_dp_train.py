@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import mpirun
 
 from fedsilo.privacy import PrivacyAccountant, plan_steps
-from helpers import mpirun
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
@@ -184,7 +184,8 @@ def test_user_level_dp(shards3: Path, tmp_path: Path, noise: str, sigma: float) 
     job = mpirun(4, ["train", "--set", f"data.dir={shards3}", "--set", "rounds=2",
                      "--set", "train.max_steps=2", "--set", "checkpoint.keep=3",
                      "--set", "dp.user.enabled=true", "--set", f"dp.user.clip_norm={clip}",
-                     "--set", f"dp.user.noise_multiplier={sigma}", "--set", f"dp.user.noise={noise}",
+                     "--set", f"dp.user.noise_multiplier={sigma}",
+                     "--set", f"dp.user.noise={noise}",
                      "--out", str(run)], timeout=300)
     assert job.returncode == 0, job.output[-4000:]
     rows = rows_of(run)

@@ -10,7 +10,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from helpers import mpirun
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import fedsilo_cli, mpirun
 from test_faults import assert_agreed_failure
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import make_shards
 from helpers import mpirun
 from test_faults import assert_agreed_failure

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_shards
 from helpers import fedsilo_cli, mpirun
 from test_dp_train import crash_copy

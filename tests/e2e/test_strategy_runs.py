@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_shards
 from helpers import mpirun
+
 from fedsilo.participation import sample_sites
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from helpers import mpirun
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]

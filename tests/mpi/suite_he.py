@@ -9,12 +9,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from harness import run_tests
 
 from fedsilo.comm import AGGREGATOR, World
 from fedsilo.crypto import CODECS
 from fedsilo.crypto.ckks import COORDINATOR_FILE, PARTICIPANT_FILE, generate_keys, load_keys
 from fedsilo.crypto.params import CKKSParams
-from harness import run_tests
 
 world = World()
 SIZE = 3 * 4096 + 17  # several ciphertexts, the last one partly filled
@@ -40,7 +40,8 @@ def test_coordinator_adds_every_participant_with_the_identity_codec() -> None:
     payload = codec.to_bytes(codec.encrypt(np.full(1001, float(world.rank), np.float32)))
     total = world.add_at_coordinator(None if world.is_coordinator else payload, codec=codec)
     if world.is_coordinator:
-        assert np.array_equal(total, np.full(1001, sum(range(1, world.size)), np.float32)), total[:3]
+        assert np.array_equal(total, np.full(1001, sum(range(1, world.size)),
+                                             np.float32)), total[:3]
     else:
         assert total is None
 

@@ -9,14 +9,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from harness import run_tests
 from mpi4py import MPI
 
 from fedsilo.comm import AGGREGATOR, World
 from fedsilo.crypto import CODECS
 from fedsilo.crypto.ckks import COORDINATOR_FILE, PARTICIPANT_FILE, generate_keys, load_keys
 from fedsilo.crypto.params import CKKSParams
+from fedsilo.messages import Contribution, RoundOutcome, RoundPlan
 from fedsilo.transport import TRANSPORTS
-from harness import run_tests
 
 world = World()
 SIZE = 2 * 4096 + 17  # several ciphertexts, the last one partly filled
@@ -60,23 +61,6 @@ class RecordingComm:
         return getattr(self._comm, name)
 
 
-class CKKSRole:
-    """What the CKKS transport reads of a role: the payload, codec, float buffer."""
-
-    def __init__(self) -> None:
-        kind = COORDINATOR_FILE if world.is_coordinator else PARTICIPANT_FILE
-        self.keys = load_keys(KEYS / kind, expect="coordinator" if world.is_coordinator
-                              else "participant")
-        self.codec = CODECS.get("ckks")(keys=self.keys)
-        self.reduce_buffer = np.zeros(SIZE, dtype=np.float32)
-        self.payload = None if world.is_coordinator else \
-            self.codec.to_bytes(self.codec.encrypt(update_of(world.rank)))
-
-    def decrypt_aggregate(self, total) -> dict:
-        self.codec.decrypt_into(total, self.reduce_buffer)
-        return {"decrypt_s": 0.0}
-
-
 def test_ckks_sum_reaches_the_coordinator_and_no_participant_sees_another_update() -> None:
     """The attack of the secure-aggregation issue: a participant decrypts, with the shared
     key it holds, every message that reached it.  The old binomial tree handed rank 1 the
@@ -84,19 +68,33 @@ def test_ckks_sum_reaches_the_coordinator_and_no_participant_sees_another_update
     participant can ever decrypt is the total, which is the aggregate it is meant to see."""
     recording = RecordingComm(world.comm.Dup())
     team = World(recording, _dup=False)
-    role = CKKSRole()
-    TRANSPORTS.get("ckks")().aggregate(team, role, outcome={})
+    keys = load_keys(KEYS / (COORDINATOR_FILE if world.is_coordinator else PARTICIPANT_FILE),
+                     expect="coordinator" if world.is_coordinator else "participant")
+    transport = TRANSPORTS.get("ckks")(codec=CODECS.get("ckks")(keys=keys))
+    ranks = tuple(range(1, world.size))
+    mine = Contribution(total=np.zeros(SIZE, dtype=np.float32) if world.is_coordinator
+                        else update_of(world.rank))
+    if not world.is_coordinator:
+        info, error = transport.prepare(mine, plan=RoundPlan(round=1, ranks=ranks),
+                                        rank=world.rank)
+        assert error is None and info["ciphertext_bytes"] > SIZE * 4
+    outcome = RoundOutcome(round=1, ranks=ranks, contributors=ranks, in_sum=ranks,
+                           rows_per_rank={}, refused=False)
+    aggregate = transport.aggregate(team, mine, outcome)
     exact = np.sum([update_of(r).astype(np.float64) for r in range(1, world.size)], axis=0)
     if world.is_coordinator:
-        assert np.abs(role.reduce_buffer - exact).max() < 1e-6
-        assert not role.keys.is_private  # it added ciphertexts it cannot open
+        assert aggregate is not None and aggregate.total is mine.total
+        assert np.abs(aggregate.total - exact).max() < 1e-6
+        assert not keys.is_private  # it added ciphertexts it cannot open
         return
+    assert aggregate is None
+    codec = transport.codec
     opened = 0
     for message in recording.received:
         if not isinstance(message, (bytes, bytearray)):
             continue
         try:
-            values = np.asarray(role.codec.from_bytes(message).decrypt(), dtype=np.float64)
+            values = np.asarray(codec.from_bytes(message).decrypt(), dtype=np.float64)
         except Exception:  # noqa: BLE001 - not a ciphertext: nothing to open
             continue
         opened += 1
@@ -111,12 +109,11 @@ def test_ckks_sum_reaches_the_coordinator_and_no_participant_sees_another_update
 
 
 def test_masked_reduce_equals_the_plain_sum_and_no_rank_sends_its_update() -> None:
-    """The real MaskedReduce path with every participant rank a site (P = ranks - 1): what
-    a rank sends into the Reduce is uniformly masked, and the coordinator's dequantized sum
-    equals the float64 sum within P · 2^-33 per value."""
-    from fedsilo.crypto.identity import generate_identities, load_identity, load_public_keys
-    from fedsilo.crypto.masks import (FRAC_BITS, add_masks, dequantize, mask_graph, pair_key,
-                                      quantize)
+    """The real MaskedReduce transport with every participant rank a site (P = ranks - 1):
+    what a rank sends into the Reduce is uniformly masked, and the coordinator's dequantized
+    sum equals the float64 sum within P · 2^-33 per value."""
+    from fedsilo.crypto.identity import generate_identities
+    from fedsilo.crypto.masks import FRAC_BITS, SiteIdentities
 
     num_sites = world.size - 1
     if num_sites < 2:
@@ -125,23 +122,23 @@ def test_masked_reduce_equals_the_plain_sum_and_no_rank_sends_its_update() -> No
     if world.is_coordinator:
         generate_identities(key_dir, num_sites=num_sites)
     world.quiet_barrier()
-    nonce, round_index = b"12345678", 7
-    buffer = np.zeros(SIZE, dtype=np.uint64)
+    identities = None if world.is_coordinator else \
+        SiteIdentities(key_dir, sites=[world.rank - 1], num_sites=num_sites)
+    transport = TRANSPORTS.get("masks")(frac_bits=FRAC_BITS, mask_degree=0,
+                                        identities=identities)
+    sites = tuple(range(num_sites))
+    outcome = RoundOutcome(round=7, ranks=tuple(range(1, world.size)), contributors=sites,
+                           in_sum=sites, rows_per_rank={}, refused=False, nonce=b"12345678")
+    mine = Contribution(total=np.zeros(SIZE, dtype=np.float64)) if world.is_coordinator \
+        else Contribution(total=update_of(world.rank), sites=(world.rank - 1,))
+    aggregate = transport.aggregate(world, mine, outcome)
     if not world.is_coordinator:
-        site = world.rank - 1
-        publics = load_public_keys(key_dir)
-        own = load_identity(key_dir, site, public_keys=publics)
-        graph = mask_graph(list(range(num_sites)), degree=None, seed=b"graph")
-        keys = {j: pair_key(own, publics[j], own_site=site, peer_site=j) for j in graph[site]}
-        quantize(update_of(world.rank), frac_bits=FRAC_BITS, out=buffer)
-        add_masks(buffer, site=site, pair_keys=keys, round_index=round_index, nonce=nonce)
-        sent = buffer.view(np.int64).astype(np.float64)
+        assert aggregate is None
+        sent = transport.ring.view(np.int64).astype(np.float64)  # what went into the Reduce
         assert abs(np.corrcoef(sent, update_of(world.rank))[0, 1]) < 0.05
-    world.reduce_ring(buffer)
-    if world.is_coordinator:
-        total = dequantize(buffer, frac_bits=FRAC_BITS, out=np.empty(SIZE, dtype=np.float64))
-        exact = np.sum([update_of(r).astype(np.float64) for r in range(1, world.size)], axis=0)
-        assert np.abs(total - exact).max() <= num_sites * 2.0 ** -33 + 1e-15
+        return
+    exact = np.sum([update_of(r).astype(np.float64) for r in range(1, world.size)], axis=0)
+    assert np.abs(aggregate.total - exact).max() <= num_sites * 2.0 ** -33 + 1e-15
 
 
 def test_reduce_ring_adds_modulo_two_to_the_64() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from harness import run_tests
 
 from fedsilo.comm import World
 from fedsilo.errors import AgreedError, ShardError
-from harness import run_tests
 
 world = World()
 

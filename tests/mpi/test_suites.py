@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from helpers import mpirun
 
 HERE = Path(__file__).resolve().parent

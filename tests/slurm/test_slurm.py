@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from helpers import PNEUMONIA, REPO, SHARED, mpirun
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -74,7 +73,7 @@ def test_pipeline_prep_array_then_train(slurm, tmp_path):
     submit = subprocess.run([str(REPO / "jobs" / "slurm" / "pipeline.sh"), str(PNEUMONIA),
                              str(config), str(run)], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120,
-                            env=dict(slurm, PARTICIPANTS="3", PARTITION="dirichlet:0.5"))
+                            env=dict(slurm, SITES="3", PARTITION="dirichlet:0.5"))
     assert submit.returncode == 0, submit.stderr
     prep = re.search(r"prep job (\d+)", submit.stdout).group(1)
     train = re.search(r"train job (\d+) \(afterok:(\d+)", submit.stdout)
@@ -95,8 +94,8 @@ def test_pipeline_prep_array_then_train(slurm, tmp_path):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     # the array wrote exactly what a serial `fedsilo prep` writes
     serial = tmp_path / "serial"
-    subprocess.run([sys.executable, "-m", "fedsilo", "prep", "medmnist", "--npz", str(PNEUMONIA),
-                    "--participants", "3", "--partition", "dirichlet:0.5", "--seed", "0",
+    subprocess.run([sys.executable, "-m", "fedsilo", "prep", "medmnist", "--source", str(PNEUMONIA),
+                    "--sites", "3", "--partition", "dirichlet:0.5", "--seed", "0",
                     "--out", str(serial)], check=True, capture_output=True, timeout=300)
     for name in ("manifest.json", "site-000.h5", "site-001.h5", "site-002.h5", "test.h5"):
         assert (shards / name).read_bytes() == (serial / name).read_bytes(), name
@@ -105,7 +104,7 @@ def test_pipeline_prep_array_then_train(slurm, tmp_path):
 def test_preemption_checkpoints_requeues_and_ends_identically(slurm, tmp_path):
     shards = tmp_path / "shards"
     subprocess.run([sys.executable, "-m", "fedsilo", "prep", "synthetic", "--samples", "2400",
-                    "--classes", "3", "--participants", "3", "--partition", "dirichlet:1.0",
+                    "--classes", "3", "--sites", "3", "--partition", "dirichlet:1.0",
                     "--out", str(shards)], check=True, capture_output=True, timeout=300)
     config = write_config(tmp_path / "cfg.yaml", shards, rounds=8)
 

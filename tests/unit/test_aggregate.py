@@ -4,9 +4,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fedsilo.aggregate import (_BLOCK, adaptive_server_step, add_scaled, coordinate_median,
-                               count_nonfinite, fedavg_weights, momentum_step, num_trimmed,
-                               trimmed_mean, weighted_sum)
+from fedsilo.aggregate import (
+    _BLOCK,
+    adaptive_server_step,
+    add_scaled,
+    contribution_factor,
+    coordinate_median,
+    count_nonfinite,
+    fedavg_weights,
+    momentum_step,
+    num_trimmed,
+    renormalization,
+    step_normalized,
+    trimmed_mean,
+    weighted_sum,
+    weighted_validation,
+)
 from fedsilo.errors import ConfigError, UpdateError
 from fedsilo.strategies import STRATEGIES, build_strategy
 
@@ -137,3 +150,102 @@ def test_num_trimmed():
     assert num_trimmed(100, 0.29) == 29 and num_trimmed(10, 0.0) == 0
     with pytest.raises(ValueError, match="trim"):
         num_trimmed(5, 0.6)
+
+
+# -- the round's weighting: contribution factors and the renormalization ----------------
+
+
+@st.composite
+def contributors(draw):
+    """Planned weights of the sites that contributed (a sample of a federation whose weights
+    sum to one), their updates, and the steps each did of its plan."""
+    k = draw(st.integers(1, 6))
+    planned = draw(st.lists(st.integers(1, 50), min_size=k, max_size=k))
+    steps = [draw(st.integers(1, n)) for n in planned]
+    weights = draw(st.lists(st.floats(0.01, 1.0), min_size=k, max_size=k))
+    scale = draw(st.floats(1.0, 3.0))  # the absent sites' share of the weight
+    weights = [w / (sum(weights) * scale) for w in weights]
+    seed = draw(st.integers(0, 2**32 - 1))
+    updates = np.random.default_rng(seed).standard_normal((k, 5))
+    return weights, updates, steps, planned
+
+
+def _site_sum(weights, updates, steps, planned, *, normalize_steps):
+    """What the transport delivers: Σ p_k f_k Δ_k, as each site weights its own update."""
+    return sum(p * contribution_factor(s, n, normalize_steps=normalize_steps) * u
+               for p, u, s, n in zip(weights, updates, steps, planned))
+
+
+@settings(max_examples=200, deadline=None)
+@given(contributors())
+def test_renormalized_full_rounds_are_the_weighted_mean_over_contributors(case):
+    weights, updates, _, planned = case
+    total = _site_sum(weights, updates, planned, planned, normalize_steps=False)
+    scale = renormalization(weights, planned, planned, normalize_steps=False)
+    np.testing.assert_allclose(total * scale, np.average(updates, axis=0, weights=weights),
+                               rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(contributors())
+def test_renormalized_sum_weighs_a_straggler_by_the_steps_it_did(case):
+    weights, updates, steps, planned = case
+    total = _site_sum(weights, updates, steps, planned, normalize_steps=False)
+    scale = renormalization(weights, steps, planned, normalize_steps=False)
+    effective = [p * s / n for p, s, n in zip(weights, steps, planned)]
+    np.testing.assert_allclose(total * scale, np.average(updates, axis=0, weights=effective),
+                               rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(contributors(), st.integers(1, 40))
+def test_equal_steps_under_normalize_steps_is_fedavg(case, tau):
+    weights, updates, _, _ = case
+    steps = [tau] * len(weights)
+    nova = _site_sum(weights, updates, steps, steps, normalize_steps=True) \
+        * renormalization(weights, steps, steps, normalize_steps=True)
+    avg = _site_sum(weights, updates, steps, steps, normalize_steps=False) \
+        * renormalization(weights, steps, steps, normalize_steps=False)
+    np.testing.assert_allclose(nova, avg, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(nova, np.average(updates, axis=0, weights=weights),
+                               rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(contributors())
+def test_normalize_steps_is_the_per_step_mean_times_the_mean_steps(case):
+    """FedNova: Σ p_k Δ_k / τ_k renormalized, times τ_eff = Σ p_k τ_k / Σ p_k."""
+    weights, updates, steps, planned = case
+    nova = _site_sum(weights, updates, steps, planned, normalize_steps=True) \
+        * renormalization(weights, steps, planned, normalize_steps=True)
+    per_step = np.average(updates / np.array(steps)[:, None], axis=0, weights=weights)
+    tau_eff = np.average(steps, weights=weights)
+    np.testing.assert_allclose(nova, per_step * tau_eff, rtol=1e-9, atol=1e-12)
+    # the rows of the robust strategies are scaled to the same common step count
+    rows = step_normalized(updates.astype(np.float32), weights, steps)
+    np.testing.assert_allclose(np.average(rows, axis=0, weights=weights), nova, rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_renormalization_refuses_no_weight():
+    with pytest.raises(UpdateError, match="sum to 0"):
+        renormalization([0.0], [1], [1], normalize_steps=False)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 5), st.floats(0, 1),
+                          st.integers(1, 1000)), min_size=1, max_size=6))
+def test_weighted_validation_is_the_sample_weighted_mean(sites):
+    metrics = [{"acc": a, "loss": loss, "auc": auc, "num_samples": n}
+               for a, loss, auc, n in sites]
+    out = weighted_validation(metrics)
+    n = np.array([m["num_samples"] for m in metrics], dtype=float)
+    assert out["num_samples"] == n.sum()
+    for key in ("acc", "loss", "auc"):
+        assert out[key] == pytest.approx(np.average([m[key] for m in metrics], weights=n))
+
+
+def test_weighted_validation_skips_undefined_auc_and_empty_sites():
+    assert weighted_validation([]) == {}
+    out = weighted_validation([{"acc": 1.0, "loss": 0.0, "auc": float("nan"), "num_samples": 2}])
+    assert "auc" not in out and out["acc"] == 1.0

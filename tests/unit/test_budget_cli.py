@@ -85,3 +85,81 @@ def test_gdp_cannot_plan_for_a_target(capsys):
     code, out, _ = run(capsys, "--samples", "1500", "--accountant", "gdp",
                        "--noise-multiplier", "1.0", "--json")
     assert code == 0 and json.loads(out)["epsilon"] > 0
+
+
+def write_config(path, text: str):
+    path.write_text(text)
+    return str(path)
+
+
+def rdp_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
+    acc = RDPAccountant()
+    for _ in range(steps):
+        acc.step(noise_multiplier=sigma, sample_rate=sample_rate)
+    return acc.get_epsilon(delta=delta)
+
+
+def test_config_supplies_the_training_plan(capsys, tmp_path):
+    # every value differs from the flags' defaults, so an ignored --config fails here
+    cfg = write_config(tmp_path / "c.yaml", "rounds: 3\n"
+                       "train: {batch_size: 50, epochs: 2, max_steps: 10}\n"
+                       "dp: {noise_multiplier: 1.3, delta: 1.0e-6}\n")
+    code, out, _ = run(capsys, "--config", cfg, "--samples", "1000", "--json")
+    assert code == 0
+    plan = json.loads(out)
+    assert plan["sample_rate"] == 0.05 and plan["total_steps"] == 30
+    assert plan["noise_multiplier"] == 1.3 and plan["delta"] == 1e-6
+    assert plan["target_epsilon"] is None and plan["site"] is None
+    assert plan["epsilon"] == pytest.approx(rdp_epsilon(1.3, 0.05, 30, 1e-6), rel=1e-12)
+
+
+def test_flags_override_the_config(capsys, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", "rounds: 3\ntrain: {batch_size: 50, max_steps: 10}\n"
+                       "dp: {noise_multiplier: 1.3, accountant: prv}\n")
+    code, out, _ = run(capsys, "--config", cfg, "--samples", "1000", "--rounds", "5",
+                       "--batch-size", "100", "--accountant", "rdp", "--target-epsilon", "3",
+                       "--json")
+    assert code == 0
+    plan = json.loads(out)
+    assert plan["total_steps"] == 50 and plan["sample_rate"] == 0.1 and plan["accountant"] == "rdp"
+    # the flag's target replaces the config's sigma (exactly one of the two is planned for)
+    assert plan["target_epsilon"] == 3 and 2.99 <= plan["epsilon"] <= 3.0
+
+
+def test_samples_come_from_the_manifest_of_data_dir(capsys, tmp_path):
+    from fedsilo.prep.pipeline import prepare_shards
+    from fedsilo.prep.synthetic import make_synthetic
+
+    shards = tmp_path / "shards"
+    manifest = prepare_shards(make_synthetic(num_samples=400, seed=0), out_dir=shards,
+                              participants=3, partition="quantity:2.0", seed=1)
+    train = [entry.num_samples["train"] for entry in manifest.sites]
+    smallest = train.index(min(train))
+    other = (smallest + 1) % 3
+    cfg = write_config(tmp_path / "c.yaml", f"data: {{dir: {shards}}}\ntrain: {{batch_size: 16}}\n"
+                       f"dp: {{target_epsilon: 5, sites: {{{other}: {{target_epsilon: 2}}}}}}\n")
+    code, out, _ = run(capsys, "--config", cfg, "--json")
+    assert code == 0
+    plan = json.loads(out)
+    assert (plan["site"], plan["num_samples"]) == (smallest, train[smallest])
+    assert plan["sample_rate"] == 16 / train[smallest] and plan["target_epsilon"] == 5
+    code, out, _ = run(capsys, "--config", cfg, "--site", str(other), "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["num_samples"] == train[other] and plan["target_epsilon"] == 2
+    code, out, _ = run(capsys, "--config", cfg)
+    assert code == 0 and f"site {smallest}: {train[smallest]} training samples" in out
+    code, _, err = run(capsys, "--config", cfg, "--site", "3")
+    assert code == 2 and "has sites 0..2" in err
+
+
+def test_config_errors_name_their_cause(capsys, tmp_path):
+    code, _, err = run(capsys, "--config", str(tmp_path / "missing.yaml"), "--samples", "10")
+    assert code == 2 and "cannot read config file" in err and "missing.yaml" in err
+    cfg = write_config(tmp_path / "c.yaml", f"data: {{dir: {tmp_path / 'none'}}}\n")
+    code, _, err = run(capsys, "--config", cfg)
+    assert code == 2 and "holds no shard set" in err and "give --samples N" in err
+    code, _, err = run(capsys, "--noise-multiplier", "1")
+    assert code == 2 and "give --samples N" in err
+    cfg = write_config(tmp_path / "n.yaml", "dp: {target_epsilon: null}\n")
+    code, _, err = run(capsys, "--config", cfg, "--samples", "100")
+    assert code == 2 and "sets neither dp.target_epsilon nor dp.noise_multiplier" in err

@@ -14,9 +14,14 @@ import numpy as np
 import pytest
 
 from fedsilo.crypto import CODECS
-from fedsilo.crypto.ckks import (COORDINATOR_FILE, PARTICIPANT_FILE, CKKSCodec, generate_keys,
-                                 load_keys)
-from fedsilo.crypto.params import (MAX_COEFF_BITS_128, REQUIRED_ERROR, CKKSParams, validate)
+from fedsilo.crypto.ckks import (
+    COORDINATOR_FILE,
+    PARTICIPANT_FILE,
+    CKKSCodec,
+    generate_keys,
+    load_keys,
+)
+from fedsilo.crypto.params import MAX_COEFF_BITS_128, REQUIRED_ERROR, CKKSParams, validate
 from fedsilo.errors import ConfigError, KeyFileError
 
 
@@ -159,7 +164,7 @@ def test_keys_command(tmp_path):
                               capture_output=True, timeout=120)
 
     job = keys("--out", str(tmp_path / "k"), "--poly-modulus-degree", "4096", "--data-bits", "54",
-               "--scale-bits", "44", "--participants", "4")
+               "--scale-bits", "44", "--sites", "4")
     assert job.returncode == 0, job.stderr
     assert stat.S_IMODE(os.stat(tmp_path / "k" / PARTICIPANT_FILE).st_mode) == 0o600
     assert load_keys(tmp_path / "k" / COORDINATOR_FILE, expect="coordinator").params == \

@@ -18,7 +18,8 @@ def test_file_then_overrides(tmp_path):
 
 
 def test_dumped_config_loads_back_identically(tmp_path):
-    config = load_config(None, overrides=["rounds=3", "strategy.server_lr=0.5", "train.max_steps=7"])
+    config = load_config(None, overrides=["rounds=3", "strategy.server_lr=0.5",
+                                          "train.max_steps=7"])
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_config(config))
     assert load_config(path) == config
@@ -145,3 +146,22 @@ def test_a_deeply_nested_yaml_is_a_config_error(tmp_path):
     path.write_text("a: " + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(ConfigError, match="nests deeper than a configuration can"):
         load_config(path)
+
+
+def test_scientific_notation_reaches_strategy_options():
+    # one coercer: strategy options read "1e-3" as a number, as train.lr does
+    from fedsilo.strategies import build_strategy
+
+    config = load_config(None, overrides=["strategy.name=fedprox", "strategy.mu=1e-3"])
+    assert config.strategy.options == {"mu": 0.001}
+    config = load_config(None, overrides=["strategy.name=fedadam", "strategy.tau=1E-4"])
+    assert build_strategy(config.strategy.name, dict(config.strategy.options)).options.tau == 1e-4
+    assert build_strategy("fedprox", {"mu": "1e-3"}).options.mu == 0.001
+    with pytest.raises(ConfigError, match="'strategy.mu' must be a number, got str '1e-3x'"):
+        build_strategy("fedprox", {"mu": "1e-3x"})
+
+
+def test_integral_floats_are_integers_everywhere():
+    # the same coercion for config keys and strategy options: 3.0 is 3, 2.5 is refused
+    assert load_config(None, overrides=["rounds=3.0"]).rounds == 3
+    assert type(load_config(None, overrides=["rounds=3.0"]).rounds) is int

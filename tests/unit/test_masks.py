@@ -22,10 +22,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedsilo.crypto import identity, masks
-from fedsilo.crypto.identity import (fingerprint, generate_identities, load_identity,
-                                     load_public_keys)
-from fedsilo.crypto.masks import (FRAC_BITS, add_masks, check_headroom, dequantize, mask_graph,
-                                  pair_key, quantize, sparse_degree)
+from fedsilo.crypto.identity import (
+    fingerprint,
+    generate_identities,
+    load_identity,
+    load_public_keys,
+)
+from fedsilo.crypto.masks import (
+    FRAC_BITS,
+    add_masks,
+    check_headroom,
+    dequantize,
+    mask_graph,
+    pair_key,
+    quantize,
+    sparse_degree,
+)
 from fedsilo.errors import ConfigError, KeyFileError, UpdateError
 
 NONCE = b"\x01\x02\x03\x04\x05\x06\x07\x08"

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsilo.errors import ConfigError
-from fedsilo.partition import (
+from fedsilo.prep.partition import (
     PARTITIONERS,
     assign_like,
     class_histogram,
@@ -164,7 +164,8 @@ def test_bad_specs_say_what_is_expected(spec, fragment):
 
 @pytest.mark.parametrize("num_sites", [0, -1, 21])
 def test_site_count_out_of_range(num_sites):
-    with pytest.raises(ConfigError, match=r"number of sites must be between 1 and the number of samples \(20\)"):
+    with pytest.raises(ConfigError, match=r"number of sites must be between 1 "
+                                          r"and the number of samples \(20\)"):
         partition("iid", np.arange(20) % 2, num_sites, seed=0)
 
 
@@ -189,7 +190,7 @@ def test_registry_lists_the_partitioners():
 
 
 def test_natural_needs_a_column_of_site_values():
-    # labels alone carry no site column: the record pipeline (data_prep.plan) does natural
+    # labels alone carry no site column: the record pipeline (fedsilo.prep.plan) does natural
     with pytest.raises(ConfigError, match="takes its sites from the column 'hospital'"):
         partition("natural:hospital", np.arange(20) % 2, 2, seed=0)
 
@@ -223,7 +224,8 @@ def test_assign_like_is_disjoint_covering_and_proportional(counts, labels, seed)
     sizes = counts.sum(axis=1)
     for c in range(3):
         n_c = int((labels == c).sum())
-        weights = counts[:, c] if counts[:, c].any() else (sizes if sizes.any() else np.ones(len(counts)))
+        weights = (counts[:, c] if counts[:, c].any()
+                   else (sizes if sizes.any() else np.ones(len(counts))))
         expected = weights / weights.sum() * n_c
         got = np.array([int((labels[p] == c).sum()) for p in parts])
         assert np.all(np.abs(got - expected) < 1.0)  # largest remainder: off by < 1

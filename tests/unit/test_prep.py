@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.cli import add_parser
-from data_prep.medmnist import load_medmnist
-from data_prep.pipeline import prepare_shards
-from data_prep.source import SourceData
-from data_prep.synthetic import make_synthetic
 from fedsilo.errors import ConfigError, DataError
-from fedsilo.partition import class_histogram
+from fedsilo.prep.cli import add_parser
+from fedsilo.prep.medmnist import load_medmnist
+from fedsilo.prep.partition import class_histogram
+from fedsilo.prep.pipeline import prepare_shards
+from fedsilo.prep.source import SourceData
+from fedsilo.prep.synthetic import make_synthetic
 from fedsilo.shards import load_manifest, read_shard, sha256_file, verify_shard_set
 
 PNEUMONIA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "pneumoniamnist.npz"
@@ -37,8 +37,8 @@ def run_cli(*argv: str) -> tuple[int, str]:
 
 
 def prep_pneumonia(out: Path, *extra: str) -> tuple[int, str]:
-    return run_cli("prep", "medmnist", "--npz", str(PNEUMONIA), "--participants", "3",
-                   "--partition", "dirichlet:0.5", "--seed", "0", "--out", str(out), *extra)  # fmt: skip
+    return run_cli("prep", "medmnist", "--source", str(PNEUMONIA), "--sites", "3",
+                   "--partition", "dirichlet:0.5", "--seed", "0", "--out", str(out), *extra)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +61,13 @@ def _rows(images: np.ndarray) -> np.ndarray:
 def test_pneumonia_shard_set_files_hashes_and_counts(pneumonia_set):
     out, _ = pneumonia_set
     assert sorted(p.name for p in out.iterdir()) == [
-        "manifest.json", "site-000.h5", "site-001.h5", "site-002.h5", "test.h5"]  # fmt: skip
+        "manifest.json", "site-000.h5", "site-001.h5", "site-002.h5", "test.h5"]
     manifest = load_manifest(out)
-    assert manifest.num_sites == 3 and manifest.num_classes == 2 and manifest.image_shape == (1, 28, 28)
+    assert (manifest.num_sites == 3 and manifest.num_classes == 2
+            and manifest.image_shape == (1, 28, 28))
     assert manifest.partition == "dirichlet:0.5" and manifest.seed == 0
-    assert manifest.source["kind"] == "medmnist" and manifest.source["sha256"] == sha256_file(PNEUMONIA)
+    assert (manifest.source["kind"] == "medmnist"
+            and manifest.source["sha256"] == sha256_file(PNEUMONIA))
     for entry in (*manifest.sites, manifest.test):
         assert sha256_file(out / entry.file) == entry.sha256
     assert sum(e.num_samples["train"] for e in manifest.sites) == 4708
@@ -111,8 +113,10 @@ def test_prep_prints_the_class_histogram_table(pneumonia_set):
     lines = text.splitlines()
     for entry in manifest.sites:
         for split in ("train", "val"):
-            row = next(line for line in lines if line.startswith(entry.file) and f" {split} " in line)
-            assert row.split()[2:] == [str(entry.num_samples[split]), *map(str, entry.class_counts[split])]
+            row = next(line for line in lines
+                       if line.startswith(entry.file) and f" {split} " in line)
+            assert row.split()[2:] == [str(entry.num_samples[split]),
+                                       *map(str, entry.class_counts[split])]
     assert any(line.split() == ["test.h5", "test", "624", "234", "390"] for line in lines)
     assert "class 0" in text and "class 1" in text
 
@@ -124,9 +128,11 @@ def test_same_command_gives_identical_manifest_and_files(pneumonia_set, tmp_path
     first = json.loads((out / "manifest.json").read_text())
     second = json.loads((tmp_path / "again" / "manifest.json").read_text())
     assert first == second
-    assert (out / "manifest.json").read_bytes() == (tmp_path / "again" / "manifest.json").read_bytes()
-    status, _ = run_cli("prep", "medmnist", "--npz", str(PNEUMONIA), "--participants", "3",
-                        "--partition", "dirichlet:0.5", "--seed", "1", "--out", str(tmp_path / "seed1"))  # fmt: skip
+    assert ((out / "manifest.json").read_bytes()
+            == (tmp_path / "again" / "manifest.json").read_bytes())
+    status, _ = run_cli("prep", "medmnist", "--source", str(PNEUMONIA), "--sites", "3",
+                        "--partition", "dirichlet:0.5", "--seed", "1",
+                        "--out", str(tmp_path / "seed1"))
     other = json.loads((tmp_path / "seed1" / "manifest.json").read_text())
     assert other["sites"] != first["sites"]  # the seed matters
 
@@ -155,14 +161,15 @@ def test_refuses_to_overwrite_and_overwrites_on_request(tmp_path):
     with pytest.raises(DataError, match="already holds a shard set .*--overwrite"):
         prep_pneumonia(out)
     with pytest.raises(DataError, match="already holds"):
-        prep_pneumonia(out, "--participants", "2")
+        prep_pneumonia(out, "--sites", "2")
     with pytest.raises(ConfigError, match="unknown partitioner"):
         prep_pneumonia(out, "--partition", "bogus", "--overwrite")
     assert {p.name: sha256_file(p) for p in out.iterdir()} == before  # refusals touch nothing
-    status, _ = run_cli("prep", "medmnist", "--npz", str(PNEUMONIA), "--participants", "2",
-                        "--seed", "0", "--out", str(out), "--overwrite")  # fmt: skip
+    status, _ = run_cli("prep", "medmnist", "--source", str(PNEUMONIA), "--sites", "2",
+                        "--seed", "0", "--out", str(out), "--overwrite")
     assert status == 0
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "site-000.h5", "site-001.h5", "test.h5"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json", "site-000.h5", "site-001.h5", "test.h5"]
     assert load_manifest(out).partition == "iid" and verify_shard_set(out) == []
 
 
@@ -170,7 +177,7 @@ def test_load_medmnist_pneumonia():
     source = load_medmnist(PNEUMONIA)
     assert source.num_classes == 2 and source.name == "pneumoniamnist"
     assert {k: v[0].shape for k, v in source.splits.items()} == {
-        "train": (4708, 1, 28, 28), "val": (524, 1, 28, 28), "test": (624, 1, 28, 28)}  # fmt: skip
+        "train": (4708, 1, 28, 28), "val": (524, 1, 28, 28), "test": (624, 1, 28, 28)}
     assert all(v[0].dtype == np.uint8 and v[1].dtype == np.int64 for v in source.splits.values())
 
 
@@ -179,7 +186,7 @@ def test_load_medmnist_pneumonia():
 
 def _write_rgb_npz(path: Path, *, num_classes: int = 5, size: int = 12) -> dict[str, np.ndarray]:
     src = make_synthetic(num_samples=400, num_classes=num_classes, image_shape=(3, size, size),
-                         seed=3, val_samples=60, test_samples=80)  # fmt: skip
+                         seed=3, val_samples=60, test_samples=80)
     arrays = {}
     for split, (images, labels) in src.splits.items():
         arrays[f"{split}_images"] = images.transpose(0, 2, 3, 1)  # MedMNIST stores NHWC
@@ -190,8 +197,9 @@ def _write_rgb_npz(path: Path, *, num_classes: int = 5, size: int = 12) -> dict[
 
 def test_rgb_five_class_npz_goes_through_the_same_path(tmp_path):
     arrays = _write_rgb_npz(tmp_path / "rgb.npz")
-    status, text = run_cli("prep", "medmnist", "--npz", str(tmp_path / "rgb.npz"), "--participants", "4",
-                           "--partition", "dirichlet:1.0", "--seed", "0", "--out", str(tmp_path / "out"))  # fmt: skip
+    status, text = run_cli("prep", "medmnist", "--source", str(tmp_path / "rgb.npz"),
+                           "--sites", "4", "--partition", "dirichlet:1.0", "--seed", "0",
+                           "--out", str(tmp_path / "out"))
     assert status == 0 and "class 4" in text
     manifest = load_manifest(tmp_path / "out")
     assert manifest.image_shape == (3, 12, 12) and manifest.num_classes == 5
@@ -206,10 +214,10 @@ def test_rgb_five_class_npz_goes_through_the_same_path(tmp_path):
 def test_multi_label_npz_is_refused(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "chest.npz", train_images=rng.integers(0, 255, (20, 8, 8), dtype=np.uint8),
-             train_labels=rng.integers(0, 2, (20, 14)))  # fmt: skip
+             train_labels=rng.integers(0, 2, (20, 14)))
     with pytest.raises(DataError, match="multi-label data .*14 labels per image.* not supported"):
-        run_cli("prep", "medmnist", "--npz", str(tmp_path / "chest.npz"), "--participants", "2",
-                "--out", str(tmp_path / "out"))  # fmt: skip
+        run_cli("prep", "medmnist", "--source", str(tmp_path / "chest.npz"), "--sites", "2",
+                "--out", str(tmp_path / "out"))
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -218,7 +226,7 @@ def test_missing_keys_are_named(tmp_path):
     with pytest.raises(DataError, match=r"missing keys \['train_labels'\]"):
         load_medmnist(tmp_path / "a.npz")
     np.savez(tmp_path / "b.npz", train_images=np.zeros((4, 8, 8), np.uint8),
-             train_labels=np.zeros((4, 1), np.uint8), val_images=np.zeros((2, 8, 8), np.uint8))  # fmt: skip
+             train_labels=np.zeros((4, 1), np.uint8), val_images=np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(DataError, match=r"missing keys \['val_labels'\]"):
         load_medmnist(tmp_path / "b.npz")
     with pytest.raises(DataError, match="not found"):
@@ -232,9 +240,9 @@ def test_missing_keys_are_named(tmp_path):
 
 
 def test_synthetic_cli_holds_out_test_and_val(tmp_path):
-    status, text = run_cli("prep", "synthetic", "--samples", "600", "--classes", "3", "--channels", "3",
-                           "--size", "16", "16", "--participants", "2", "--seed", "1",
-                           "--out", str(tmp_path / "syn"))  # fmt: skip
+    status, text = run_cli("prep", "synthetic", "--samples", "600", "--classes", "3",
+                           "--channels", "3", "--size", "16", "16", "--sites", "2", "--seed", "1",
+                           "--out", str(tmp_path / "syn"))
     assert status == 0 and "site-001.h5" in text
     manifest = load_manifest(tmp_path / "syn")
     assert manifest.image_shape == (3, 16, 16) and manifest.num_classes == 3
@@ -262,7 +270,7 @@ def test_synthetic_is_deterministic_and_streams_are_independent():
 )
 def test_synthetic_classes_are_learnable_but_not_trivial(num_classes, shape, floor):
     src = make_synthetic(num_samples=3000, num_classes=num_classes, image_shape=shape,
-                         seed=0, test_samples=1000)  # fmt: skip
+                         seed=0, test_samples=1000)
     (x, y), (xt, yt) = src.splits["train"], src.splits["test"]
     x = x.reshape(len(x), -1) / 255.0
     xt = xt.reshape(len(xt), -1) / 255.0
@@ -299,15 +307,33 @@ def test_pipeline_rejects_bad_settings(tmp_path):
     with pytest.raises(ConfigError, match="participants must be a positive integer"):
         prepare_shards(src, out_dir=tmp_path / "a", participants=0, partition="iid", seed=0)
     with pytest.raises(ConfigError, match="val_fraction must be in"):
-        prepare_shards(src, out_dir=tmp_path / "a", participants=2, partition="iid", seed=0, val_fraction=1.5)
-    with pytest.raises(ConfigError, match="number of sites must be between 1 and the number of samples"):
+        prepare_shards(src, out_dir=tmp_path / "a", participants=2, partition="iid", seed=0,
+                       val_fraction=1.5)
+    with pytest.raises(ConfigError,
+                       match="number of sites must be between 1 and the number of samples"):
         prepare_shards(src, out_dir=tmp_path / "a", participants=60, partition="iid", seed=0)
     with pytest.raises(ConfigError, match="unknown partitioner 'zipf'; known: classes, dirichlet"):
-        run_cli("prep", "synthetic", "--samples", "50", "--participants", "2", "--partition", "zipf:1",
-                "--out", str(tmp_path / "b"))  # fmt: skip
+        run_cli("prep", "synthetic", "--samples", "50", "--sites", "2", "--partition", "zipf:1",
+                "--out", str(tmp_path / "b"))
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match="is not a directory"):
         prepare_shards(src, out_dir=tmp_path / "file", participants=2, partition="iid", seed=0)
+
+
+@pytest.mark.parametrize("source, old", [("medmnist", "--npz"), ("folder", "--root"),
+                                         ("csv", "--images"), ("dicom", "--root")])
+def test_old_spellings_are_aliases_of_sites_and_source(source, old):
+    from fedsilo.cli import build_parser
+
+    parser = build_parser()
+    extra = ["--labels", "l.csv"] if source == "csv" else []
+    new = parser.parse_args(["prep", source, "--source", "d", "--sites", "2", "--out", "o", *extra])
+    was = parser.parse_args(["prep", source, old, "d", "--participants", "2", "--out", "o", *extra])
+    assert vars(new) == vars(was)
+    assert (new.source, new.sites) == (Path("d"), 2)
+    for command, flag in (("demo", "--participants"), ("keys", "--participants")):
+        argv = [command, flag, "5"] + (["--out", "k"] if command == "keys" else [])
+        assert parser.parse_args(argv).sites == 5
 
 
 def test_help_lists_every_option_with_its_default(capsys):
@@ -317,8 +343,8 @@ def test_help_lists_every_option_with_its_default(capsys):
         assert exit_info.value.code == 0
         text = capsys.readouterr().out
         if command != "verify":
-            for option in ("--participants", "--partition", "--seed", "--out", "--val-fraction",
-                           "--test-fraction", "--overwrite"):  # fmt: skip
+            for option in ("--sites", "--partition", "--seed", "--out", "--val-fraction",
+                           "--test-fraction", "--overwrite"):
                 assert option in text
             assert "(default: iid)" in text and "(default: 0.1)" in text and "(default: 0)" in text
         if command == "synthetic":

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from data_prep.pipeline import prepare_shards
-from data_prep.synthetic import make_synthetic
 from fedsilo.errors import ConfigError, DataError
+from fedsilo.prep.pipeline import prepare_shards
+from fedsilo.prep.synthetic import make_synthetic
 
 
 def files(directory):
@@ -38,7 +38,8 @@ def test_manifest_waits_for_files_of_this_set(tmp_path):
     assert not (tmp_path / "manifest.json").exists()  # site-001 is still the old set's
     manifest = prepare_shards(source, out_dir=tmp_path, participants=2, partition="iid", seed=2,
                               only="site:1", overwrite=True)
-    assert manifest is not None and json.loads((tmp_path / "manifest.json").read_text())["seed"] == 2
+    assert (manifest is not None
+            and json.loads((tmp_path / "manifest.json").read_text())["seed"] == 2)
 
 
 def test_only_is_validated_and_respects_existing_sets(tmp_path):

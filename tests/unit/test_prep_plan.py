@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data_prep.plan import patient_groups, plan_splits
 from fedsilo.errors import ConfigError, DataError
-from fedsilo.grouping import group_holdout, group_labels, group_partition, natural_partition
-from fedsilo.partition import partition, stratified_holdout
+from fedsilo.prep.grouping import group_holdout, group_labels, group_partition, natural_partition
+from fedsilo.prep.partition import partition, stratified_holdout
+from fedsilo.prep.plan import patient_groups, plan_splits
 
 SPECS = ["iid", "dirichlet:0.5", "quantity:2", "classes:1", "classes:2"]
 
@@ -21,10 +21,10 @@ def records(draw, *, natural: bool):
     num_classes = draw(st.integers(2, 4))
     num_patients = draw(st.integers(12, 40))
     patient_label = draw(st.lists(st.integers(0, num_classes - 1), min_size=num_patients,
-                                  max_size=num_patients))  # fmt: skip
+                                  max_size=num_patients))
     num_sites = draw(st.integers(1, 4))
     patient_site = draw(st.lists(st.integers(0, num_sites - 1), min_size=num_patients,
-                                 max_size=num_patients))  # fmt: skip
+                                 max_size=num_patients))
     sizes = draw(st.lists(st.integers(1, 4), min_size=num_patients, max_size=num_patients))
     patient = np.repeat(np.arange(num_patients), sizes)
     order = np.random.default_rng(draw(st.integers(0, 1000))).permutation(len(patient))
@@ -40,14 +40,14 @@ def records(draw, *, natural: bool):
         seed=draw(st.integers(0, 2**31)),
         val_fraction=draw(st.sampled_from([0.0, 0.1, 0.25])),
         test_fraction=draw(st.sampled_from([0.1, 0.2, 0.3])),
-    )  # fmt: skip
+    )
 
 
 def _plan(case):
     return plan_splits(case["labels"], partition=case["partition"], num_sites=case["num_sites"],
                        seed=case["seed"], val_fraction=case["val_fraction"],
                        test_fraction=case["test_fraction"], test_split=case["test_split"],
-                       patients=case["patients"], site_values=case["site_values"])  # fmt: skip
+                       patients=case["patients"], site_values=case["site_values"])
 
 
 def _pieces(plan):
@@ -83,7 +83,8 @@ def test_every_record_lands_once_and_no_patient_crosses_a_split_or_site(case):
             owner[patient] = key
     assert all(len(t) > 0 for t in plan.site_train)
     again = _plan(case)
-    assert all(np.array_equal(a, b) for a, b in zip(_pieces(plan).values(), _pieces(again).values()))
+    assert all(np.array_equal(a, b)
+               for a, b in zip(_pieces(plan).values(), _pieces(again).values()))
 
 
 @settings(max_examples=40, deadline=None)
@@ -119,13 +120,13 @@ def test_classes_k_sites_see_at_most_k_classes(case, k):
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(0, 2), min_size=10, max_size=120), st.integers(0, 10**6),
-       st.sampled_from([0.1, 0.3, 0.5]))  # fmt: skip
+       st.sampled_from([0.1, 0.3, 0.5]))
 def test_without_patients_the_plan_is_the_plain_partition(labels, seed, fraction):
     """No patient column and a global test split: exactly the in-memory pipeline's steps."""
     labels = np.array(labels)
     plan = plan_splits(labels, partition="iid", num_sites=2, seed=seed, val_fraction=0.0,
-                       test_fraction=fraction)  # fmt: skip
-    from data_prep.plan import TEST_STREAM, derive_seed
+                       test_fraction=fraction)
+    from fedsilo.prep.plan import TEST_STREAM, derive_seed
 
     pool, test = stratified_holdout(labels, fraction, seed=derive_seed(seed, TEST_STREAM))
     assert np.array_equal(plan.test, test)
@@ -165,19 +166,19 @@ def test_empty_patient_ids_are_patients_of_their_own():
 def test_plan_errors_name_the_problem():
     labels = np.arange(40) % 2
     sites = np.array(["A", "B"] * 20)
-    with pytest.raises(ConfigError, match="2 distinct values .*'A', 'B'.* --participants is 3"):
+    with pytest.raises(ConfigError, match="2 distinct values .*'A', 'B'.* --sites is 3"):
         plan_splits(labels, partition="natural:hospital", num_sites=3, seed=0, val_fraction=0.1,
-                    test_fraction=0.2, site_values=sites)  # fmt: skip
+                    test_fraction=0.2, site_values=sites)
     with pytest.raises(ConfigError, match="needs the column 'hospital'"):
         plan_splits(labels, partition="natural:hospital", num_sites=None, seed=0,
-                    val_fraction=0.1, test_fraction=0.2)  # fmt: skip
+                    val_fraction=0.1, test_fraction=0.2)
     with pytest.raises(ConfigError, match="needs the number of sites"):
         plan_splits(labels, partition="iid", num_sites=None, seed=0, val_fraction=0.1,
-                    test_fraction=0.2)  # fmt: skip
+                    test_fraction=0.2)
     with pytest.raises(ConfigError, match="test split must be one of"):
         plan_splits(labels, partition="iid", num_sites=2, seed=0, val_fraction=0.1,
-                    test_fraction=0.2, test_split="site")  # fmt: skip
+                    test_fraction=0.2, test_split="site")
     patients = np.array([f"p{i % 9}" for i in range(40)])  # p0: rows 0 (A) and 9 (B)
     with pytest.raises(DataError, match="patient 'p0' has records on two sites"):
         plan_splits(labels, partition="natural:hospital", num_sites=None, seed=0,
-                    val_fraction=0.1, test_fraction=0.2, site_values=sites, patients=patients)  # fmt: skip
+                    val_fraction=0.1, test_fraction=0.2, site_values=sites, patients=patients)

@@ -23,15 +23,21 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from data_prep import stream
-from data_prep.cli import add_parser
-from data_prep.images import ImageDecoder
-from data_prep.pipeline import prepare_record_shards
-from data_prep.records import list_class_folders
-from data_prep.stream import RecordSource
 from fedsilo import cli as fedsilo_cli
 from fedsilo.errors import ConfigError, DataError
-from fedsilo.shards import ShardWriter, load_manifest, read_shard, read_shard_attrs, verify_shard_set
+from fedsilo.prep import stream
+from fedsilo.prep.cli import add_parser
+from fedsilo.prep.images import ImageDecoder
+from fedsilo.prep.pipeline import prepare_record_shards
+from fedsilo.prep.records import list_class_folders
+from fedsilo.prep.stream import RecordSource
+from fedsilo.shards import (
+    ShardWriter,
+    load_manifest,
+    read_shard,
+    read_shard_attrs,
+    verify_shard_set,
+)
 
 
 def run_cli(*argv: str | Path) -> tuple[int, str]:
@@ -76,7 +82,8 @@ def gray_folder(root: Path, *, classes=("a", "b", "c"), per_class=8, size=(8, 8)
 
 
 def files(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.suffix in (".h5", ".json")}
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())
+            if p.suffix in (".h5", ".json")}
 
 
 # --- image folders --------------------------------------------------------------------
@@ -86,8 +93,8 @@ def test_folder_of_pngs_lands_pixel_exact_with_its_labels(tmp_path):
     images = gray_folder(tmp_path / "imgs")
     (tmp_path / "imgs" / "a" / "notes.txt").write_text("not an image: ignored")
     out = tmp_path / "out"
-    status, text = run_cli("prep", "folder", "--root", tmp_path / "imgs", "--participants", "2",
-                           "--partition", "dirichlet:1.0", "--seed", "3", "--out", out)  # fmt: skip
+    status, text = run_cli("prep", "folder", "--source", tmp_path / "imgs", "--sites", "2",
+                           "--partition", "dirichlet:1.0", "--seed", "3", "--out", out)
     assert status == 0 and "site-001.h5" in text
     manifest = load_manifest(out)
     assert manifest.class_names == ("a", "b", "c") and manifest.num_classes == 3
@@ -111,8 +118,8 @@ def test_rgb_png_jpeg_bmp_tiff_decode_as_pillow_does_and_convert_channels(tmp_pa
     for channels, mode in ((None, "RGB"), ("1", "L")):
         out = tmp_path / f"out-{mode}"
         extra = [] if channels is None else ["--channels", channels]
-        run_cli("prep", "folder", "--root", tmp_path / "imgs", "--participants", "1",
-                "--val-fraction", "0", "--out", out, *extra)  # fmt: skip
+        run_cli("prep", "folder", "--source", tmp_path / "imgs", "--sites", "1",
+                "--val-fraction", "0", "--out", out, *extra)
         found = landed(out)
         assert load_manifest(out).image_shape == ((3 if mode == "RGB" else 1), 10, 12)
         for path, label in paths:
@@ -127,25 +134,28 @@ def test_size_resizes_with_antialiasing_and_mixed_sizes_need_it(tmp_path):
     sources = []
     for label, name in enumerate(("a", "b")):
         for i, shape in enumerate([(16, 16), (12, 20), (8, 8), (20, 10)]):
-            sources.append((save(root / name / f"{i}.png", rng.integers(0, 256, shape, dtype=np.uint8)), label))
+            sources.append((save(root / name / f"{i}.png",
+                                 rng.integers(0, 256, shape, dtype=np.uint8)), label))
     checker = np.indices((16, 16)).sum(axis=0) % 2 * 255  # 1-pixel checkerboard
     sources.append((save(root / "a" / "checker.png", checker.astype(np.uint8)), 0))
     sources.append((save(root / "b" / "flat.png", np.full((20, 20), 77, np.uint8)), 1))
     with pytest.raises(DataError, match=re.escape(str(root / "a" / "1.png"))
-                       + r": image is 1x12x20 .* first image \(.*0.png\) is 1x16x16; pass --size H W"):  # fmt: skip
-        run_cli("prep", "folder", "--root", root, "--participants", "1", "--out", tmp_path / "x")
+                       + r": image is 1x12x20 .* first image \(.*0.png\) is 1x16x16; "
+                         r"pass --size H W"):
+        run_cli("prep", "folder", "--source", root, "--sites", "1", "--out", tmp_path / "x")
     assert not (tmp_path / "x" / "manifest.json").exists()
 
     out = tmp_path / "out"
-    run_cli("prep", "folder", "--root", root, "--participants", "1", "--size", "8", "8",
-            "--val-fraction", "0", "--out", out)  # fmt: skip
+    run_cli("prep", "folder", "--source", root, "--sites", "1", "--size", "8", "8",
+            "--val-fraction", "0", "--out", out)
     found = landed(out)
     assert load_manifest(out).image_shape == (1, 8, 8)
     for path, label in sources:
         expected = np.asarray(Image.open(path).resize((8, 8), Image.Resampling.BILINEAR))
         assert found[expected[None].tobytes()][2] == label
     # antialiased: the checkerboard averages to mid-grey instead of aliasing to 0 or 255
-    checker_out = np.asarray(Image.open(root / "a" / "checker.png").resize((8, 8), Image.Resampling.BILINEAR))
+    checker_out = np.asarray(Image.open(root / "a" / "checker.png").resize(
+        (8, 8), Image.Resampling.BILINEAR))
     assert np.abs(checker_out.astype(int) - 128).max() <= 4 and checker_out[None].tobytes() in found
     assert np.full((1, 8, 8), 77, np.uint8).tobytes() in found  # a flat image stays flat
 
@@ -181,15 +191,17 @@ def csv_dataset(tmp_path: Path, *, patients_per_hospital=6, seed=4):
 
 
 def prep_csv(tmp_path: Path, out: Path, *extra: str | Path) -> tuple[int, str]:
-    return run_cli("prep", "csv", "--images", tmp_path / "imgs", "--labels", tmp_path / "labels.csv",
-                   "--path-column", "file", "--label-column", "diagnosis", "--out", out, *extra)  # fmt: skip
+    return run_cli("prep", "csv", "--source", tmp_path / "imgs",
+                   "--labels", tmp_path / "labels.csv",
+                   "--path-column", "file", "--label-column", "diagnosis", "--out", out, *extra)
 
 
 def test_natural_sites_keep_patients_together_and_test_per_site(tmp_path):
     meta = csv_dataset(tmp_path)
     out = tmp_path / "out"
-    status, _ = prep_csv(tmp_path, out, "--partition", "natural:hospital", "--patient-column", "patient",
-                         "--test-split", "per-site", "--test-fraction", "0.34")  # fmt: skip
+    status, _ = prep_csv(tmp_path, out, "--partition", "natural:hospital",
+                         "--patient-column", "patient",
+                         "--test-split", "per-site", "--test-fraction", "0.34")
     assert status == 0
     manifest = load_manifest(out)
     assert manifest.num_sites == 3 and manifest.class_names == ("benign", "malignant")
@@ -210,22 +222,22 @@ def test_natural_sites_keep_patients_together_and_test_per_site(tmp_path):
     assert test_hospitals == {"north", "south", "west"}  # every hospital gave test patients
     assert len(placed) == 18 and verify_shard_set(out) == []
 
-    with pytest.raises(ConfigError, match="3 distinct values .* --participants is 2"):
-        prep_csv(tmp_path, tmp_path / "o2", "--partition", "natural:hospital", "--participants", "2")
+    with pytest.raises(ConfigError, match="3 distinct values .* --sites is 2"):
+        prep_csv(tmp_path, tmp_path / "o2", "--partition", "natural:hospital", "--sites", "2")
     with pytest.raises(ConfigError, match="no column 'ward'"):
         prep_csv(tmp_path, tmp_path / "o3", "--partition", "natural:ward")
     with pytest.raises(ConfigError, match="needs the number of sites"):
         prep_csv(tmp_path, tmp_path / "o4")
     with pytest.raises(ConfigError, match="class-folder layout has none"):
-        run_cli("prep", "folder", "--root", tmp_path, "--participants", "2", "--partition", "natural:x",
+        run_cli("prep", "folder", "--source", tmp_path, "--sites", "2", "--partition", "natural:x",
                 "--out", tmp_path / "o5")
 
 
 def test_patient_column_keeps_patients_in_one_split_with_a_global_test(tmp_path):
     meta = csv_dataset(tmp_path)
     out = tmp_path / "out"
-    prep_csv(tmp_path, out, "--participants", "2", "--partition", "dirichlet:1.0",
-             "--patient-column", "patient", "--val-fraction", "0.25")  # fmt: skip
+    prep_csv(tmp_path, out, "--sites", "2", "--partition", "dirichlet:1.0",
+             "--patient-column", "patient", "--val-fraction", "0.25")
     placed: dict[str, tuple[str, str]] = {}
     for key, (file, split, _) in landed(out).items():
         assert placed.setdefault(meta[key][2], (file, split)) == (file, split)
@@ -239,8 +251,8 @@ def test_integer_labels_are_class_indices_and_classes_fixes_names(tmp_path):
         save(tmp_path / "imgs" / f"{i}.png", rng.integers(0, 256, (6, 6), dtype=np.uint8))
         rows.append(f"{i}.png,{(0, 2)[i % 2]}")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    args = ["prep", "csv", "--images", tmp_path / "imgs", "--labels", tmp_path / "labels.csv",
-            "--participants", "2"]  # fmt: skip
+    args = ["prep", "csv", "--source", tmp_path / "imgs", "--labels", tmp_path / "labels.csv",
+            "--sites", "2"]
     run_cli(*args, "--out", tmp_path / "out")
     manifest = load_manifest(tmp_path / "out")
     assert manifest.class_names == ("0", "1", "2") and manifest.total_samples("train") > 0
@@ -255,14 +267,15 @@ def test_integer_labels_are_class_indices_and_classes_fixes_names(tmp_path):
 
 
 def write_dicom(path: Path, raw: np.ndarray, *, photometric="MONOCHROME2", slope=None,
-                intercept=None, center=None, width=None, rle=False, pixels=True) -> Path:  # fmt: skip
+                intercept=None, center=None, width=None, rle=False, pixels=True) -> Path:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = (meta.MediaStorageSOPClassUID,
+                                         meta.MediaStorageSOPInstanceUID)
     ds.Modality = "CT"
     ds.Rows, ds.Columns = raw.shape
     ds.SamplesPerPixel = 1
@@ -300,7 +313,8 @@ def expected_window(values: np.ndarray, center: float, width: float, *, invert=F
     """DICOM PS3.3 C.11.2.1.2.1 (linear), written out case by case."""
     x = values.astype(np.float64)
     low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
-    y = np.where(x <= low, 0.0, np.where(x > high, 255.0, ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0))
+    y = np.where(x <= low, 0.0,
+                 np.where(x > high, 255.0, ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0))
     y = np.rint(y).astype(np.uint8)
     return 255 - y if invert else y
 
@@ -322,21 +336,25 @@ def dicom_set(tmp_path):
     hu = dict(slope=1, intercept=-1024)
     cases = []  # (path, label, stored values after rescale, how, window, invert)
     r = raw()
-    cases.append((write_dicom(root / "ct1.dcm", r, **hu, center=40, width=400), "lung", r - 1024.0, (40, 400), False))
+    cases.append((write_dicom(root / "ct1.dcm", r, **hu, center=40, width=400), "lung", r - 1024.0,
+                  (40, 400), False))
     r = raw()
-    cases.append((write_dicom(root / "mono1.dcm", r, photometric="MONOCHROME1", **hu, center=40, width=400),
-                  "lung", r - 1024.0, (40, 400), True))  # fmt: skip
+    cases.append((write_dicom(root / "mono1.dcm", r, photometric="MONOCHROME1", **hu, center=40,
+                              width=400),
+                  "lung", r - 1024.0, (40, 400), True))
     r = raw()
-    cases.append((write_dicom(root / "rle.dcm", r, **hu, center=40, width=400, rle=True), "bone", r - 1024.0,
-                  (40, 400), False))  # fmt: skip
+    cases.append((write_dicom(root / "rle.dcm", r, **hu, center=40, width=400, rle=True), "bone",
+                  r - 1024.0, (40, 400), False))
     r = raw()
-    cases.append((write_dicom(root / "multi.dcm", r, slope=2, intercept=-2048, center=[300, 40], width=[1500, 400]),
-                  "bone", r * 2.0 - 2048, (300, 1500), False))  # fmt: skip
+    cases.append((write_dicom(root / "multi.dcm", r, slope=2, intercept=-2048, center=[300, 40],
+                              width=[1500, 400]),
+                  "bone", r * 2.0 - 2048, (300, 1500), False))
     r = raw()
     cases.append((write_dicom(root / "plain.dcm", r), "lung", r.astype(float), None, False))
     signed = rng.integers(-1500, 2000, (8, 8)).astype(np.int16)
-    cases.append((write_dicom(root / "signed.dcm", signed, slope=0.5, intercept=10, center=0, width=1000),
-                  "bone", signed * 0.5 + 10, (0, 1000), False))  # fmt: skip
+    cases.append((write_dicom(root / "signed.dcm", signed, slope=0.5, intercept=10, center=0,
+                              width=1000),
+                  "bone", signed * 0.5 + 10, (0, 1000), False))
     gray = rng.integers(20, 230, (8, 8), dtype=np.uint8)
     jpeg = write_jpeg_dicom(root / "jpeg" / "j.dcm", gray)
     cases.append((jpeg, "lung", None, "jpeg", False))
@@ -367,13 +385,13 @@ def test_dicom_rescale_window_monochrome1_and_compressed_pixels_end_to_end(dicom
     for window in (None, (100.0, 2000.0)):
         out = tmp_path / f"out-{window}"
         extra = [] if window is None else ["--window", *map(str, window)]
-        status, _ = run_cli("prep", "dicom", "--root", root, "--labels", labels, "--participants", "1",
-                            "--val-fraction", "0", "--test-fraction", "0.3", "--out", out, *extra)  # fmt: skip
+        status, _ = run_cli("prep", "dicom", "--source", root, "--labels", labels, "--sites", "1",
+                            "--val-fraction", "0", "--test-fraction", "0.3", "--out", out, *extra)
         assert status == 0
         manifest = load_manifest(out)
         assert manifest.class_names == ("bone", "lung") and manifest.image_shape == (1, 8, 8)
         assert manifest.source["kind"] == "dicom" and manifest.source["decoder"]["window"] == (
-            None if window is None else list(window))  # fmt: skip
+            None if window is None else list(window))
         found = landed(out)
         assert len(found) == len(cases)
         for case in cases:
@@ -388,13 +406,15 @@ def test_dicom_class_folders_and_rgb(tmp_path):
     rng = np.random.default_rng(7)
     for label in ("neg", "pos"):
         for i in range(4):
-            write_dicom(tmp_path / "dcm" / label / f"{i}", rng.integers(0, 4096, (8, 8)).astype(np.uint16))
+            write_dicom(tmp_path / "dcm" / label / f"{i}",
+                        rng.integers(0, 4096, (8, 8)).astype(np.uint16))
     out = tmp_path / "out"
-    run_cli("prep", "dicom", "--root", tmp_path / "dcm", "--participants", "1", "--channels", "3",
-            "--size", "4", "4", "--out", out)  # fmt: skip
+    run_cli("prep", "dicom", "--source", tmp_path / "dcm", "--sites", "1", "--channels", "3",
+            "--size", "4", "4", "--out", out)
     manifest = load_manifest(out)
     assert manifest.class_names == ("neg", "pos") and manifest.image_shape == (3, 4, 4)
-    assert manifest.total_samples("train") + manifest.total_samples("val") + manifest.total_samples("test") == 8
+    assert (manifest.total_samples("train") + manifest.total_samples("val")
+            + manifest.total_samples("test") == 8)
     shard = read_shard(out / "site-000.h5").splits["train"]
     assert np.array_equal(shard.images[:, 0], shard.images[:, 2])  # grayscale replicated to RGB
 
@@ -410,12 +430,12 @@ def _image_base(tmp_path: Path) -> Path:
 
 
 def _folder_args(tmp_path):
-    return ["prep", "folder", "--root", tmp_path / "imgs", "--participants", "2"]
+    return ["prep", "folder", "--source", tmp_path / "imgs", "--sites", "2"]
 
 
 def _csv_args(tmp_path, *extra):
-    return ["prep", "csv", "--images", tmp_path / "imgs", "--labels", tmp_path / "labels.csv",
-            "--participants", "2", *extra]  # fmt: skip
+    return ["prep", "csv", "--source", tmp_path / "imgs", "--labels", tmp_path / "labels.csv",
+            "--sites", "2", *extra]
 
 
 def _append_row(tmp_path, row):
@@ -430,7 +450,8 @@ def case_unreadable(tmp_path):
 
 
 def case_truncated(tmp_path):
-    good = save(tmp_path / "whole.png", np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8))
+    good = save(tmp_path / "whole.png",
+                np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8))
     bad = tmp_path / "imgs" / "b" / "zz.png"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     return _folder_args(tmp_path), bad, "unreadable image: image file is truncated", 12
@@ -448,34 +469,36 @@ def case_empty_class_folder(tmp_path):
 
 def case_missing_image(tmp_path):
     _append_row(tmp_path, "a/ghost.png,a")
-    return _csv_args(tmp_path), tmp_path / "imgs" / "a" / "ghost.png", r"image not found \(.*row 14\)", 12
+    return (_csv_args(tmp_path), tmp_path / "imgs" / "a" / "ghost.png",
+            r"image not found \(.*row 14\)", 12)
 
 
 def case_unknown_label(tmp_path):
     save(tmp_path / "imgs" / "c.png", np.ones((8, 8), np.uint8))
     _append_row(tmp_path, "c.png,zebra")
     return (_csv_args(tmp_path, "--classes", "a,b"), tmp_path / "imgs" / "c.png",
-            r"unknown label 'zebra' .*known: \['a', 'b'\]", 12)  # fmt: skip
+            r"unknown label 'zebra' .*known: \['a', 'b'\]", 12)
 
 
 def case_duplicate_path(tmp_path):
     _append_row(tmp_path, "./a/03.png,b")
     return (_csv_args(tmp_path), tmp_path / "imgs" / "a" / "03.png",
-            "duplicate path: row 14 repeats row 5", 12)  # fmt: skip
+            "duplicate path: row 14 repeats row 5", 12)
 
 
 def case_dicom_without_pixels(tmp_path):
     rng = np.random.default_rng(8)
     for c in "ab":
         for i in range(6):
-            write_dicom(tmp_path / "dcm" / c / f"{i}.dcm", rng.integers(0, 4096, (8, 8)).astype(np.uint16))
+            write_dicom(tmp_path / "dcm" / c / f"{i}.dcm",
+                        rng.integers(0, 4096, (8, 8)).astype(np.uint16))
     bad = write_dicom(tmp_path / "dcm" / "b" / "zz.dcm", np.zeros((8, 8), np.uint16), pixels=False)
-    return (["prep", "dicom", "--root", tmp_path / "dcm", "--participants", "2"], bad,
-            "DICOM file has no pixel data", 12)  # fmt: skip
+    return (["prep", "dicom", "--source", tmp_path / "dcm", "--sites", "2"], bad,
+            "DICOM file has no pixel data", 12)
 
 
 BAD_CASES = [case_unreadable, case_truncated, case_mixed_size, case_empty_class_folder,
-             case_missing_image, case_unknown_label, case_duplicate_path, case_dicom_without_pixels]  # fmt: skip
+             case_missing_image, case_unknown_label, case_duplicate_path, case_dicom_without_pixels]
 
 
 @pytest.mark.parametrize("case", BAD_CASES, ids=lambda c: c.__name__[5:])
@@ -502,8 +525,8 @@ def test_a_bad_input_ends_fedsilo_prep_with_one_line_and_status_2(tmp_path, caps
     _image_base(tmp_path)
     bad = tmp_path / "imgs" / "a" / "zz.png"
     bad.write_bytes(b"GIF89a but not really")
-    status = fedsilo_cli.main(["prep", "folder", "--root", str(tmp_path / "imgs"), "--participants", "2",
-                               "--out", str(tmp_path / "out")])  # fmt: skip
+    status = fedsilo_cli.main(["prep", "folder", "--source", str(tmp_path / "imgs"), "--sites", "2",
+                               "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1
     assert err[0].startswith(f"fedsilo: error: {bad}: unreadable image")
@@ -530,8 +553,8 @@ def _rgb_folder(root: Path, n_per_class=12, seed=9):
 def test_workers_do_not_change_a_single_byte(tmp_path):
     _rgb_folder(tmp_path / "imgs")
     (tmp_path / "imgs" / "q" / "zz.png").write_bytes(b"broken")
-    args = ["prep", "folder", "--root", tmp_path / "imgs", "--participants", "3", "--skip-bad",
-            "--partition", "dirichlet:0.5", "--seed", "2"]  # fmt: skip
+    args = ["prep", "folder", "--source", tmp_path / "imgs", "--sites", "3", "--skip-bad",
+            "--partition", "dirichlet:0.5", "--seed", "2"]
     run_cli(*args, "--out", tmp_path / "one")
     run_cli(*args, "--workers", "2", "--out", tmp_path / "two")
     assert files(tmp_path / "one") == files(tmp_path / "two")
@@ -580,10 +603,12 @@ def test_an_interrupted_run_leaves_no_partial_shard_and_a_rerun_finishes_it(tmp_
     _rgb_folder(tmp_path / "imgs")
     kwargs = dict(participants=3, partition="iid", seed=0)
     clean = tmp_path / "clean"
-    prepare_record_shards(_folder_source(tmp_path / "imgs", ImageDecoder()), out_dir=clean, **kwargs)
+    prepare_record_shards(_folder_source(tmp_path / "imgs", ImageDecoder()), out_dir=clean,
+                          **kwargs)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):  # 1 probe + site-000 (~9 images) + part of site-001
-        prepare_record_shards(_folder_source(tmp_path / "imgs", FailingDecoder(15)), out_dir=out, **kwargs)
+        prepare_record_shards(_folder_source(tmp_path / "imgs", FailingDecoder(15)), out_dir=out,
+                              **kwargs)
     assert sorted(p.name for p in out.iterdir()) == ["site-000.h5"]  # no partial site-001, no tmp
     (out / ".site-001.h5.dead.tmp").write_bytes(b"left by a killed writer")
     first = (out / "site-000.h5").stat().st_mtime_ns
@@ -594,7 +619,7 @@ def test_an_interrupted_run_leaves_no_partial_shard_and_a_rerun_finishes_it(tmp_
     (out / "manifest.json").unlink()
     with pytest.raises(DataError, match="shard files of another preparation .*--overwrite"):
         prepare_record_shards(_folder_source(tmp_path / "imgs", ImageDecoder()), out_dir=out,
-                              participants=3, partition="iid", seed=1)  # fmt: skip
+                              participants=3, partition="iid", seed=1)
 
 
 def test_decoding_streams_in_bounded_chunks(tmp_path, monkeypatch):
@@ -617,7 +642,7 @@ def test_decoding_streams_in_bounded_chunks(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ShardWriter, "append", append)
     prepare_record_shards(_folder_source(tmp_path / "imgs", Counting()), out_dir=tmp_path / "out",
-                          participants=2, partition="iid", seed=0)  # fmt: skip
+                          participants=2, partition="iid", seed=0)
     assert appended[0] == 80 and max(sizes) == 5
     assert max(lag) <= 5  # never more than one chunk decoded ahead of the writer
 
@@ -628,8 +653,8 @@ def test_decoding_streams_in_bounded_chunks(tmp_path, monkeypatch):
 def test_each_site_stores_its_own_normalization_and_the_manifest_the_global_one(tmp_path):
     _rgb_folder(tmp_path / "imgs")
     out = tmp_path / "out"
-    run_cli("prep", "folder", "--root", tmp_path / "imgs", "--participants", "3", "--partition",
-            "dirichlet:0.3", "--out", out)  # fmt: skip
+    run_cli("prep", "folder", "--source", tmp_path / "imgs", "--sites", "3", "--partition",
+            "dirichlet:0.3", "--out", out)
     manifest = load_manifest(out)
     pooled = []
     for entry in manifest.sites:
@@ -651,18 +676,21 @@ def test_stats_prints_counts_and_skew_and_draws_the_class_distribution(tmp_path)
     assert status == 0
     manifest = load_manifest(out)
     lines = text.splitlines()
-    assert lines[1].split() == ["file", "site", "train", "val", "benign", "malignant", "skew", "mean", "std"]
+    assert lines[1].split() == ["file", "site", "train", "val", "benign", "malignant", "skew",
+                                "mean", "std"]
     for k, (entry, name) in enumerate(zip(manifest.sites, ("north", "south", "west"))):
         cells = lines[2 + k].split()
         counts = np.add(entry.class_counts["train"], entry.class_counts["val"]).tolist()
         assert cells[:6] == [entry.file, name, str(entry.num_samples["train"]),
-                             str(entry.num_samples["val"]), *map(str, counts)]  # fmt: skip
+                             str(entry.num_samples["val"]), *map(str, counts)]
         assert 0.0 <= float(cells[6]) <= 1.0
-    assert lines[-2].split()[:3] == ["test.h5", "(test)", str(manifest.test.class_counts["test"][0])]
+    assert lines[-2].split()[:3] == ["test.h5", "(test)",
+                                     str(manifest.test.class_counts["test"][0])]
     png = out / "class-distribution.png"
     assert f"wrote {png}" in text and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(png).size[0] >= 800
-    assert len(meta) == 48 and verify_shard_set(out) == []  # the chart sits beside the set harmlessly
+    # the chart sits beside the set harmlessly
+    assert len(meta) == 48 and verify_shard_set(out) == []
     status, text = run_cli("prep", "stats", out, "--plot", tmp_path / "chart.png")
     assert (tmp_path / "chart.png").is_file()
 
@@ -675,15 +703,15 @@ def test_manifest_round_trips_class_names_and_skipped(tmp_path):
     data = json.loads((out / "manifest.json").read_text())
     assert data["class_names"] == ["a", "b"]
     assert data["skipped"] == [{"path": str(tmp_path / "imgs" / "a" / "zz.png"),
-                                "reason": data["skipped"][0]["reason"]}]  # fmt: skip
+                                "reason": data["skipped"][0]["reason"]}]
     assert load_manifest(out).to_dict() == data
 
 
 def test_a_transfer_syntax_no_installed_handler_reads_is_a_bad_input_naming_it(tmp_path):
     from pydicom.uid import JPEGLSLossless
 
-    from data_prep.dicom import DicomDecoder
-    from data_prep.records import BadInput
+    from fedsilo.prep.dicom import DicomDecoder
+    from fedsilo.prep.records import BadInput
 
     path = write_dicom(tmp_path / "ls.dcm", np.zeros((8, 8), np.uint16))
     ds = pydicom.dcmread(path)

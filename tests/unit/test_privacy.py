@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 import torchvision
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 from torch import nn
 

@@ -105,7 +105,8 @@ def test_user_level_noise_std_and_shares() -> None:
     weights = {0: 0.2, 1: 0.3, 2: 0.5}
     central = noise_std(noise_multiplier=1.5, clip_norm=2.0, weights=weights)
     share = noise_std(noise_multiplier=1.5, clip_norm=2.0, weights=weights, num_shares=3)
-    assert central == pytest.approx(1.5 * 2.0 * 0.5) and share * math.sqrt(3) == pytest.approx(central)
+    assert (central == pytest.approx(1.5 * 2.0 * 0.5)
+            and share * math.sqrt(3) == pytest.approx(central))
     total = np.zeros(200_000, dtype=np.float32)
     for site in weights:  # three sites' shares, each from its own secret
         part = np.empty_like(total)

@@ -55,7 +55,7 @@ def test_round_trip_is_pixel_exact_with_numpy_stats(tmp_path):
     info = write_shard(
         tmp_path / "s.h5", kind="site", splits={"train": train, "val": val}, num_classes=3,
         attrs={"site": 4, "note": "hello", "dims": [1, 2]},
-    )  # fmt: skip
+    )
     shard = read_shard(tmp_path / "s.h5")
     assert shard.kind == "site" and shard.num_classes == 3 and shard.image_shape == shape
     assert shard.attrs == {"site": 4, "note": "hello", "dims": [1, 2]} and shard.site == 4
@@ -96,7 +96,8 @@ def test_file_layout_matches_the_format(tmp_path):
 
 def test_streaming_appends_equal_one_shot_write(tmp_path):
     images, labels = _data(1000, seed=5)
-    one = write_shard(tmp_path / "one.h5", kind="test", splits={"test": (images, labels)}, num_classes=3)
+    one = write_shard(tmp_path / "one.h5", kind="test", splits={"test": (images, labels)},
+                      num_classes=3)
     with ShardWriter(tmp_path / "many.h5", kind="test", image_shape=SHAPE, num_classes=3) as w:
         for start, stop in [(0, 1), (1, 300), (300, 300), (300, 777), (777, 1000)]:
             w.append("test", images[start:stop], labels[start:stop])
@@ -156,13 +157,18 @@ def test_file_appears_only_on_close(tmp_path):
 @pytest.mark.parametrize(
     ("split", "images", "labels", "message"),
     [
-        ("train", np.zeros((2, 1, 28, 28), np.float32), np.array([0, 1]), "images must be uint8, got float32"),
-        ("train", np.zeros((2, 1, 28, 27), np.uint8), np.array([0, 1]), r"must have shape \(N, 1, 28, 28\), got \(2, 1, 28, 27\)"),
-        ("train", np.zeros((2, 1, 28, 28), np.uint8), np.array([0, 3]), r"label 3 is outside \[0, 3\)"),
-        ("train", np.zeros((2, 1, 28, 28), np.uint8), np.array([0, -1]), r"label -1 is outside \[0, 3\)"),
+        ("train", np.zeros((2, 1, 28, 28), np.float32), np.array([0, 1]),
+         "images must be uint8, got float32"),
+        ("train", np.zeros((2, 1, 28, 27), np.uint8), np.array([0, 1]),
+         r"must have shape \(N, 1, 28, 28\), got \(2, 1, 28, 27\)"),
+        ("train", np.zeros((2, 1, 28, 28), np.uint8), np.array([0, 3]),
+         r"label 3 is outside \[0, 3\)"),
+        ("train", np.zeros((2, 1, 28, 28), np.uint8), np.array([0, -1]),
+         r"label -1 is outside \[0, 3\)"),
         ("train", np.zeros((2, 1, 28, 28), np.uint8), np.array([0.0, 1.0]), "1-D integer"),
         ("train", np.zeros((2, 1, 28, 28), np.uint8), np.array([0, 1, 2]), "2 images but 3 labels"),
-        ("test", np.zeros((2, 1, 28, 28), np.uint8), np.array([0, 1]), r"holds splits \['train', 'val'\], not 'test'"),
+        ("test", np.zeros((2, 1, 28, 28), np.uint8), np.array([0, 1]),
+         r"holds splits \['train', 'val'\], not 'test'"),
     ],
 )
 def test_writer_validates_input(tmp_path, split, images, labels, message):
@@ -177,7 +183,8 @@ def test_writer_rejects_bad_construction(tmp_path):
     with pytest.raises(DataError, match="kind must be one of"):
         ShardWriter(tmp_path / "s.h5", kind="train", image_shape=SHAPE, num_classes=2)
     with pytest.raises(DataError, match="may not override"):
-        ShardWriter(tmp_path / "s.h5", kind="site", image_shape=SHAPE, num_classes=2, attrs={"kind": "x"})
+        ShardWriter(tmp_path / "s.h5", kind="site", image_shape=SHAPE, num_classes=2,
+                    attrs={"kind": "x"})
     with pytest.raises(ShardError, match="cannot create shard file"):
         ShardWriter(tmp_path / "nodir" / "s.h5", kind="site", image_shape=SHAPE, num_classes=2)
 
@@ -186,21 +193,24 @@ def test_writer_rejects_bad_construction(tmp_path):
 
 
 def _raw(path: Path, splits: dict, *, num_classes: int = 3, kind: str = "site", shape=SHAPE,
-         fmt: int = 1) -> Path:  # fmt: skip
+         fmt: int = 1) -> Path:
     """A shard written with h5py directly, so tests can build what the writer refuses."""
     with h5py.File(path, "w") as f:
         f.attrs.update({"fedsilo_format": fmt, "kind": kind, "num_classes": num_classes,
-                        "image_shape": np.array(shape)})  # fmt: skip
+                        "image_shape": np.array(shape)})
         for name, (images, labels) in splits.items():
             g = f.create_group(name)
             g.create_dataset("images", data=images, chunks=(64, *images.shape[1:]),
-                             maxshape=(None, *images.shape[1:]))  # fmt: skip
+                             maxshape=(None, *images.shape[1:]))
             g.create_dataset("labels", data=labels)
-            valid = labels[(labels >= 0) & (labels < num_classes)] if labels.ndim == 1 else labels[:0]
+            valid = (labels[(labels >= 0) & (labels < num_classes)] if labels.ndim == 1
+                     else labels[:0])
             g.attrs.update({
-                "num_samples": len(labels), "class_counts": np.bincount(valid, minlength=num_classes),
-                "pixel_count": [1], "pixel_sum": [0.0], "pixel_sumsq": [0.0], "mean": [0.0], "std": [0.0],
-            })  # fmt: skip
+                "num_samples": len(labels),
+                "class_counts": np.bincount(valid, minlength=num_classes),
+                "pixel_count": [1], "pixel_sum": [0.0], "pixel_sumsq": [0.0],
+                "mean": [0.0], "std": [0.0],
+            })
     return path
 
 
@@ -220,7 +230,7 @@ def _check_fails(path: Path, cause: str, **kwargs) -> None:
 def test_check_accepts_a_good_shard(tmp_path):
     written = _site(tmp_path / "s.h5")
     info = check_shard(tmp_path / "s.h5", kind="site", expected_sha256=written.sha256,
-                       image_shape=SHAPE, num_classes=3)  # fmt: skip
+                       image_shape=SHAPE, num_classes=3)
     assert info.num_samples == written.num_samples and info.class_counts == written.class_counts
     assert info.stats == written.stats and info.sha256 == written.sha256
 
@@ -254,7 +264,7 @@ def test_check_sha_mismatch_names_both_hashes(tmp_path):
 
 def test_check_wrong_format_version(tmp_path):
     _check_fails(_raw(tmp_path / "v.h5", {"train": _good(), "val": _good()}, fmt=2),
-                 "unsupported fedsilo_format 2")  # fmt: skip
+                 "unsupported fedsilo_format 2")
 
 
 def test_check_not_a_fedsilo_file(tmp_path):
@@ -265,7 +275,8 @@ def test_check_not_a_fedsilo_file(tmp_path):
 
 
 def test_check_wrong_kind(tmp_path):
-    _check_fails(_raw(tmp_path / "k.h5", {"test": _good()}, kind="test"), "is a 'test' shard, expected a 'site'")
+    _check_fails(_raw(tmp_path / "k.h5", {"test": _good()}, kind="test"),
+                 "is a 'test' shard, expected a 'site'")
 
 
 def test_check_missing_split_group(tmp_path):
@@ -282,13 +293,14 @@ def test_check_missing_dataset(tmp_path):
 def test_check_length_mismatch(tmp_path):
     images, labels = _good(10)
     _check_fails(_raw(tmp_path / "l.h5", {"train": (images, labels[:7]), "val": _good()}),
-                 "10 images but 7 labels")  # fmt: skip
+                 "10 images but 7 labels")
 
 
 def test_check_image_dtype(tmp_path):
     images, labels = _good()
-    _check_fails(_raw(tmp_path / "i.h5", {"train": (images.astype(np.int16), labels), "val": _good()}),
-                 "dtype int16, expected uint8 or float")  # fmt: skip
+    _check_fails(_raw(tmp_path / "i.h5",
+                      {"train": (images.astype(np.int16), labels), "val": _good()}),
+                 "dtype int16, expected uint8 or float")
 
 
 def _empty_float_split() -> tuple[np.ndarray, np.ndarray]:
@@ -299,39 +311,46 @@ def test_check_nan_and_inf_pixels_in_a_late_block(tmp_path):
     images = np.random.default_rng(0).random((3000, 1, 4, 4)).astype(np.float32)
     labels = np.zeros(3000, dtype=np.int64)
     images[2999, 0, 3, 3] = np.nan  # past the first scanned block
-    path = _raw(tmp_path / "nan.h5", {"train": (images, labels), "val": _empty_float_split()}, shape=(1, 4, 4))
+    path = _raw(tmp_path / "nan.h5", {"train": (images, labels), "val": _empty_float_split()},
+                shape=(1, 4, 4))
     _check_fails(path, "non-finite pixel values")
     images[2999, 0, 3, 3] = np.inf
-    path = _raw(tmp_path / "inf.h5", {"train": (images, labels), "val": _empty_float_split()}, shape=(1, 4, 4))
+    path = _raw(tmp_path / "inf.h5", {"train": (images, labels), "val": _empty_float_split()},
+                shape=(1, 4, 4))
     _check_fails(path, "non-finite pixel values")
 
 
 def test_check_accepts_finite_float_images(tmp_path):
     images = np.random.default_rng(0).random((20, 1, 4, 4)).astype(np.float32)
-    path = _raw(tmp_path / "f.h5", {"train": (images, np.zeros(20, np.int64)), "val": _empty_float_split()}, shape=(1, 4, 4))
+    path = _raw(tmp_path / "f.h5",
+                {"train": (images, np.zeros(20, np.int64)), "val": _empty_float_split()},
+                shape=(1, 4, 4))
     assert check_shard(path, kind="site").num_samples == {"train": 20, "val": 0}
 
 
 def test_check_image_shape_differs(tmp_path):
     _site(tmp_path / "s.h5")
-    _check_fails(tmp_path / "s.h5", "image shape is 1x28x28 but 3x28x28 was expected", image_shape=(3, 28, 28))
+    _check_fails(tmp_path / "s.h5", "image shape is 1x28x28 but 3x28x28 was expected",
+                 image_shape=(3, 28, 28))
 
 
 def test_check_class_count_differs(tmp_path):
     _site(tmp_path / "s.h5")
-    _check_fails(tmp_path / "s.h5", "num_classes is 3 in the file but 2 was expected", num_classes=2)
+    _check_fails(tmp_path / "s.h5", "num_classes is 3 in the file but 2 was expected",
+                 num_classes=2)
 
 
 def test_check_labels_out_of_range(tmp_path):
     images, labels = _good(500)
     labels[450] = 7
     _check_fails(_raw(tmp_path / "r.h5", {"train": (images, labels), "val": _good()}),
-                 "labels out of range [0, 3): found 7")  # fmt: skip
+                 "labels out of range [0, 3): found 7")
 
 
 def test_check_empty_train_split(tmp_path):
     empty = (np.zeros((0, *SHAPE), np.uint8), np.zeros(0, np.int64))
-    _check_fails(_raw(tmp_path / "e.h5", {"train": empty, "val": _good()}), "training split is empty")
+    _check_fails(_raw(tmp_path / "e.h5", {"train": empty, "val": _good()}),
+                 "training split is empty")
 
 
 def test_check_class_counts_attribute_must_match_labels(tmp_path):
@@ -345,9 +364,12 @@ def test_check_class_counts_attribute_must_match_labels(tmp_path):
 
 
 def _shard_set(directory: Path, num_sites: int = 2) -> Manifest:
-    sites = [_site(directory / f"site-{k:03d}.h5", seed=k, attrs={"site": k}) for k in range(num_sites)]
-    test = write_shard(directory / "test.h5", kind="test", splits={"test": _data(60, seed=99)}, num_classes=3)
-    manifest = build_manifest(sites=sites, test=test, source={"kind": "unit"}, partition="iid", seed=0)
+    sites = [_site(directory / f"site-{k:03d}.h5", seed=k, attrs={"site": k})
+             for k in range(num_sites)]
+    test = write_shard(directory / "test.h5", kind="test", splits={"test": _data(60, seed=99)},
+                       num_classes=3)
+    manifest = build_manifest(sites=sites, test=test, source={"kind": "unit"}, partition="iid",
+                              seed=0)
     write_manifest(directory, manifest)
     return manifest
 
@@ -361,15 +383,17 @@ def test_manifest_round_trip_and_global_normalization(tmp_path):
     assert loaded.test_path(tmp_path) == tmp_path / "test.h5"
     assert loaded.total_samples("train") == 600
     everything = np.concatenate([read_shard(tmp_path / f"site-{k:03d}.h5").splits["train"].images
-                                 for k in range(2)]) / 255.0  # fmt: skip
+                                 for k in range(2)]) / 255.0
     np.testing.assert_allclose(loaded.normalization_mean, [everything.mean()], rtol=1e-12)
     np.testing.assert_allclose(loaded.normalization_std, [everything.std()], rtol=1e-10)
     raw = json.loads((tmp_path / "manifest.json").read_text())
     assert raw["format"] == "fedsilo-shards" and raw["format_version"] == 1
     assert raw["sites"][0]["num_samples"] == {"train": 300, "val": 40}
     assert list(raw) == ["format", "format_version", "created_by", "source", "partition", "seed",
-                         "num_sites", "num_classes", "image_shape", "normalization", "sites", "test"]  # fmt: skip
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "site-000.h5", "site-001.h5", "test.h5"]
+                         "num_sites", "num_classes", "image_shape", "normalization", "sites",
+                         "test"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "site-000.h5",
+                                                          "site-001.h5", "test.h5"]
 
 
 @pytest.mark.parametrize(
@@ -380,8 +404,10 @@ def test_manifest_round_trip_and_global_normalization(tmp_path):
         (lambda m: m.update(num_sites=5), "'num_sites' is 5 but 'sites' lists 2"),
         (lambda m: m.pop("seed"), "missing 'seed'"),
         (lambda m: m["sites"][0].update(sha256="xyz"), "'sites[0].sha256' must be 64"),
-        (lambda m: m["sites"][1].update(file="../escape.h5"), "'sites[1].file' must be a plain file name"),
-        (lambda m: m["test"]["class_counts"].update(test=[1, 2, 3]), "sums to 6, not num_samples 60"),
+        (lambda m: m["sites"][1].update(file="../escape.h5"),
+         "'sites[1].file' must be a plain file name"),
+        (lambda m: m["test"]["class_counts"].update(test=[1, 2, 3]),
+         "sums to 6, not num_samples 60"),
         (lambda m: m["normalization"].update(mean=[0.1, 0.2]), "must hold 1 numbers"),
         (lambda m: m.update(image_shape=[1, 28]), "'image_shape' must be [C, H, W]"),
     ],
@@ -427,7 +453,8 @@ def test_verify_reports_missing_file_and_count_mismatch(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     problems = verify_shard_set(tmp_path)
     assert any("site-001.h5" in p and "not found" in p for p in problems), problems
-    assert any("site-002.h5 [train]: 300 samples in the file, 301 in the manifest" in p for p in problems)
+    assert any("site-002.h5 [train]: 300 samples in the file, 301 in the manifest" in p
+               for p in problems)
     assert not any("site-000.h5" in p for p in problems)
 
 
@@ -459,7 +486,8 @@ def test_compression_threads_change_no_byte_and_chunks_are_plain_zlib(tmp_path):
     paths = []
     for threads in (1, 3):
         path = tmp_path / f"t{threads}.h5"
-        with ShardWriter(path, kind="test", image_shape=(3, 20, 24), num_classes=3, threads=threads) as w:
+        with ShardWriter(path, kind="test", image_shape=(3, 20, 24), num_classes=3,
+                         threads=threads) as w:
             for images, labels in batches:
                 w.append("test", images, labels)
         paths.append(path)
@@ -479,7 +507,8 @@ def test_compression_threads_change_no_byte_and_chunks_are_plain_zlib(tmp_path):
             part = images[info.chunk_offset[0] : info.chunk_offset[0] + chunk_n]
             block[: len(part)] = part
             assert info.filter_mask == 0
-            assert ds.id.read_direct_chunk(info.chunk_offset)[1] == zlib.compress(block.tobytes(), 4)
+            assert (ds.id.read_direct_chunk(info.chunk_offset)[1]
+                    == zlib.compress(block.tobytes(), 4))
 
 
 def test_run_directory_removes_the_temporaries_a_crash_left(tmp_path):

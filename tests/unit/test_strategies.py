@@ -432,8 +432,8 @@ def test_load_state_dict_refuses_a_mismatched_checkpoint():
     ("fedavg", {"server_lr": float("inf")}, "'strategy.server_lr'"),
     ("fedadagrad", {"beta2": 0.9}, "unknown config key 'strategy.beta2' for strategy 'fedadagrad'"),
     ("median", {"trim": 0.1}, "unknown config key 'strategy.trim'"),
-    ("fedavgm", {"momentum": "high"}, "'strategy.momentum' must be a number, got 'high'"),
-    ("fedprox", {"mu": True}, "'strategy.mu' must be a number, got True"),
+    ("fedavgm", {"momentum": "high"}, "'strategy.momentum' must be a number, got str 'high'"),
+    ("fedprox", {"mu": True}, "'strategy.mu' must be a number, got bool True"),
 ])
 def test_invalid_options_name_the_key(name, options, message):
     with pytest.raises(ConfigError, match=message):

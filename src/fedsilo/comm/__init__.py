@@ -6,7 +6,7 @@ metadata through the pickling lowercase ones, and :func:`run_guarded` turns an u
 exception on any rank into ``MPI_Abort`` so that no rank waits forever.
 """
 
-from fedsilo.comm.world import AGGREGATOR, COORDINATOR, World
 from fedsilo.comm.guard import run_guarded
+from fedsilo.comm.world import AGGREGATOR, COORDINATOR, World
 
 __all__ = ["AGGREGATOR", "COORDINATOR", "World", "run_guarded"]

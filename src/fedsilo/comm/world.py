@@ -171,7 +171,7 @@ class World:
                 time.sleep(self.poll_s)
             buffer = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
             self.comm.Recv([buffer, MPI.BYTE], source=status.Get_source(), tag=_TAG_TREE)
-            incoming = codec.from_bytes(memoryview(buffer))
+            incoming = codec.from_bytes(buffer.data)
             del buffer
             total = incoming if total is None else codec.add_into(total, incoming)
         return total
@@ -256,7 +256,7 @@ class World:
         report = None if error is None else (type(error).__name__, str(error), error.exit_code)
         gathered = self.comm.gather((payload, report), root=COORDINATOR)
         message = None
-        if self.is_coordinator:
+        if gathered is not None:  # the coordinator
             failures = [(rank, r) for rank, (_, r) in enumerate(gathered) if r is not None]
             summary = None if failures or summarize is None \
                 else summarize([p for p, _ in gathered])
@@ -265,9 +265,10 @@ class World:
         if failures:
             raise AgreedError(_describe_failures(stage, failures, self.size),
                               exit_code=failures[0][1][2])
-        return ([p for p, _ in gathered] if self.is_coordinator else None), summary
+        return ([p for p, _ in gathered] if gathered is not None else None), summary
 
-    def agree_from_coordinator(self, payload: Any, error: FedsiloError | None, *, stage: str) -> Any:
+    def agree_from_coordinator(self, payload: Any, error: FedsiloError | None, *,
+                               stage: str) -> Any:
         """Broadcast the coordinator's ``payload``, or its error to be raised on every rank."""
         report = None if error is None else (type(error).__name__, str(error), error.exit_code)
         payload, report = self.comm.bcast((payload, report) if self.is_coordinator else None,
@@ -276,9 +277,6 @@ class World:
             raise AgreedError(_describe_failures(stage, [(COORDINATOR, report)], self.size),
                               exit_code=report[2])
         return payload
-
-    def abort(self, code: int = 1) -> None:
-        self.comm.Abort(code)
 
 
 def _describe_failures(stage: str, failures: Sequence[tuple[int, tuple]], size: int) -> str:

@@ -70,7 +70,8 @@ def make_context(params: CKKSParams, *, num_threads: int = 1) -> Any:
     return context
 
 
-def generate_keys(out_dir: str | Path, params: CKKSParams, *, num_participants: int) -> dict[str, Path]:
+def generate_keys(out_dir: str | Path, params: CKKSParams, *,
+                  num_participants: int) -> dict[str, Path]:
     """Write a new key set into ``out_dir``; refuses to overwrite an existing one."""
     validate(params, num_participants=num_participants)
     out = Path(out_dir)
@@ -157,8 +158,9 @@ def _context_params(context: Any, *, scale: float) -> CKKSParams:
     data_bits = int(seal.first_context_data().total_coeff_modulus_bit_count())
     if key_bits != 2 * data_bits:  # not the [q, q] chain fedsilo writes
         data_bits = -data_bits
-    return CKKSParams(poly_modulus_degree=int(seal.key_context_data().parms().poly_modulus_degree()),
-                      data_bits=data_bits, scale_bits=int(round(np.log2(scale))))
+    return CKKSParams(
+        poly_modulus_degree=int(seal.key_context_data().parms().poly_modulus_degree()),
+        data_bits=data_bits, scale_bits=int(round(np.log2(scale))))
 
 
 @contextlib.contextmanager

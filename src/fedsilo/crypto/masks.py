@@ -58,6 +58,7 @@ import functools
 import hashlib
 import math
 from fractions import Fraction
+from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -151,7 +152,7 @@ def check_headroom(max_abs: float, *, frac_bits: int, num_terms: int) -> None:
     Traceback (most recent call last):
     ...
     fedsilo.errors.UpdateError: an update value of magnitude 1e+08 is too large for fixed-point secure aggregation: with aggregation.frac_bits=32 and 16 terms every |value| must stay under 6.711e+07 (2^62 / num_terms / 2^frac_bits, one bit of margin below the int64 sign); lower train.lr or aggregation.frac_bits
-    """
+    """  # noqa: E501
     _check_frac_bits(frac_bits)
     if not _is_int(num_terms, low=1):
         raise UpdateError(f"check_headroom needs num_terms >= 1; got {num_terms!r}")
@@ -280,7 +281,7 @@ def _keystream(key: bytes, nonce: bytes, *, buffer: np.ndarray,
     zeros = memoryview(_zeros(8 * chunk))
     for start in range(0, size, chunk):
         view = buffer[:min(chunk, size - start)]
-        encryptor.update_into(zeros[:8 * view.size], memoryview(view).cast("B"))
+        encryptor.update_into(zeros[:8 * view.size], view.data.cast("B"))
         yield start, view
 
 
@@ -360,3 +361,32 @@ def _describe(value: object) -> str:
                 f"{'' if value.flags.c_contiguous else ', not contiguous'}"
                 f"{'' if value.flags.writeable else ', read-only'}")
     return type(value).__name__
+
+
+class SiteIdentities:
+    """A participant rank's identity material for masking: every site's public key (from
+    ``public.json``), the private keys of its own ``sites``, and the pairwise keys derived
+    from them on first use.  Refuses a list that misses a site of the federation."""
+
+    def __init__(self, key_dir: str | Path, *, sites: Sequence[int], num_sites: int) -> None:
+        from fedsilo.crypto.identity import PUBLIC_FILE, load_identity, load_public_keys
+        key_dir = Path(key_dir)
+        self.public_keys = load_public_keys(key_dir)
+        missing = sorted(set(range(num_sites)) - set(self.public_keys))
+        if missing:
+            raise KeyFileError(f"{key_dir / PUBLIC_FILE} lists no identity key for site(s) "
+                               f"{missing} of the shard set; issue keys for all {num_sites} "
+                               f"sites with 'fedsilo keys --identity --sites {num_sites} "
+                               f"--out DIR'")
+        self.own = {site: load_identity(key_dir, site, public_keys=self.public_keys)
+                    for site in sites}
+        #: the sha256 of the public key list read: every rank must have read the same
+        self.digest = hashlib.sha256((key_dir / PUBLIC_FILE).read_bytes()).hexdigest()
+        self._pairs: dict[tuple[int, int], bytes] = {}
+
+    def pair_key(self, site: int, peer: int) -> bytes:
+        """The mask key of own ``site`` with ``peer`` (derived once, then kept)."""
+        if (site, peer) not in self._pairs:
+            self._pairs[site, peer] = pair_key(self.own[site], self.public_keys[peer],
+                                               own_site=site, peer_site=peer)
+        return self._pairs[site, peer]

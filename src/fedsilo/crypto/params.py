@@ -32,7 +32,7 @@ magnitude (beyond that the value wraps modulo q and decrypts to garbage).
 Traceback (most recent call last):
 ...
 fedsilo.errors.KeyFileError: insecure CKKS parameters: poly_modulus_degree 4096 allows at most 109 bits of coefficient modulus for 128-bit security (HE standard 2018), but [60, 60] has 120; lower data_bits to 54 or raise poly_modulus_degree
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -81,7 +81,8 @@ class CKKSParams:
     def error_bound(self, num_participants: int) -> float:
         """E(P): bound on the absolute error of one value of a sum of P ciphertexts."""
         n = self.poly_modulus_degree
-        return 7.0 * math.sqrt(num_participants * n * (SIGMA ** 2 + 1 / 12)) / 2.0 ** self.scale_bits
+        return (7.0 * math.sqrt(num_participants * n * (SIGMA ** 2 + 1 / 12))
+                / 2.0 ** self.scale_bits)
 
     def max_participants(self) -> int:
         """Most participants for which E(P) <= REQUIRED_ERROR."""
@@ -95,7 +96,8 @@ class CKKSParams:
     def from_dict(cls, data: Mapping[str, Any]) -> "CKKSParams":
         known = {"poly_modulus_degree", "data_bits", "scale_bits"}
         if set(data) - known or not all(isinstance(data.get(k), int) for k in known):
-            raise KeyFileError(f"CKKS parameters must be integers {sorted(known)}; got {dict(data)}")
+            raise KeyFileError(f"CKKS parameters must be integers {sorted(known)}; "
+                               f"got {dict(data)}")
         return cls(**{k: data[k] for k in known})
 
 
@@ -138,7 +140,12 @@ def key_mismatch(summaries: Sequence[Mapping[str, Any] | None]) -> str | None:
 
     Every rank calls this on the same gathered list, so every rank reaches the same verdict.
     """
-    coordinator, participants = summaries[0], list(enumerate(summaries))[1:]
+    missing = [rank for rank, s in enumerate(summaries) if s is None]
+    if missing:
+        return f"ranks {missing} hold no encryption key (he.keys)"
+    coordinator = summaries[0]
+    participants = [(rank, s) for rank, s in enumerate(summaries) if rank and s is not None]
+    assert coordinator is not None
     fingerprints = {s["fingerprint"] for _, s in participants}
     if len(fingerprints) > 1:
         groups: dict[str, list[int]] = {}

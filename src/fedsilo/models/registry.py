@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from fedsilo.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ModelFactory(Protocol):
     def __call__(self, *, in_channels: int, num_classes: int, image_size: tuple[int, int],
-                 norm_groups: int) -> "torch.nn.Module": ...  # noqa: F821
+                 norm_groups: int) -> torch.nn.Module: ...
 
 
 MODELS: Registry[Callable[..., object]] = Registry("model")

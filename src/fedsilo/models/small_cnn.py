@@ -18,7 +18,8 @@ class SmallCNN(nn.Module):
         )
         height, width = (image_size[0] // 4, image_size[1] // 4)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * height * width, 128), nn.ReLU(), nn.Linear(128, num_classes),
+            nn.Flatten(), nn.Linear(64 * height * width, 128), nn.ReLU(),
+            nn.Linear(128, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

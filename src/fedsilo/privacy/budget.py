@@ -32,6 +32,7 @@ def plan_budget(*, num_samples: int, batch_size: int, epochs: int, rounds: int, 
     q, per_round, total = plan_steps(num_samples=num_samples, batch_size=batch_size,
                                      epochs=epochs, max_steps=max_steps, rounds=rounds)
     if noise_multiplier is None:
+        assert target_epsilon is not None, "_check_arguments asks for one of the two"
         noise_multiplier = noise_multiplier_for(target_epsilon=target_epsilon, delta=delta,
                                                 sample_rate=q, num_steps=total,
                                                 mechanism=accountant)

@@ -32,8 +32,12 @@ from torch import nn
 from fedsilo.config import SiteDP, TrainConfig
 from fedsilo.errors import ModelError, PrivacyBudgetError
 from fedsilo.privacy import ghost
-from fedsilo.privacy.accounting import (PrivacyAccountant, noise_multiplier_for,
-                                        noise_multiplier_for_remaining, plan_steps)
+from fedsilo.privacy.accounting import (
+    PrivacyAccountant,
+    noise_multiplier_for,
+    noise_multiplier_for_remaining,
+    plan_steps,
+)
 from fedsilo.privacy.secret import Purpose, SecretStream
 from fedsilo.privacy.validate import check_model, check_trainable
 
@@ -59,6 +63,7 @@ class ParticipantPrivacy:
         if settings.noise_multiplier is not None:
             self.noise_multiplier = settings.noise_multiplier
         else:
+            assert settings.target_epsilon is not None, "config: a budget or a sigma"
             self.noise_multiplier = noise_multiplier_for(
                 target_epsilon=settings.target_epsilon, delta=settings.delta,
                 sample_rate=self.sample_rate, num_steps=planned, mechanism=mechanism)
@@ -67,6 +72,9 @@ class ParticipantPrivacy:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._noise: np.ndarray | None = None  # host buffer for one parameter's noise
         self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        self.mode: str
+        self.clipper: Any
+        self.module: Any
         if shared is not None:
             # another site on this rank trains the same model object: share its per-sample
             # machinery (hooks are attached once per model, never stacked)
@@ -78,7 +86,8 @@ class ParticipantPrivacy:
         elif mode in ("auto", "mixed"):
             if not ghost.supports(model):
                 raise ModelError(f"model {model_name!r} has layers that dp.grad_sample_mode=mixed "
-                                 f"does not cover (it handles {', '.join(t.__name__ for t in ghost.SUPPORTED)}); "
+                                 f"does not cover (it handles "
+                                 f"{', '.join(t.__name__ for t in ghost.SUPPORTED)}); "
                                  f"use dp.grad_sample_mode=hooks or auto")
             try:  # weight sharing shows only when the model runs: one forward pass on 2 samples
                 self.clipper = ghost.clipper_for(model, sample=sample[:2])

@@ -15,11 +15,11 @@ to its output (no weight gradients are formed).  From those, each sample's gradi
 The clipped sum Σ_i c_i g_i, c_i = min(1, C/‖g_i‖), is then formed from the same a and b
 without a second backward pass ("book-keeping", Bu, Wang, Zha & Karypis, ICML 2023): for
 a Linear layer (c ⊙ b)ᵀ a, for a convolution the same over the unfolded positions (or the
-per-sample gradients already formed for the norm, contracted with c).  Models with another parametrized
-layer type are not supported here (the engine uses Opacus's hooks for them), nor are models that
-share weights (a layer run twice in one forward pass, or one parameter in two layers): the
-formulas above take one input and one output gradient per parameter, and would silently give the
-wrong norms and sums.  Those raise :class:`SharedLayerError`.
+per-sample gradients already formed for the norm, contracted with c).  Models with another
+parametrized layer type are not supported here (the engine uses Opacus's hooks for them), nor
+are models that share weights (a layer run twice in one forward pass, or one parameter in two
+layers): the formulas above take one input and one output gradient per parameter, and would
+silently give the wrong norms and sums.  Those raise :class:`SharedLayerError`.
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ class GhostClipper:
                     f"torch.no_grad() or drop it")
 
     def _forget(self) -> None:
-        self.inputs.clear(), self.outputs.clear(), self.versions.clear(), self.runs.clear()
+        for store in (self.inputs, self.outputs, self.versions, self.runs):
+            store.clear()
 
     def remove(self) -> None:
         for handle in self.handles:

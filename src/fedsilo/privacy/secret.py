@@ -67,8 +67,8 @@ def new_secret() -> bytes:
 def check_secret(secret: bytes) -> bytes:
     """``secret`` if it has the right type and length, else ValueError."""
     if not isinstance(secret, (bytes, bytearray)) or len(secret) != SECRET_BYTES:
-        raise ValueError(f"a privacy secret is {SECRET_BYTES} bytes, got "
-                         f"{len(secret) if isinstance(secret, (bytes, bytearray)) else type(secret).__name__}")
+        got = len(secret) if isinstance(secret, (bytes, bytearray)) else type(secret).__name__
+        raise ValueError(f"a privacy secret is {SECRET_BYTES} bytes, got {got}")
     return bytes(secret)
 
 
@@ -91,7 +91,7 @@ class SecretStream:
         if self._zeros.size < nbytes:
             self._zeros = np.zeros(nbytes, dtype=np.uint8)
         out = np.empty(nbytes, dtype=np.uint8)
-        self._encryptor.update_into(memoryview(self._zeros[:nbytes]), memoryview(out))
+        self._encryptor.update_into(self._zeros[:nbytes].data, out.data)
         return out.view("<u8")
 
     def bernoulli(self, count: int, probability: float) -> np.ndarray:

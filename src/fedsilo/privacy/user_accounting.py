@@ -63,7 +63,8 @@ class UserAccounting:
 
     def epsilon(self, *, delta: float) -> dict[str, dict[int, float | None]]:
         """ε per site against each party (``None``: no guarantee against that party)."""
-        released = {k: acc.epsilon(delta=delta) for k, acc in sorted(self.released.items())}
+        released: dict[int, float | None] = {k: acc.epsilon(delta=delta)
+                                             for k, acc in sorted(self.released.items())}
         if self.noise == "central":
             coordinator: dict[int, float | None] = {k: None for k in released}
         else:

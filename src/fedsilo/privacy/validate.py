@@ -46,7 +46,7 @@ def check_model(model: nn.Module, *, name: str) -> None:
     Traceback (most recent call last):
     ...
     fedsilo.errors.ModelError: model 'demo' cannot be trained with DP-SGD: layer '1' (BatchNorm2d): BatchNorm mixes the samples of a batch; use GroupNorm
-    """
+    """  # noqa: E501
     problems = static_problems(model)
     if problems:
         raise ModelError(f"model {name!r} cannot be trained with DP-SGD: " + "; ".join(problems))

@@ -60,7 +60,7 @@ def check_shard(
             return _check_open(
                 f, path, digest, kind=kind, image_shape=image_shape,
                 num_classes=num_classes, required_splits=required_splits,
-            )  # fmt: skip
+            )
         except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise ShardError(f"{path}: corrupt shard, reading failed: {exc}") from exc
 
@@ -95,7 +95,11 @@ def _check_open(
         raise ShardError(
             f"{path}: num_classes is {file_classes} in the file but {num_classes} was expected"
         )
-    file_shape = tuple(int(v) for v in np.asarray(attrs["image_shape"]).ravel())
+    dims = tuple(int(v) for v in np.asarray(attrs["image_shape"]).ravel())
+    if len(dims) != 3 or min(dims) < 1:
+        raise ShardError(f"{path}: image_shape attribute is {list(dims)}, not [C, H, W] of "
+                         f"positive sizes; the file is not a fedsilo shard")
+    file_shape = (dims[0], dims[1], dims[2])
     if image_shape is not None and file_shape != tuple(int(v) for v in image_shape):
         raise ShardError(
             f"{path}: image shape is {_fmt_shape(file_shape)} but "
@@ -115,7 +119,7 @@ def _check_open(
     return ShardInfo(
         path=path, sha256=digest, kind=kind, num_classes=file_classes,
         image_shape=file_shape, num_samples=num_samples, class_counts=class_counts, stats=stats,
-    )  # fmt: skip
+    )
 
 
 def _check_split(

@@ -107,7 +107,7 @@ class Shard:
 
 class _SplitState:
     def __init__(self, group: h5py.Group, image_shape: tuple[int, int, int], num_classes: int,
-                 compressor: "_Compressor") -> None:  # fmt: skip
+                 compressor: "_Compressor") -> None:
         image_bytes = int(np.prod(image_shape))
         chunk_n = max(1, min(CHUNK_IMAGES, _CHUNK_BYTES // image_bytes))
         self.chunk_n = chunk_n
@@ -121,11 +121,11 @@ class _SplitState:
             "images", shape=(0, *image_shape), maxshape=(None, *image_shape),
             chunks=(chunk_n, *image_shape), dtype=np.uint8, compression="gzip",
             compression_opts=_GZIP_LEVEL, shuffle=True, track_times=False,
-        )  # fmt: skip
+        )
         self.labels = group.create_dataset(
             "labels", shape=(0,), maxshape=(None,), chunks=(_LABEL_CHUNK,), dtype=np.int64,
             compression="gzip", compression_opts=_GZIP_LEVEL, shuffle=True, track_times=False,
-        )  # fmt: skip
+        )
         self.count = 0
         self.class_counts = np.zeros(num_classes, dtype=np.int64)
         self.stats = RunningStats(image_shape[0])
@@ -203,7 +203,7 @@ class _Compressor:
 
 
 def _deflate(block: np.ndarray) -> bytes:
-    return zlib.compress(memoryview(np.ascontiguousarray(block)).cast("B"), _GZIP_LEVEL)
+    return zlib.compress(np.ascontiguousarray(block).data.cast("B"), _GZIP_LEVEL)
 
 
 class ShardWriter:
@@ -242,7 +242,7 @@ class ShardWriter:
             raise DataError(f"shard attrs may not override format attributes {clash}")
         self.path = Path(path)
         self.kind = kind
-        self.image_shape: tuple[int, int, int] = shape  # type: ignore[assignment]
+        self.image_shape: tuple[int, int, int] = (shape[0], shape[1], shape[2])
         self.num_classes = int(num_classes)
         self._compressor = _Compressor(threads)
         self._tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")

@@ -251,7 +251,7 @@ def _parse(data: Any, where: str) -> Manifest:
             isinstance(item, dict) and isinstance(item.get("path"), str)
             and isinstance(item.get("reason"), str) for item in skipped
         )
-    ):  # fmt: skip
+    ):
         raise fail("'skipped' must be a list of {\"path\": ..., \"reason\": ...} objects")
     return Manifest(
         num_sites=num_sites,

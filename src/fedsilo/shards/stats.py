@@ -52,7 +52,8 @@ def combine(stats: Iterable[PixelStats]) -> PixelStats:
     total = np.sum([s.pixel_sum for s in items], axis=0, dtype=np.float64)
     sumsq = np.sum([s.pixel_sumsq for s in items], axis=0, dtype=np.float64)
     return PixelStats(
-        tuple(int(v) for v in count), tuple(float(v) for v in total), tuple(float(v) for v in sumsq)
+        tuple(int(v) for v in np.atleast_1d(count)), tuple(float(v) for v in np.atleast_1d(total)),
+        tuple(float(v) for v in np.atleast_1d(sumsq))
     )
 
 

@@ -1,14 +1,13 @@
 """Server strategies, by name.  Aggregation maths lives in :mod:`fedsilo.aggregate`."""
 
+# each module registers its strategies
+from fedsilo.strategies import fedavg as _fedavg  # noqa: F401
+from fedsilo.strategies import fedavgm as _fedavgm  # noqa: F401
+from fedsilo.strategies import fedopt as _fedopt  # noqa: F401
+from fedsilo.strategies import fedprox as _fedprox  # noqa: F401
+from fedsilo.strategies import robust as _robust  # noqa: F401
+from fedsilo.strategies import scaffold as _scaffold  # noqa: F401
 from fedsilo.strategies.base import STRATEGIES, Strategy
-from fedsilo.strategies import (  # noqa: F401  (each module registers its strategies)
-    fedavg as _fedavg,
-    fedavgm as _fedavgm,
-    fedopt as _fedopt,
-    fedprox as _fedprox,
-    robust as _robust,
-    scaffold as _scaffold,
-)
 
 __all__ = ["STRATEGIES", "Strategy", "build_strategy"]
 

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from fedsilo.aggregate import fedavg_weights, weighted_mean
+from fedsilo.config import coerce_value
 from fedsilo.errors import CheckpointError, ConfigError
 from fedsilo.registry import Registry
 
@@ -74,9 +76,11 @@ class Strategy:
     def validate_options(cls, options: Mapping[str, Any]) -> Any:
         """The options as ``cls.Options``: unknown keys and wrong types fail by key name.
 
-        Float fields accept ints (coerced); int fields accept ints and integral floats.
+        Values go through the config's coercion (:func:`fedsilo.config.coerce_value`), so
+        float fields accept ints and ``"1e-3"``, int fields accept integral floats.
         """
         fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+        hints = typing.get_type_hints(cls.Options)
         values = {}
         for key, value in options.items():
             if key not in fields:
@@ -84,7 +88,7 @@ class Strategy:
                 raise ConfigError(
                     f"unknown config key 'strategy.{key}' for strategy {cls.name!r}; known: {known}"
                 )
-            values[key] = _coerce(fields[key].type, value, key)
+            values[key] = coerce_value(hints[key], value, f"strategy.{key}")
         return cls.Options(**values)
 
     @property
@@ -166,19 +170,6 @@ class Strategy:
             raise ValueError(f"strategy {self.name!r} was set up for {self.num_params} "
                              f"parameters, got weights of shape {weights.shape}")
         return self._state
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    if hint in ("float", float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key 'strategy.{key}' must be a number, got {value!r}")
-        return float(value)
-    if hint in ("int", int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key 'strategy.{key}' must be an integer, got {value!r}")
-    return value
 
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")

@@ -28,8 +28,13 @@ from typing import Any
 import numpy as np
 
 from fedsilo.aggregate import AdaptiveRule, adaptive_server_step
-from fedsilo.strategies.base import (STRATEGIES, Strategy, check_option, check_server_lr,
-                                     check_unit_interval)
+from fedsilo.strategies.base import (
+    STRATEGIES,
+    Strategy,
+    check_option,
+    check_server_lr,
+    check_unit_interval,
+)
 
 
 def _check_tau(tau: float) -> None:

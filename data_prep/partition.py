@@ -17,7 +17,7 @@ Partitioners are chosen by a spec string, ``NAME`` or ``NAME:PARAM``:
   the sites that own it.
 * ``natural:COLUMN`` -- one site per distinct value of a column of the data (the
   hospital an image came from).  Labels alone do not carry it, so :func:`partition`
-  refuses it; :func:`fedsilo.grouping.natural_partition` does the work.
+  refuses it; :func:`fedsilo.prep.grouping.natural_partition` does the work.
 
 >>> parts = partition("iid", np.array([0, 1, 0, 1, 1]), 2, seed=0)
 >>> sorted(np.concatenate(parts).tolist())
@@ -316,11 +316,12 @@ def _classes(param: str | None, *, spec: str) -> Draw:
 
 @PARTITIONERS.register("natural")
 def _natural(param: str | None, *, spec: str) -> Draw:
-    # The sites come from a column of the data (see fedsilo.grouping.natural_partition),
+    # The sites come from a column of the data (see fedsilo.prep.grouping.natural_partition),
     # which labels alone do not carry; registered here so that the spec parses and
     # unknown-name errors list it.
     if param is None or not param.strip():
-        raise ConfigError(f"bad partition spec {spec!r}: expected natural:COLUMN, e.g. natural:hospital")
+        raise ConfigError(f"bad partition spec {spec!r}: expected natural:COLUMN, "
+                          f"e.g. natural:hospital")
 
     def draw(labels: np.ndarray, num_sites: int, rng: np.random.Generator) -> list[np.ndarray]:
         raise ConfigError(

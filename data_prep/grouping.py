@@ -7,9 +7,9 @@ patient rather than generalization (record-wise versus subject-wise splitting: S
 al., "The need to approximate the use-case in clinical machine learning", GigaScience
 6(5), 2017).  Here a group is the unit: each group gets one representative label (its
 most frequent, the smallest on ties), the ordinary stratified hold-out and partitioners
-of :mod:`fedsilo.partition` run over the groups, and every sample follows its group.
+of :mod:`fedsilo.prep.partition` run over the groups, and every sample follows its group.
 Without groups every sample is its own group and the results are exactly those of
-:mod:`fedsilo.partition`.
+:mod:`fedsilo.prep.partition`.
 
 A *natural* partition takes the sites from the data itself, one site per distinct value
 of a column (the hospital an image came from), as in cross-silo benchmarks such as
@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedsilo.errors import ConfigError
-from fedsilo.partition import partition, stratified_holdout
+from fedsilo.prep.partition import partition, stratified_holdout
 
 
 def group_codes(groups: np.ndarray) -> tuple[np.ndarray, int]:
@@ -81,7 +81,7 @@ def group_partition(
     seed: int,
     min_size: int = 1,
 ) -> list[np.ndarray]:
-    """:func:`fedsilo.partition.partition` with every group kept on one site.
+    """:func:`fedsilo.prep.partition.partition` with every group kept on one site.
 
     With groups, ``num_sites`` and ``min_size`` count groups, not samples.
     """
@@ -91,14 +91,15 @@ def group_partition(
     try:
         parts = partition(spec, rep, num_sites, seed=seed, min_size=min_size)
     except ConfigError as exc:
-        raise ConfigError(f"{exc} (samples are grouped by patient here: {len(rep)} groups)") from None
+        raise ConfigError(f"{exc} (samples are grouped by patient here: "
+                          f"{len(rep)} groups)") from None
     return expand(codes, parts)
 
 
 def group_holdout(
     labels: np.ndarray, groups: np.ndarray | None, fraction: float, *, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`fedsilo.partition.stratified_holdout` with every group on one side.
+    """:func:`fedsilo.prep.partition.stratified_holdout` with every group on one side.
 
     With groups, ``fraction`` is the fraction of groups held out, stratified by their
     representative labels; the fraction of samples follows the groups' sizes.

@@ -1,0 +1,351 @@
+"""The coordinator (MPI rank 0): plans each round, turns the transport's sum into the new
+global model, evaluates it on the test shard and records the round.
+
+One round on the coordinator reads::
+
+    plan  ->  (reports)  ->  outcome  ->  Aggregate from the transport
+    ->  weighted mean update (aggregate.py)  ->  server step (strategy)  ->  test  ->  record
+
+It holds no site's data and, under secure aggregation, sees only the sum.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from fedsilo import __version__
+from fedsilo.aggregate import count_nonfinite, renormalization, step_normalized
+from fedsilo.errors import CheckpointError, UpdateError
+from fedsilo.messages import (
+    Aggregate,
+    Contribution,
+    FinalSiteReport,
+    RankReport,
+    RoundOutcome,
+    RoundPlan,
+    SiteReport,
+)
+from fedsilo.participation import rank_of_sites, sample_sites
+from fedsilo.privacy import userlevel
+from fedsilo.privacy.secret import Purpose, SecretStream, check_secret, new_secret
+from fedsilo.privacy.user_accounting import UserAccounting
+from fedsilo.progress import RoundProgress
+from fedsilo.report import job_summary, metrics_row
+from fedsilo.roles import Role, checkpoint_due, plan_weights, reduce_buffer, user_weights
+from fedsilo.rundir import atomic_torch_save, dump_json, finite_json, load_torch
+from fedsilo.strategies import build_strategy
+from fedsilo.training import TensorSplit, evaluate
+from fedsilo.transport import transport_for
+
+log = logging.getLogger("fedsilo")
+
+
+class Coordinator(Role):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        config, manifest = self.config, self.manifest
+        path = manifest.test_path(config.data.dir)
+        split = self._read_shard(path, manifest.test, kind="test",
+                                 required=("test",)).splits["test"]
+        mean, std = self._normalization(None)
+        self.test_data = TensorSplit.from_arrays(split.images, split.labels, mean=mean, std=std,
+                                                 device=self.device)
+        self._check_model_fits(self.test_data.images)
+        self.strategy = build_strategy(config.strategy.name, dict(config.strategy.options))
+        self.strategy.setup(self.layout.numel)
+        self.num_samples = {i: int(site.num_samples["train"])
+                            for i, site in enumerate(manifest.sites)}
+        self.rank_of_site = rank_of_sites(num_sites=manifest.num_sites,
+                                          num_ranks=self.world.num_participants)
+        #: where the transport's sum lands, and the float32 aggregate the strategy reads
+        self.reduce_buffer = reduce_buffer(config, self.layout, pinned=self.pinned,
+                                           control_variates=self.strategy.control_variates)
+        self.aggregate_buffer = self.reduce_buffer if self.reduce_buffer.dtype == np.float32 \
+            else np.empty(self.reduce_buffer.size, dtype=np.float32)
+        # only the public context under CKKS: the coordinator never opens the participant
+        # key; it can add ciphertexts, not decrypt them
+        codec = self._load_ckks("coordinator") if config.he.enabled else None
+        self.transport = transport_for(config, self.strategy, codec=codec)
+        #: masked aggregation: this launch's mask nonce (fresh per launch, so a retried
+        #: round never reuses a mask)
+        self.mask_nonce = secrets.token_bytes(8)
+        self.last_test: dict[str, Any] | None = None
+        #: each participant's latest privacy report, and the round a site stopped in
+        self.privacy: dict[int, dict[str, Any]] = {}
+        self.stopped: dict[int, int] = {}
+        user_dp = config.dp.user
+        self.user_accountant = UserAccounting(
+            noise_multiplier=user_dp.noise_multiplier, noise=user_dp.noise,
+            secure=config.aggregation.secure != "none") if user_dp.enabled else None
+        #: central user-level noise: the coordinator's own secret (its 0600 checkpoint)
+        self.secret = new_secret() if user_dp.enabled and user_dp.noise == "central" else None
+        self.started = time.perf_counter()
+        #: the checkpoint's metrics row, restored if metrics.jsonl lost it
+        self._checkpoint_row: dict[str, Any] | None = None
+        if self.resume_round:
+            self._load_checkpoint(self.resume_round)
+        self._control_buffer: np.ndarray | None = None
+        self.progress = RoundProgress(total=config.rounds, done=self.resume_round,
+                                      mode=config.runtime.progress)
+        log.info("%d participants (%d sites), model %s with %d parameters (%.1f MB per "
+                 "transfer), %d threads per rank, device %s", self.world.num_participants,
+                 len(self.num_samples), config.model.name,
+                 self.layout.numel, self.layout.numel * 4 / 1e6, self.threads, self.device)
+
+    @property
+    def global_control(self) -> np.ndarray | None:
+        """SCAFFOLD's server control variate c (a send buffer for the broadcast), else None."""
+        control = self.strategy.server_control
+        if control is None:
+            return None
+        if self._control_buffer is None:
+            self._control_buffer = np.empty_like(control)
+        np.copyto(self._control_buffer, control)
+        return self._control_buffer
+
+    def _load_checkpoint(self, round_index: int) -> None:
+        path = self.run_dir.coordinator_checkpoint(round_index)
+        state = load_torch(path)
+        if list(state.get("layout", [])) != list(self.layout.names):
+            raise CheckpointError(f"checkpoint {path} holds a different model than "
+                                  f"{self.config.model.name!r}")
+        if state["weights"].numel() != self.layout.numel:
+            raise CheckpointError(
+                f"checkpoint {path} holds {state['weights'].numel()} weights, but model "
+                f"{self.config.model.name!r} on this shard set ({self.manifest.num_classes} "
+                f"classes, images {tuple(self.manifest.image_shape)}) has {self.layout.numel}: "
+                f"the shard set or the model changed since the checkpoint")
+        self.global_weights[:] = state["weights"].numpy()
+        self.strategy.load_state_dict({k: v.numpy() if torch.is_tensor(v) else v
+                                       for k, v in state["strategy"].items()})
+        self.last_test = state.get("last_test")
+        privacy = json.loads(state.get("privacy", "{}"))
+        self.privacy = {int(k): v for k, v in privacy.get("reports", {}).items()}
+        self.stopped = {int(k): v for k, v in privacy.get("stopped", {}).items()}
+        if self.user_accountant is not None:
+            self.user_accountant.load_state_dict(privacy["user_accountant"])
+        if self.secret is not None:
+            if "secret" not in state:
+                raise CheckpointError(f"checkpoint {path} holds no privacy secret for the "
+                                      f"central user-level noise; start a new run")
+            self.secret = check_secret(bytes(state["secret"].tolist()))
+        if state.get("metrics_row"):
+            self._checkpoint_row = json.loads(state["metrics_row"])
+
+    def restore_metrics_row(self) -> None:
+        """Resume: a crash between the checkpoint and metrics.jsonl loses no row (called once
+        every rank has accepted the resume)."""
+        rows = self.run_dir.read_metrics()
+        if self._checkpoint_row is not None \
+                and (not rows or rows[-1]["round"] < self.resume_round):
+            self.run_dir.append_metrics(self._checkpoint_row)
+
+    # -- a round ----------------------------------------------------------------------
+
+    def plan(self, round_index: int) -> RoundPlan:
+        if self.config.dp.budget_policy == "stop":
+            for site, report in sorted(self.privacy.items()):
+                if not report["next_round_fits"]:
+                    self._mark_stopped(site, round_index)
+        available = [k for k in sorted(self.num_samples) if k not in self.stopped]
+        if not available:
+            log.warning("every participant has spent its privacy budget; the job ends before "
+                        "round %d", round_index)
+            return RoundPlan(round=round_index, stop=True)
+        share = self.config.participation
+        participants = sample_sites(available, fraction=share.fraction, minimum=share.min,
+                                    seed=share.seed, round_index=round_index)
+        return RoundPlan(round=round_index, participants=tuple(participants),
+                         weights=plan_weights(self.config, self.strategy, self.manifest,
+                                              participants),
+                         ranks=tuple(sorted({self.rank_of_site[k] for k in participants})))
+
+    def local_round(self, plan: RoundPlan) -> tuple[None, None]:
+        return None, None  # the coordinator adds nothing to the sum
+
+    def contribution_of_rank(self) -> Contribution:
+        """The coordinator's side of the transport: the buffer the sum lands in."""
+        return Contribution(total=self.reduce_buffer)
+
+    def outcome(self, plan: RoundPlan, reports: Sequence[RankReport | None]) -> RoundOutcome:
+        """What every rank learns of the round after the reports: who contributed (site
+        indexes only), which sites add to the sum, and whether a secure round is refused."""
+        sites = [r for rank in reports[1:] if rank is not None for r in rank.sites]
+        contributors = tuple(sorted(r.site for r in sites if r.contributed))
+        secure = self.config.aggregation.secure != "none"
+        return RoundOutcome(
+            round=plan.round, nonce=self.mask_nonce, ranks=plan.ranks,
+            contributors=contributors,
+            in_sum=tuple(sorted(r.site for r in sites if r.in_sum)),
+            rows_per_rank={rank: sum(r.contributed for r in report.sites)
+                           for rank, report in enumerate(reports) if rank and report},
+            refused=secure and len(contributors) < self.config.aggregation.min_contributors)
+
+    def check_outcome(self, outcome: RoundOutcome) -> None:
+        return None
+
+    def finish_round(self, plan: RoundPlan, reports: Sequence[Any], timer: Any, *,
+                     outcome: RoundOutcome, aggregate: Aggregate | None) -> None:
+        round_index = plan.round
+        ranks: list[RankReport] = list(reports[1:])
+        sites = [r for rank in ranks for r in rank.sites]
+        self._note_privacy(round_index, sites)
+        contributors = [r for r in sites if r.contributed]
+        if outcome.refused:
+            log.warning("round %d is refused by the participants: %d site(s) contributed, "
+                        "fewer than aggregation.min_contributors = %d; the global model stays "
+                        "as it was", round_index, len(contributors),
+                        self.config.aggregation.min_contributors)
+            contributors = []
+        with timer("server_step"):
+            if contributors and aggregate is not None:
+                update = self._user_level_mean(plan, aggregate) \
+                    if self.user_accountant is not None \
+                    else self._weighted_mean(plan, contributors, aggregate)
+                fraction = len(contributors) / len(self.num_samples)
+                self.strategy.server_step(self.global_weights, update,
+                                          out=self.global_weights, fraction=fraction)
+                if count_nonfinite(self.global_weights):
+                    raise UpdateError(f"the aggregated model of round {round_index} is not "
+                                      f"finite")
+            else:
+                log.warning("round %d: no participant contributed; the global model stays as "
+                            "it was", round_index)
+        if self.user_accountant is not None:
+            self.user_accountant.spend_round(planned=plan.participants)
+        test = None
+        if round_index % self.config.eval.every == 0 or round_index == self.config.rounds:
+            with timer("evaluate"):
+                self.layout.load(self.model, self.global_weights)
+                test = evaluate(self.model, self.test_data,
+                                batch_size=self.config.eval.batch_size)
+            self.last_test = test
+        row = metrics_row(self, plan, ranks, timer, test,
+                          info=aggregate.info if aggregate is not None else {})
+        if checkpoint_due(self.config, round_index):
+            begin = time.perf_counter()
+            self._save(round_index, row)
+            self.run_dir.prune(keep=self.config.checkpoint.keep, current=round_index)
+            row["seconds"]["checkpoint"] = time.perf_counter() - begin
+        row["seconds"]["round"] = timer.total()  # everything, the checkpoint included
+        self.run_dir.append_metrics(row)
+        self.progress.update(round_index, row)
+
+    def _save(self, round_index: int, row: dict[str, Any]) -> None:
+        atomic_torch_save(self.run_dir.coordinator_checkpoint(round_index), {
+            "round": round_index,
+            "weights": torch.from_numpy(self.global_weights.copy()),
+            "layout": list(self.layout.names),
+            "strategy": {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
+                         for k, v in self.strategy.state_dict().items()},
+            "last_test": self.last_test,
+            "privacy": json.dumps({
+                "reports": self.privacy, "stopped": self.stopped,
+                "user_accountant": self.user_accountant.state_dict()
+                if self.user_accountant is not None else None}),
+            # the row goes in too: a crash between this file and metrics.jsonl loses nothing
+            "metrics_row": json.dumps(finite_json(row)),
+            "fedsilo_version": __version__,
+            **({} if self.secret is None else
+               {"secret": torch.tensor(list(self.secret), dtype=torch.uint8)}),
+        })
+
+    def _float_sum(self, aggregate: Aggregate) -> np.ndarray:
+        """The transport's sum as float32, in the buffer the strategy reads."""
+        out = self.aggregate_buffer
+        assert aggregate.total is not None, "a linear strategy's transport delivers a sum"
+        if aggregate.total is not out:
+            np.copyto(out, aggregate.total, casting="same_kind")
+        return out
+
+    def _user_level_mean(self, plan: RoundPlan, aggregate: Aggregate) -> np.ndarray:
+        """User-level DP: the released sum Σ w_k clip(Δ_k) + N(0, σ²S²), then divided by the
+        planned sites' total weight.  The noise goes on the sum itself, before any rescale, and
+        nothing is renormalized over the sites that contributed (their number is not public
+        to the model's readers, and renormalizing would scale the noise down with it)."""
+        numel = self.layout.numel
+        total = self._float_sum(aggregate)
+        user_dp = self.config.dp.user
+        if user_dp.noise == "central":
+            assert self.secret is not None
+            std = userlevel.noise_std(noise_multiplier=user_dp.noise_multiplier,
+                                      clip_norm=user_dp.clip_norm,
+                                      weights=user_weights(self.strategy, self.manifest))
+            noise = np.empty(numel, dtype=np.float32)
+            SecretStream(self.secret, purpose=Purpose.USER_NOISE, round_index=plan.round,
+                         step=0).fill_gaussian(noise, std=std)
+            total[:numel] += noise
+        planned = sum(plan.weights.values())  # public: who was asked, not who answered
+        total[:numel] *= np.float32(1.0 / planned)
+        return total
+
+    def _weighted_mean(self, plan: RoundPlan, contributors: Sequence[SiteReport],
+                       aggregate: Aggregate) -> np.ndarray:
+        """The weighted mean update (float32) over the sites that contributed.
+
+        Participants sent ``p_k f_k Δ_k`` with the planned weights p_k (Σ p = 1 over the
+        planned sites) and f_k from :func:`~fedsilo.aggregate.contribution_factor`; the sum is
+        renormalized over the contributors (:func:`~fedsilo.aggregate.renormalization`).
+        """
+        numel = self.layout.numel
+        normalize = self.config.train.normalize_steps
+        p = [plan.weights[r.site] for r in contributors]
+        steps = [r.steps or 0 for r in contributors]  # a contributor did at least one
+        if not self.strategy.linear:
+            rows = aggregate.rows
+            assert rows is not None, "a non-linear strategy's transport delivers the rows"
+            if normalize:
+                step_normalized(rows, p, steps)
+            total = sum(p)
+            return self.strategy.combine(rows, np.array([w / total for w in p]))
+        scale = renormalization(p, steps, [r.planned_steps or 0 for r in contributors],
+                                normalize_steps=normalize)
+        update = self._float_sum(aggregate)
+        if abs(scale - 1.0) > 1e-6:
+            update[:numel] *= np.float32(scale)
+        total = sum(p)
+        if self.strategy.control_variates and abs(total - 1.0) > 1e-6:
+            update[numel:] *= np.float32(1.0 / total)
+        return update
+
+    def _note_privacy(self, round_index: int, reports: Sequence[SiteReport]) -> None:
+        for r in reports:
+            if r.privacy is not None:
+                self.privacy[r.site] = r.privacy
+            if not r.contributed and r.reason == "budget":
+                self._mark_stopped(r.site, round_index)
+
+    def _mark_stopped(self, site: int, round_index: int) -> None:
+        """Site ``site`` cannot afford round ``round_index``: plans leave it out from there."""
+        if site in self.stopped:
+            return
+        self.stopped[site] = round_index
+        report = self.privacy[site]
+        log.warning("participant %d has spent its privacy budget (ε = %.3f of %s, δ = %g) and "
+                    "stops contributing from round %d; %d participant(s) continue", site,
+                    report["epsilon"], report["target_epsilon"], report["delta"], round_index,
+                    len(self.num_samples) - len(self.stopped))
+
+    # -- the end of the job -------------------------------------------------------------
+
+    def final_validation(self) -> tuple[None, None]:
+        return None, None
+
+    def finish_job(self, reports: Sequence[Any]) -> None:
+        self.progress.close()
+        if self.last_test is None or self.resume_round == self.config.rounds:
+            self.layout.load(self.model, self.global_weights)
+            self.last_test = evaluate(self.model, self.test_data,
+                                      batch_size=self.config.eval.batch_size)
+        atomic_torch_save(self.run_dir.model, self.layout.to_state_dict(self.global_weights))
+        finals: list[FinalSiteReport] = [r for rank in reports[1:] for r in rank]
+        dump_json(self.run_dir.summary, job_summary(self, finals))
+        log.info("finished: test acc %.4f auc %.4f loss %.4f -> %s", self.last_test["acc"],
+                 self.last_test["auc"], self.last_test["loss"], self.run_dir.root)
