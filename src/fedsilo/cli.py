@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in RUN_DIR from its last complete checkpoint")
     train.add_argument("--auto-resume", action="store_true", default=False,
                        help="if --out already holds a run, resume it (for requeued batch jobs)")
+    train.add_argument("--sites-changed", action="store_true", default=False,
+                       help="with --resume: the shard set gained or lost sites on purpose "
+                            "(sites are matched by their data; a new site starts fresh, a "
+                            "departed one's state is archived); see docs/training.md")
     train.add_argument("--verbose", action="store_true", default=False,
                        help="debug logging on every rank")
     train.set_defaults(func=_train)
@@ -154,7 +158,8 @@ def _train(args: argparse.Namespace) -> int:
     setup_logging(world.rank, world.size, verbose=args.verbose)
     return run_guarded(lambda: run_job(world, config_path=args.config, overrides=args.overrides,
                                        out_dir=args.out, resume_dir=args.resume,
-                                       auto_resume=args.auto_resume))
+                                       auto_resume=args.auto_resume,
+                                       sites_changed=args.sites_changed))
 
 
 def _budget(args: argparse.Namespace) -> int:

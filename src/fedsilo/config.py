@@ -153,10 +153,19 @@ class RuntimeConfig:
     #: so results do not depend on how sites are placed on ranks or on the Reduce's
     #: grouping (docs/strategies.md); float32 halves the bytes of the Reduce
     reduce_dtype: Literal["float32", "float64"] = "float32"
+    #: watchdog: end the job when a rank is silent this long in a round (seconds); null:
+    #: automatic, 10x the slowest round so far and at least 300 s (docs/training.md)
+    hang_timeout_s: float | None = None
+    #: watchdog: the allowance for loading the data and the first round after a (re)start
+    first_round_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         _check(0 <= self.threads <= 1024, "runtime.threads",
                "must be in [0, 1024] (0: the node's cores divided among its ranks)")
+        _check(self.hang_timeout_s is None or 0 < self.hang_timeout_s <= 1e7,
+               "runtime.hang_timeout_s", "must be in (0, 1e7] seconds (or null: automatic)")
+        _check(0 < self.first_round_timeout_s <= 1e7, "runtime.first_round_timeout_s",
+               "must be in (0, 1e7] seconds")
 
 
 #: keys a ``dp.sites.K`` override may set (the rest is job-wide)
@@ -433,6 +442,9 @@ def load_config(path: str | Path | None, *, overrides: Sequence[str] = ()) -> Co
         except RecursionError:
             raise ConfigError(f"config file {path} nests deeper than a configuration can "
                               f"(a YAML bomb or a generated file gone wrong)") from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise ConfigError(f"config file {path} holds a value no configuration can: "
+                              f"{exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping, "
                               f"got {type(loaded).__name__}")
@@ -458,6 +470,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"override {item[:60]!r}...: value nests too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"override {item[:60]!r}...: {exc}") from None
     node = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):

@@ -127,10 +127,17 @@ class Coordinator(Role):
                                        for k, v in state["strategy"].items()})
         self.last_test = state.get("last_test")
         privacy = json.loads(state.get("privacy", "{}"))
-        self.privacy = {int(k): v for k, v in privacy.get("reports", {}).items()}
-        self.stopped = {int(k): v for k, v in privacy.get("stopped", {}).items()}
+        # a changed federation (--sites-changed): per-site state follows each site to its
+        # new index; a departed site's goes, a joining site starts without any
+        now_of = {int(k): int(k) for k in range(self.manifest.num_sites)} \
+            if self.site_map is None else \
+            {was: k for k, was in self.site_map.items() if was is not None}
+        self.privacy = {now_of[int(k)]: v for k, v in privacy.get("reports", {}).items()
+                        if int(k) in now_of}
+        self.stopped = {now_of[int(k)]: v for k, v in privacy.get("stopped", {}).items()
+                        if int(k) in now_of}
         if self.user_accountant is not None:
-            self.user_accountant.load_state_dict(privacy["user_accountant"])
+            self.user_accountant.load_state_dict(privacy["user_accountant"], renumber=now_of)
         if self.secret is not None:
             if "secret" not in state:
                 raise CheckpointError(f"checkpoint {path} holds no privacy secret for the "
@@ -253,6 +260,7 @@ class Coordinator(Role):
             # the row goes in too: a crash between this file and metrics.jsonl loses nothing
             "metrics_row": json.dumps(finite_json(row)),
             "fedsilo_version": __version__,
+            "shard_set": self.manifest.record(),
             **({} if self.secret is None else
                {"secret": torch.tensor(list(self.secret), dtype=torch.uint8)}),
         })

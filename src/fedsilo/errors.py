@@ -7,12 +7,33 @@ that is not a ``FedsiloError`` is a bug and aborts the whole job (see ``fedsilo.
 
 from __future__ import annotations
 
+#: the longest message an error carries: every rank prints it and MPI carries it, so a
+#: 10 MB value quoted in a message must not become 40 MB of output
+MAX_MESSAGE = 2000
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text``, cut in the middle when longer than ``limit`` characters.
+
+    >>> shorten("x" * 5000, 40)
+    'xxxxxxxxxxxxxxxxxxxxxxxxx [4970 characters cut] xxxxx'
+    """
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 5 // 8, limit // 8
+    return f"{text[:head]} [{len(text) - head - tail} characters cut] {text[-tail:]}"
+
 
 class FedsiloError(Exception):
-    """Base class of every error fedsilo raises deliberately."""
+    """Base class of every error fedsilo raises deliberately (its message bounded)."""
 
     #: process exit status used when this error ends a command
     exit_code: int = 2
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (shorten(args[0]),)
+        super().__init__(*args)
 
 
 class ConfigError(FedsiloError):
@@ -59,7 +80,7 @@ class AgreedError(FedsiloError):
     """
 
     def __init__(self, message: str, *, exit_code: int = 2) -> None:
-        super().__init__(message)
+        super().__init__(shorten(message, 4 * MAX_MESSAGE))
         self.exit_code = exit_code
 
 

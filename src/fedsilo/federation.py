@@ -18,6 +18,7 @@ so every rank stops with the same message; anything else aborts the job (``fedsi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from fedsilo.errors import (
 from fedsilo.messages import RoundPlan
 from fedsilo.rundir import RunDir, atomic_write_text, dump_json
 from fedsilo.shards import Manifest, load_manifest
-from fedsilo.stopping import EXIT_PREEMPTED, StopFlag
+from fedsilo.stopping import EXIT_HUNG, EXIT_PREEMPTED, StopFlag, WaitPolicy
 
 log = logging.getLogger("fedsilo")
 
@@ -50,10 +51,15 @@ class Setup:
     manifest: Manifest
     #: last round with a complete checkpoint (0: start from scratch)
     resume_round: int
+    #: a resume on a changed federation (--sites-changed): each site's index in the
+    #: checkpoint (None: it joins now), and the checkpoint's sites that left
+    site_map: dict[int, int | None] | None = None
+    departed: tuple[int, ...] = ()
 
 
 def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
-            out_dir: str | None, resume_dir: str | None, auto_resume: bool = False) -> int:
+            out_dir: str | None, resume_dir: str | None, auto_resume: bool = False,
+            sites_changed: bool = False) -> int:
     """Run ``fedsilo train`` on this rank; returns the exit status."""
     if world.size < 2:
         raise AgreedError(
@@ -70,7 +76,7 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
                          out_dir)
                 config_path, resume_dir = None, out_dir
             setup = _prepare(world, config_path=config_path, overrides=overrides,
-                             out_dir=out_dir, resume_dir=resume_dir)
+                             out_dir=out_dir, resume_dir=resume_dir, sites_changed=sites_changed)
             lock = RunDir(setup.run_dir).lock()  # held until this process ends
         except FedsiloError as exc:
             error = exc
@@ -84,9 +90,17 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
     try:
         cls = Coordinator if world.is_coordinator else Participant
         role = cls(world=world, config=setup.config, manifest=setup.manifest,
-                   run_dir=RunDir(setup.run_dir), resume_round=setup.resume_round)
+                   run_dir=RunDir(setup.run_dir), resume_round=setup.resume_round,
+                   site_map=setup.site_map)
     except FedsiloError as exc:
         error = exc
+    waits = WaitPolicy(hang_timeout_s=setup.config.runtime.hang_timeout_s,
+                       first_round_s=setup.config.runtime.first_round_timeout_s,
+                       deadline_s=setup.config.train.round_deadline_s)
+    if world.is_coordinator:
+        world.on_hang = _hang_handler(RunDir(setup.run_dir))
+    world.quiet_barrier(stage="loading the data and the model",
+                        timeout=_mine(world, waits.round_timeout()))
     world.agree(error, stage="loading data and model")
     if setup.config.he.enabled:
         _agree_on_keys(world, role)
@@ -94,28 +108,32 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
         _agree_on_identities(world, role)
     _commit(world, role, setup)
 
-    if not _run_rounds(world, role, setup, stop=StopFlag().install()):
+    if not _run_rounds(world, role, setup, stop=StopFlag().install(), waits=waits):
         return EXIT_PREEMPTED
     del lock  # released with the file, at the end of the job
     return 0
 
 
-def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> bool:
+def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag,
+                waits: WaitPolicy) -> bool:
     """The rounds, then the final validation; False if a signal stopped the run early.
 
     One round: plan · weights · local work · reports · outcome · transport · server step
-    and record.  The messages are the dataclasses of :mod:`fedsilo.messages`.
+    and record.  The messages are the dataclasses of :mod:`fedsilo.messages`.  Every long
+    wait is a watched quiet barrier (``waits``): a silent rank ends the job, never hangs it.
     """
     config = setup.config
     secure = config.aggregation.secure != "none"
     stop_seen = False  # coordinator: some rank reported a stop signal
+    start_wait = waits.round_timeout()  # the coordinator's wait at a round's start
     for round_index in range(setup.resume_round + 1, config.rounds + 1):
         timer = PhaseTimer()
         with timer("coordination"):
-            world.quiet_barrier()
             plan: RoundPlan | None = None
-            if world.is_coordinator:
-                plan = role.plan(round_index)
+            if world.is_coordinator:  # planned before the barrier: the others wait polled
+                plan = dataclasses.replace(role.plan(round_index),
+                                           wait_s=waits.round_timeout(),
+                                           local_wait_s=waits.local_timeout())
                 if not plan.stop and (stop_seen or stop.requested):
                     plan = plan.stopping()
                 if plan.stop:
@@ -125,6 +143,10 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> boo
                     dump_json(RunDir(setup.run_dir).stopped, {
                         "signal": stop.signal_name or "received by a participant",
                         "before_round": round_index, "exit_status": EXIT_PREEMPTED})
+            if world.is_coordinator:
+                start_wait = waits.round_timeout()
+            world.quiet_barrier(stage=f"the start of round {round_index}",
+                                timeout=_mine(world, start_wait))
             plan = world.bcast_obj(plan)
         if plan.stop:
             log.warning("stopping before round %d on a signal; --resume continues from the "
@@ -139,9 +161,12 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> boo
                 control = role.global_control  # SCAFFOLD's server control variate
                 if control is not None:  # (read once: the coordinator's is a fresh copy)
                     team.bcast_weights(control)
+        if plan.wait_s is not None:  # participants: the coordinator's wait, for the next
+            start_wait = plan.wait_s
         report, error = role.local_round(plan)
         with timer("local"):
-            world.quiet_barrier()
+            world.quiet_barrier(stage=f"the local work of round {round_index}",
+                                timeout=_mine(world, plan.local_wait_s))
         with timer("coordination"):
             # reports go to the coordinator only: no participant sees another's; every rank
             # gets the round's outcome (who contributed), which the transport needs
@@ -159,13 +184,44 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag) -> boo
         if world.is_coordinator:
             role.finish_round(plan, [r for r, _ in gathered], timer, outcome=outcome,
                               aggregate=aggregate)
+            waits.observe(timer.total())
 
-    world.quiet_barrier()
+    if world.is_coordinator:
+        start_wait = waits.round_timeout()
+    world.quiet_barrier(stage="the end of the rounds", timeout=_mine(world, start_wait))
     world.bcast_weights(role.global_weights)
     report, error = role.final_validation()
+    world.quiet_barrier(stage="the final validation", timeout=_mine(world, start_wait))
     reports, _ = world.agree_report(report, error, stage="final validation")
     role.finish_job(reports)
     return True
+
+
+def _mine(world: World, timeout: float | None) -> float | None:
+    """This rank's wait where the coordinator waits ``timeout`` (participants wait longer)."""
+    if timeout is None or world.is_coordinator:
+        return timeout
+    return WaitPolicy.for_participant(timeout)
+
+
+def _hang_handler(run: RunDir) -> Any:
+    """The coordinator's last act when the watchdog fires: check that the last complete
+    checkpoint loads, and leave ``hung.json`` saying who fell silent where."""
+
+    def handle(stage: str, silent: list[int], message: str) -> None:
+        from fedsilo.rundir import load_torch
+
+        complete = run.complete_rounds()
+        last = complete[-1] if complete else 0
+        if last:
+            load_torch(run.coordinator_checkpoint(last))  # raises if it does not load
+        dump_json(run.hung, {"stage": stage, "silent_ranks": silent, "message": message,
+                             "last_checkpoint_round": last, "exit_status": EXIT_HUNG,
+                             "resume": f"fedsilo train --resume {run.root}"})
+        log.error("watchdog: the last complete checkpoint is round %d (it loads); "
+                  "'--resume %s' continues from it", last, run.root)
+
+    return handle
 
 
 def _check_secure_floor(config: Config, manifest: Manifest) -> None:
@@ -245,7 +301,7 @@ class _Phase:
 
 
 def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
-             out_dir: str | None, resume_dir: str | None) -> Setup:
+             out_dir: str | None, resume_dir: str | None, sites_changed: bool = False) -> Setup:
     """Coordinator only: resolve the configuration, the run directory and the resume point."""
     if resume_dir is not None:
         if config_path is not None:
@@ -272,6 +328,9 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
     else:
         if out_dir is None:
             raise ConfigError("fedsilo train needs --out RUN_DIR (or --resume RUN_DIR)")
+        if Path(out_dir).exists() and not Path(out_dir).is_dir():
+            raise ConfigError(f"--out {out_dir} is an existing file, not a directory; give a "
+                              f"directory for the run (it is created if missing)")
         config = load_config(config_path, overrides=overrides)
         run = RunDir(out_dir)
         if run.holds_run():
@@ -299,11 +358,92 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
         raise ConfigError(f"config key 'dp.sites' overrides site(s) {unknown_sites}, but the "
                           f"shard set has sites 0..{manifest.num_sites - 1} (keys are site "
                           f"indexes: site-00K.h5 is site K, run by MPI rank K+1)")
+    if sites_changed and not resume_round:
+        raise ConfigError("--sites-changed applies to --resume of a run with a checkpoint")
+    site_map: dict[int, int | None] | None = None
+    departed: tuple[int, ...] = ()
+    if resume_round:
+        saved = _saved_shard_set(run, resume_round)
+        site_map, departed = match_sites(saved, manifest, changed_ok=sites_changed,
+                                         where=run.coordinator_checkpoint(resume_round),
+                                         data_dir=data_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     # config.yaml, metrics.jsonl and stopped.json change only once every rank has checked
     # its data, model, checkpoint and keys (_commit): a refused resume changes nothing
     return Setup(config=config, run_dir=str(run.root.resolve()), manifest=manifest,
-                 resume_round=resume_round)
+                 resume_round=resume_round, site_map=site_map, departed=departed)
+
+
+def _saved_shard_set(run: RunDir, round_index: int) -> dict[str, Any] | None:
+    from fedsilo.rundir import load_torch
+
+    saved = load_torch(run.coordinator_checkpoint(round_index)).get("shard_set")
+    return saved if isinstance(saved, dict) else None
+
+
+def match_sites(saved: dict[str, Any] | None, manifest: Manifest, *, changed_ok: bool,
+                where: Any, data_dir: Any) -> tuple[dict[int, int | None] | None,
+                                                    tuple[int, ...]]:
+    """Compare the shard set a run trained on (``saved``) with ``manifest``.
+
+    Unchanged: ``(None, ())``.  Changed sites without ``changed_ok``: a CheckpointError
+    naming what changed.  With it (``--sites-changed``), sites are matched by their data
+    (sha256), not by position: returns each current site's index in the checkpoint (None:
+    it joins) and the checkpoint's sites that left.  Classes, image shape and the test
+    shard must stay the same either way.
+    """
+    if saved is None:  # a checkpoint from before this record
+        return None, ()
+    now = manifest.record()
+    fixed = [f"{key} {saved[key]} -> {now[key]}" for key in ("num_classes", "image_shape")
+             if saved[key] != now[key]]
+    if saved["test"] != now["test"]:
+        fixed.append("test.h5 holds other data")
+    old, new = list(saved["sites"]), now["sites"]
+    if old == new and not fixed:
+        return None, ()
+    changes = list(fixed)
+    changed = [k for k in range(min(len(old), len(new))) if old[k] != new[k]]
+    if changed:
+        changes.append(f"site(s) {changed} hold other data")
+    if len(new) > len(old):
+        changes.append(f"site(s) {list(range(len(old), len(new)))} were added")
+    if len(new) < len(old):
+        changes.append(f"site(s) {list(range(len(new), len(old)))} are gone")
+    if fixed or not changed_ok:
+        hint = ("the test shard, classes and image shape cannot change within a run" if fixed
+                else "if sites joined or left on purpose, resume with --sites-changed")
+        raise CheckpointError(
+            f"checkpoint {where} was trained on another shard set than {data_dir}: "
+            f"{'; '.join(changes)}; {hint} (docs/training.md, 'Changing the federation')")
+    if len(set(new)) != len(new) or len(set(old)) != len(old):
+        raise CheckpointError(f"two sites of the shard set hold identical data, so sites "
+                              f"cannot be matched by their data across the change ({data_dir})")
+    index_of = {sha: k for k, sha in enumerate(old)}
+    site_map = {k: index_of.get(sha) for k, sha in enumerate(new)}
+    departed = tuple(k for k, sha in enumerate(old) if sha not in set(new))
+    for k, was in site_map.items():
+        if was is None:
+            log.info("site %d joins the federation: a fresh DP budget and state", k)
+        elif was != k:
+            log.info("site %d was site %d of the checkpoint (same data)", k, was)
+    for k in departed:
+        log.info("site %d of the checkpoint left the federation: its state is archived in "
+                 "departed/", k)
+    return site_map, departed
+
+
+def _archive(run: RunDir, round_index: int, site: int) -> None:
+    """A departed site's last state (its accountant, secret, control variate), kept out of
+    the way of the pruning of old checkpoints (0600, like the original)."""
+    import shutil
+
+    source = run.participant_checkpoint(round_index, site)
+    if not source.is_file():
+        return
+    target = run.root / "departed" / f"site-{site:03d}-round-{round_index:04d}.pt"
+    target.parent.mkdir(exist_ok=True)
+    shutil.copy2(source, target)
 
 
 def _commit(world: World, role: Any, setup: Setup) -> None:
@@ -316,8 +456,11 @@ def _commit(world: World, role: Any, setup: Setup) -> None:
             for tmp in run.remove_temporaries():  # left by a crash mid-write
                 log.info("removed %s, left by an interrupted write", tmp)
             run.truncate_metrics(last_round=setup.resume_round)
+            for site in setup.departed:
+                _archive(run, setup.resume_round, site)
             role.restore_metrics_row()
             run.stopped.unlink(missing_ok=True)  # this run goes on
+            run.hung.unlink(missing_ok=True)
             atomic_write_text(run.config, dump_config(setup.config))
         except OSError as exc:
             error = CheckpointError(f"cannot write the run directory {run.root}: "

@@ -44,6 +44,10 @@ class RoundPlan:
     ranks: tuple[int, ...] = ()
     #: end the job before this round (a signal, or every budget spent)
     stop: bool = False
+    #: watchdog: how long the coordinator waits at this round's start and for its local
+    #: work (participants wait longer: fedsilo.stopping.WaitPolicy)
+    wait_s: float | None = None
+    local_wait_s: float | None = None
 
     def stopping(self) -> RoundPlan:
         """This plan, turned into the order to stop before the round."""

@@ -153,7 +153,9 @@ class Participant(Role):
         self._last_reports: dict[int, tuple[bool, bool]] = {}
         if self.resume_round:
             for site in self.sites:
-                self._load_checkpoint(site, self.resume_round)
+                was = site.index if self.site_map is None else self.site_map[site.index]
+                if was is not None:  # None: the site joins now, with fresh state
+                    self._load_checkpoint(site, self.resume_round, saved_as=was)
 
     def _load_site(self, index: int) -> Site:
         path = self.manifest.site_path(self.config.data.dir, index)
@@ -189,12 +191,14 @@ class Participant(Role):
         atomic_torch_save(self.run_dir.participant_checkpoint(round_index, site.index),
                           self.state_dict(site, round_index))
 
-    def _load_checkpoint(self, site: Site, round_index: int) -> None:
-        path = self.run_dir.participant_checkpoint(round_index, site.index)
+    def _load_checkpoint(self, site: Site, round_index: int, *, saved_as: int) -> None:
+        """Restore ``site``'s state from the checkpoint of ``round_index``, where it was site
+        ``saved_as`` (its own index unless the federation changed)."""
+        path = self.run_dir.participant_checkpoint(round_index, saved_as)
         state = load_torch(path)
-        if state.get("site") != site.index or state.get("round") != round_index:
+        if state.get("site") != saved_as or state.get("round") != round_index:
             raise CheckpointError(f"checkpoint {path} belongs to site {state.get('site')} round "
-                                  f"{state.get('round')}, expected site {site.index} round "
+                                  f"{state.get('round')}, expected site {saved_as} round "
                                   f"{round_index}")
         site.rounds_trained = int(state["rounds_trained"])
         if site.privacy is not None:

@@ -31,9 +31,12 @@ class Role:
     """What both roles share: device, threads, the model and its flat weight buffers."""
 
     def __init__(self, *, world: World, config: Config, manifest: Manifest, run_dir: RunDir,
-                 resume_round: int) -> None:
+                 resume_round: int, site_map: dict[int, int | None] | None = None) -> None:
         self.world, self.config, self.manifest, self.run_dir = world, config, manifest, run_dir
         self.resume_round = resume_round
+        #: a resume on a changed federation: each site's index in the checkpoint (None: it
+        #: joins now); None when the federation is the one the checkpoint was trained on
+        self.site_map = site_map
         self.threads = configure_threads(config.runtime.threads, local_size=world.local_size)
         self.device = select_device(config.runtime.device, local_rank=world.local_rank,
                                     is_coordinator=world.is_coordinator)

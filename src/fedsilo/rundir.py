@@ -17,6 +17,8 @@ to a temporary name and renamed, so a crash never leaves a half-written checkpoi
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import math
 import os
@@ -47,6 +49,12 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"no space left on the device (or quota) while writing "
+                                  f"{path}; free space there and resume the run") from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -58,8 +66,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
+    """``torch.save`` through :func:`atomic_file`.  Serialized in memory first, so that a
+    full disk surfaces as Python's ENOSPC (named, :func:`atomic_file`) rather than inside
+    torch's zip writer, where the cause is lost."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_file(path) as handle:
-        torch.save(obj, handle)
+        handle.write(buffer.getbuffer())
 
 
 def load_torch(path: Path) -> Any:
@@ -83,6 +96,8 @@ class RunDir:
     checkpoints = property(lambda self: self.root / CHECKPOINTS)
     #: written by the coordinator when a signal stops the run early (for batch scripts)
     stopped = property(lambda self: self.root / "stopped.json")
+    #: written by the watchdog when a rank fell silent (fedsilo.comm.World.quiet_barrier)
+    hung = property(lambda self: self.root / "hung.json")
 
     def round_dir(self, round_index: int) -> Path:
         return self.checkpoints / f"round-{round_index:04d}"

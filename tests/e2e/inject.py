@@ -8,6 +8,8 @@ FEDSILO_TEST_FAULT=KIND:RANK:CALL makes the CALL-th local training on RANK fail:
   huge   - train, then move one weight by 1e6 (a finite update too large for the ring)
   dpdata - under DP: the CALL-th DP-SGD *step* on RANK raises a DataError, mid-round
   weights - a dishonest coordinator (RANK 0): every plan gives site CALL ten times its weight
+  stall  - the process stops (SIGSTOP) without failing: in the CALL-th local training on a
+           participant, or at the CALL-th end of a round on the coordinator (RANK 0)
 """
 
 import os
@@ -27,7 +29,19 @@ if MPI.COMM_WORLD.Get_rank() == int(rank):
 
     calls = [0]
 
-    if kind == "weights":
+    if kind == "stall" and int(rank) == 0:
+        import signal
+
+        original_finish = coordinator.Coordinator.finish_round
+
+        def stalling_finish(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == int(call):
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return original_finish(self, *args, **kwargs)
+
+        coordinator.Coordinator.finish_round = stalling_finish
+    elif kind == "weights":
         original_plan = coordinator.Coordinator.plan
 
         def inflating_plan(self, round_index):
@@ -59,6 +73,10 @@ if MPI.COMM_WORLD.Get_rank() == int(rank):
             if calls[0] == int(call):
                 if kind == "exit":
                     os._exit(3)
+                if kind == "stall":
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGSTOP)
                 if kind == "data":
                     raise DataError("injected unreadable batch")
                 if kind == "raise":

@@ -81,6 +81,13 @@ def test_missing_manifest(tmp_path):
     assert_agreed_failure(job, "no shard-set manifest", ranks=2)
 
 
+def test_out_naming_a_file(shards, tmp_path):
+    (tmp_path / "taken").write_text("not a directory")
+    job = train(shards, tmp_path / "taken", ranks=2)
+    assert_agreed_failure(job, "is an existing file, not a directory", ranks=2)
+    assert (tmp_path / "taken").read_text() == "not a directory"
+
+
 def test_corrupt_manifest(shards, tmp_path):
     (shards / "manifest.json").write_text("{ not json")
     job = train(shards, tmp_path / "run")
@@ -185,13 +192,13 @@ def test_nan_update_is_rejected_naming_the_participant(shards, tmp_path):
     assert not (tmp_path / "run" / "model.pt").exists()
 
 
-def run_with_fault(fault: str, shards: Path, out: Path):
+def run_with_fault(fault: str, shards: Path, out: Path, *extra: str):
     """A 4-rank, 3-round training with a fault planted by tests/e2e/inject.py."""
     env_before = os.environ.get("FEDSILO_TEST_FAULT")
     os.environ["FEDSILO_TEST_FAULT"] = fault
     try:
         return mpirun(4, ["train", "--set", f"data.dir={shards}", "--set", "rounds=3",
-                          "--out", str(out)], timeout=240,
+                          *extra, "--out", str(out)], timeout=240,
                       python_args=(str(HERE / "inject.py"),))
     finally:
         if env_before is None:
@@ -226,3 +233,45 @@ def test_resume_without_participant_checkpoint(shards, tmp_path):
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
     job = mpirun(2, ["train", "--resume", str(tmp_path)], timeout=240)
     assert_agreed_failure(job, "no config.yaml there", ranks=2)
+
+
+# -- the watchdog: a rank that stops without failing --------------------------------------
+
+
+def test_a_silent_participant_is_named_and_the_run_resumes(shards, tmp_path):
+    """SIGSTOP of participant 2 in round 2, the stall that used to idle every rank until
+    SIGCONT: the coordinator's watchdog names rank 2 and where it was last seen, checks the
+    round-1 checkpoint, leaves hung.json, and every rank ends with EXIT_HUNG; the run then
+    resumes to the end."""
+    import json
+
+    from fedsilo.stopping import EXIT_HUNG
+
+    run = tmp_path / "run"
+    job = run_with_fault("stall:2:2", shards, run, "--set", "runtime.hang_timeout_s=3")
+    assert job.returncode == EXIT_HUNG, job.output[-3000:]
+    assert job.seconds < LIMIT_S, f"took {job.seconds:.1f} s"
+    assert "watchdog: waited 3 s for the local work of round 2" in job.stderr, job.stderr[-3000:]
+    assert "rank 2 (participant 2) last arrived at 'the start of round 2'" in job.stderr
+    assert "the last complete checkpoint is round 1 (it loads)" in job.stderr
+    hung = json.loads((run / "hung.json").read_text())
+    assert hung["silent_ranks"] == [2] and hung["last_checkpoint_round"] == 1
+    assert hung["exit_status"] == EXIT_HUNG
+    resumed = mpirun(4, ["train", "--resume", str(run)], timeout=240)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 3
+    assert not (run / "hung.json").exists()
+
+
+def test_a_silent_coordinator_ends_every_participant(shards, tmp_path):
+    """SIGSTOP of the coordinator at the end of round 2: the participants, waiting for round
+    3, give up after their longer allowance (1.5 x 3 s + 10 s) and end the job."""
+    from fedsilo.stopping import EXIT_HUNG
+
+    job = run_with_fault("stall:0:2", shards, tmp_path / "run", "--set",
+                         "runtime.hang_timeout_s=3")
+    assert job.returncode == EXIT_HUNG, job.output[-3000:]
+    assert job.seconds < LIMIT_S, f"took {job.seconds:.1f} s"
+    assert "s for the start of round 3; the coordinator or another rank is silent" \
+        in job.stderr, job.stderr[-3000:]
+    assert "[rank 1/4] fedsilo: error: watchdog: rank 1 waited 1" in job.stderr

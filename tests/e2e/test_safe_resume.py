@@ -60,13 +60,30 @@ def test_a_refused_resume_changes_nothing(finished: Path, tmp_path: Path) -> Non
 
 def test_a_checkpoint_of_another_shape_is_named(finished: Path, tmp_path: Path) -> None:
     """The same model on a 4-class shard set has the same parameter names but other shapes:
-    a clear error naming both sizes, not a numpy traceback."""
+    a clear error naming what changed (3 -> 4 classes), not a numpy traceback.  It comes at
+    configuration, from the shard set recorded in the checkpoint, before any model is built."""
     shards = make_shards(tmp_path / "four", participants=3, classes=4, samples=600)
     run = Path(shutil.copytree(finished, tmp_path / "run"))
     job = mpirun(4, ["train", "--resume", str(run), "--set", f"data.dir={shards}",
                      "--set", "rounds=3"], timeout=240)
-    assert_agreed_failure(job, "CheckpointError", "the shard set or the model changed")
+    assert_agreed_failure(job, "CheckpointError", "was trained on another shard set",
+                          "num_classes 3 -> 4", "cannot change within a run")
     assert "Traceback" not in job.stderr
+
+
+def test_a_changed_shard_set_is_refused_naming_what_changed(finished: Path,
+                                                            tmp_path: Path) -> None:
+    """--resume on another shard set of the same shapes (here 4 sites, so one added and the
+    other three re-split) used to train on it silently; now every rank refuses it, naming
+    the sites that changed and the one added, and the run directory stays as it was."""
+    shards = make_shards(tmp_path / "four-sites", participants=4, samples=1500)
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    before = snapshot(run)
+    job = mpirun(4, ["train", "--resume", str(run), "--set", f"data.dir={shards}",
+                     "--set", "rounds=3"], timeout=240)
+    assert_agreed_failure(job, "CheckpointError", "was trained on another shard set",
+                          "site(s) [3] were added", "hold other data")
+    assert snapshot(run) == before
 
 
 def test_a_manifest_that_inflates_a_site_is_caught(shards3: Path, tmp_path: Path) -> None:
@@ -103,3 +120,65 @@ def test_two_jobs_cannot_share_a_run_directory(shards3: Path, tmp_path: Path) ->
 
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+
+
+# -- changing the federation between launches (--sites-changed) ---------------------------
+
+
+def shard_set_of(sites: list[Path], test: Path, out: Path) -> Path:
+    """A shard set made of existing shard files (copied, renumbered in the given order)."""
+    from fedsilo.shards import build_manifest, check_shard, write_manifest
+
+    out.mkdir(parents=True)
+    infos = []
+    for k, source in enumerate(sites):
+        shutil.copy(source, out / f"site-{k:03d}.h5")
+        infos.append(check_shard(out / f"site-{k:03d}.h5", kind="site"))
+    shutil.copy(test, out / "test.h5")
+    write_manifest(out, build_manifest(sites=infos, test=check_shard(out / "test.h5", kind="test"),
+                                       source={"name": "test"}, partition="custom", seed=0))
+    return out
+
+
+def test_a_site_leaves_and_sites_join_keeping_their_own_dp_state(shards3: Path,
+                                                                  tmp_path: Path) -> None:
+    """The consortium's two changes between launches, under DP-SGD: site 1 leaves (its
+    state archived, its weight gone) and the others keep their accountants; then a new site
+    joins and site 1 comes back, both starting fresh, matched by their data, not their
+    position."""
+    other = make_shards(tmp_path / "other", participants=3, samples=1500, seed=7)
+    a = [shards3 / f"site-{k:03d}.h5" for k in range(3)]
+    run = tmp_path / "run"
+    dp = ["--set", "dp.enabled=true", "--set", "dp.target_epsilon=null",
+          "--set", "dp.noise_multiplier=1.0"]
+    job = mpirun(4, ["train", "--set", f"data.dir={shards3}", "--set", "rounds=2",
+                     "--set", "train.max_steps=2", *dp, "--out", str(run)], timeout=240)
+    assert job.returncode == 0, job.output[-3000:]
+
+    def epsilons(round_index: int) -> dict[str, float]:
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in rows if r["round"] == round_index)["epsilon"]
+
+    two = epsilons(2)
+    # site 1 leaves: sites 0 and 2 remain (site 2 is now at index 1)
+    left = shard_set_of([a[0], a[2]], shards3 / "test.h5", tmp_path / "left")
+    job = mpirun(3, ["train", "--resume", str(run), "--set", f"data.dir={left}",
+                     "--set", "rounds=3", "--sites-changed"], timeout=240)
+    assert job.returncode == 0, job.output[-3000:]
+    assert (run / "departed" / "site-001-round-0002.pt").is_file()
+    three = epsilons(3)
+    assert set(three) == {"0", "1"}
+    assert three["0"] > two["0"] and three["1"] > two["2"]  # kept their spending, added to it
+    # a new site joins, and site 1 comes back: both fresh
+    joined = shard_set_of([a[0], a[1], a[2], other / "site-000.h5"], shards3 / "test.h5",
+                          tmp_path / "joined")
+    job = mpirun(4, ["train", "--resume", str(run), "--set", f"data.dir={joined}",
+                     "--set", "rounds=4", "--sites-changed"], timeout=240)
+    assert job.returncode == 0, job.output[-3000:]
+    assert "site 3 joins the federation" in job.stderr and "site 1 joins" in job.stderr
+    four = epsilons(4)
+    assert set(four) == {"0", "1", "2", "3"}
+    # one round of spending for the newcomers (site 1 spent two before it left), four for
+    # the site that stayed throughout
+    assert 0 < four["1"] < two["1"] and 0 < four["3"] and two["0"] < four["0"]
+    assert four["2"] > three["1"]  # site 2 (index 1 in round 3) kept its accountant

@@ -410,6 +410,10 @@ def test_manifest_round_trip_and_global_normalization(tmp_path):
          "sums to 6, not num_samples 60"),
         (lambda m: m["normalization"].update(mean=[0.1, 0.2]), "must hold 1 numbers"),
         (lambda m: m.update(image_shape=[1, 28]), "'image_shape' must be [C, H, W]"),
+        # every rank builds its model from these before reading a shard: 20 TB of float32
+        (lambda m: m.update(image_shape=[1, 100000, 100000]),
+         "beyond the largest image fedsilo accepts"),
+        (lambda m: m.update(num_classes=10**9), "beyond the 100000 fedsilo accepts"),
     ],
 )
 def test_malformed_manifest_names_path_and_problem(tmp_path, edit, message):

@@ -39,6 +39,21 @@ def run_guarded(body: Callable[[], int]) -> int:
     return 1  # only reached without MPI (Abort does not return)
 
 
+def abort_hung(comm: "MPI.Comm", message: str, *, stage: str, silent: list[int],
+               handler: Callable[[str, list[int], str], None] | None) -> None:
+    """The watchdog's end of the job: let ``handler`` check the last checkpoint and leave a
+    marker, say why, and abort every rank with :data:`~fedsilo.stopping.EXIT_HUNG`."""
+    from fedsilo.stopping import EXIT_HUNG
+
+    if handler is not None:
+        try:
+            handler(stage, silent, message)
+        except Exception as exc:  # noqa: BLE001 - the job must end whatever the handler did
+            _emit(f"watchdog: while checking the run directory: {type(exc).__name__}: {exc}")
+    _emit(f"[rank {comm.Get_rank()}/{comm.Get_size()}] fedsilo: error: {message}")
+    _abort(comm, EXIT_HUNG)
+
+
 def _emit(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 

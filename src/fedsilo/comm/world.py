@@ -13,7 +13,7 @@ from fedsilo.errors import AgreedError, FedsiloError
 COORDINATOR = 0
 #: the participant that decrypts the encrypted total (CKKS) and returns the float sum
 AGGREGATOR = 1
-_TAG_TREE, _TAG_RELAY, _TAG_TOTAL = 17, 18, 19
+_TAG_TREE, _TAG_RELAY, _TAG_TOTAL, _TAG_ARRIVE = 17, 18, 19, 20
 
 
 class World:
@@ -32,6 +32,15 @@ class World:
         self._zeros: np.ndarray | None = None  # the coordinator's contribution to reduce_sum
         self._ring_zeros: np.ndarray | None = None  # ... and to reduce_ring
         self._subsets: dict[tuple[int, ...], "World | None"] = {}
+        #: watchdog: barriers passed, and (coordinator) each rank's last arrival:
+        #: rank -> (barrier number, stage, monotonic time)
+        self._barriers = 0
+        self._stages: dict[int, str] = {}
+        self._arrived: dict[int, tuple[int, str, float]] = {}
+        self._notes: list[Any] = []
+        #: called with the diagnosis before the job is aborted (the federation checks the
+        #: last checkpoint and leaves a marker); its exceptions are logged, not raised
+        self.on_hang: Callable[[str, list[int], str], None] | None = None
         shared = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = shared.Get_rank()
         self.local_size = shared.Get_size()
@@ -209,17 +218,69 @@ class World:
 
     # -- synchronisation ---------------------------------------------------------------
 
-    def quiet_barrier(self) -> None:
-        """A barrier that sleeps instead of spinning.
+    def quiet_barrier(self, *, stage: str = "", timeout: float | None = None) -> None:
+        """A barrier that sleeps instead of spinning, with a watchdog.
 
         Open MPI busy-polls inside blocking collectives; a rank waiting there for minutes
         of someone else's training would burn a core the trainers need when ranks share a
         node.  Polling a non-blocking barrier with short sleeps costs about ``poll_s`` of
         latency and no CPU.
+
+        With a ``timeout`` (seconds), a rank that waits longer ends the whole job
+        (``MPI_Abort`` with :data:`fedsilo.stopping.EXIT_HUNG`) instead of waiting forever.
+        Participants tell the coordinator when they arrive (a small message), so the
+        coordinator names the ranks that did not arrive at ``stage`` and where each was last
+        seen; give participants a longer timeout than the coordinator so it speaks first.
         """
+        self._barriers += 1
+        number = self._barriers
+        self._stages[number] = stage
+        if not self.is_coordinator and timeout is not None:
+            self._notes = [note for note in self._notes if not note.Test()]
+            self._notes.append(self.comm.isend(number, dest=COORDINATOR, tag=_TAG_ARRIVE))
         request = self.comm.Ibarrier()
+        begin = time.monotonic()
         while not request.Test():
+            if self.is_coordinator:
+                self._collect_arrivals()
+            waited = time.monotonic() - begin
+            if timeout is not None and waited > timeout:
+                self._hang(stage, number, waited)
             time.sleep(self.poll_s)
+        if self.is_coordinator:
+            self._collect_arrivals()
+
+    def _collect_arrivals(self) -> None:
+        status = MPI.Status()
+        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_ARRIVE, status=status):
+            source = status.Get_source()
+            number = self.comm.recv(source=source, tag=_TAG_ARRIVE)
+            self._arrived[source] = (number, self._stages.get(number, ""), time.monotonic())
+
+    def silent_ranks(self, number: int) -> list[int]:
+        """Coordinator: the participant ranks that have not arrived at barrier ``number``."""
+        return [rank for rank in range(1, self.size)
+                if self._arrived.get(rank, (0, "", 0.0))[0] < number]
+
+    def _hang(self, stage: str, number: int, waited: float) -> None:
+        from fedsilo.comm.guard import abort_hung
+
+        if self.is_coordinator:
+            silent = self.silent_ranks(number)
+            now = time.monotonic()
+            where = "; ".join(
+                f"rank {rank} (participant {rank}) " + (
+                    f"last arrived at '{self._arrived[rank][1]}' "
+                    f"{now - self._arrived[rank][2]:.0f} s ago" if rank in self._arrived
+                    else "has not arrived at any watched point of this launch")
+                for rank in silent)
+            message = (f"watchdog: waited {waited:.0f} s for {stage}; silent: {where or 'none'} "
+                       f"(a stopped, swapped-out or deadlocked process); ending the job")
+        else:
+            silent = []
+            message = (f"watchdog: rank {self.rank} waited {waited:.0f} s for {stage}; the "
+                       f"coordinator or another rank is silent; ending the job")
+        abort_hung(self.comm, message, stage=stage, silent=silent, handler=self.on_hang)
 
     def agree(self, error: FedsiloError | None, *, stage: str) -> None:
         """Every rank reports its foreseeable error (or None); if any rank failed, every

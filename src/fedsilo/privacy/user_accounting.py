@@ -80,10 +80,16 @@ class UserAccounting:
         return {"released": {str(k): a.state_dict() for k, a in self.released.items()},
                 "coordinator": {str(k): a.state_dict() for k, a in self.coordinator.items()}}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], *,
+                        renumber: Mapping[int, int] | None = None) -> None:
+        """Restore the accountants; ``renumber`` maps a saved site index to its index now
+        (a site missing from it has left the federation and its accountant goes)."""
         for name in ("released", "coordinator"):
             table: dict[int, PrivacyAccountant] = {}
             for key, value in state.get(name, {}).items():
-                table[int(key)] = PrivacyAccountant("rdp")
-                table[int(key)].load_state_dict(value)
+                site = int(key) if renumber is None else renumber.get(int(key))
+                if site is None:
+                    continue
+                table[site] = PrivacyAccountant("rdp")
+                table[site].load_state_dict(value)
             setattr(self, name, table)

@@ -17,6 +17,7 @@ import numpy as np
 from fedsilo.errors import ShardError
 from fedsilo.shards.hdf5 import FORMAT_VERSION, SPLITS_BY_KIND, ShardInfo, sha256_file
 from fedsilo.shards.stats import PixelStats
+from fedsilo.shards.manifest import image_shape_problem
 
 #: HDF5 chunks read per block while scanning
 _CHUNKS_PER_BLOCK = 16
@@ -100,6 +101,9 @@ def _check_open(
         raise ShardError(f"{path}: image_shape attribute is {list(dims)}, not [C, H, W] of "
                          f"positive sizes; the file is not a fedsilo shard")
     file_shape = (dims[0], dims[1], dims[2])
+    problem = image_shape_problem(file_shape, max(int(file_classes), 1))
+    if problem:
+        raise ShardError(f"{path}: {problem}")
     if image_shape is not None and file_shape != tuple(int(v) for v in image_shape):
         raise ShardError(
             f"{path}: image shape is {_fmt_shape(file_shape)} but "

@@ -86,6 +86,12 @@ class Manifest:
     def path_of(self, entry: SiteEntry, directory: str | os.PathLike[str]) -> Path:
         return Path(directory) / entry.file
 
+    def record(self) -> dict[str, Any]:
+        """What identifies this shard set across a run (kept in every coordinator
+        checkpoint): classes, image shape, the test shard's and each site's sha256."""
+        return {"num_classes": self.num_classes, "image_shape": list(self.image_shape),
+                "test": self.test.sha256, "sites": [e.sha256 for e in self.sites]}
+
     def site_path(self, directory: str | os.PathLike[str], site: int) -> Path:
         return self.path_of(self.sites[site], directory)
 
@@ -174,6 +180,30 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Manifest) -> Pat
     return path
 
 
+#: the largest images and label sets a shard set may declare: every rank builds its model
+#: and buffers from these figures before reading any shard, so a corrupt or hostile
+#: manifest must not make it allocate terabytes (a 4096 x 4096 RGB image is 50M values)
+MAX_IMAGE_VALUES, MAX_IMAGE_SIDE, MAX_CHANNELS, MAX_CLASSES = 1 << 26, 1 << 16, 1024, 100_000
+
+
+def image_shape_problem(shape: Sequence[int], num_classes: int) -> str | None:
+    """Why ``shape`` (C, H, W) and ``num_classes`` are beyond what fedsilo accepts, or None.
+
+    >>> image_shape_problem([1, 100000, 100000], 2)
+    "'image_shape' [1, 100000, 100000] is beyond the largest image fedsilo accepts (sides up..."
+    >>> image_shape_problem([3, 224, 224], 1000) is None
+    True
+    """
+    c, h, w = (int(v) for v in shape)
+    if c > MAX_CHANNELS or h > MAX_IMAGE_SIDE or w > MAX_IMAGE_SIDE \
+            or c * h * w > MAX_IMAGE_VALUES:
+        return (f"'image_shape' {[c, h, w]} is beyond the largest image fedsilo accepts (sides "
+                f"up to {MAX_IMAGE_SIDE}, at most {MAX_IMAGE_VALUES} values per image)")
+    if num_classes > MAX_CLASSES:
+        return f"'num_classes' {num_classes} is beyond the {MAX_CLASSES} fedsilo accepts"
+    return None
+
+
 def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
     """Read and validate the manifest of a shard set (a directory, or the file itself)."""
     path = Path(directory)
@@ -219,6 +249,9 @@ def _parse(data: Any, where: str) -> Manifest:
     shape = get(data, "image_shape", list, "image_shape")
     if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
         raise fail(f"'image_shape' must be [C, H, W] of positive integers, got {shape}")
+    problem = image_shape_problem(shape, num_classes)
+    if problem:
+        raise fail(problem)
     norm = get(data, "normalization", dict, "normalization")
     mean = get(norm, "mean", list, "normalization.mean")
     std = get(norm, "std", list, "normalization.std")
