@@ -35,7 +35,6 @@ from fedsilo.messages import (
 from fedsilo.participation import rank_of_sites, sample_sites
 from fedsilo.privacy import userlevel
 from fedsilo.privacy.secret import Purpose, SecretStream, check_secret, new_secret
-from fedsilo.privacy.user_accounting import UserAccounting
 from fedsilo.progress import RoundProgress
 from fedsilo.report import job_summary, metrics_row
 from fedsilo.roles import Role, checkpoint_due, plan_weights, reduce_buffer, user_weights
@@ -51,9 +50,7 @@ class Coordinator(Role):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         config, manifest = self.config, self.manifest
-        path = manifest.test_path(config.data.dir)
-        split = self._read_shard(path, manifest.test, kind="test",
-                                 required=("test",)).splits["test"]
+        split = self._read_shard(manifest.test, kind="test").splits["test"]
         mean, std = self._normalization(None)
         self.test_data = TensorSplit.from_arrays(split.images, split.labels, mean=mean, std=std,
                                                  device=self.device)
@@ -81,9 +78,13 @@ class Coordinator(Role):
         self.privacy: dict[int, dict[str, Any]] = {}
         self.stopped: dict[int, int] = {}
         user_dp = config.dp.user
-        self.user_accountant = UserAccounting(
-            noise_multiplier=user_dp.noise_multiplier, noise=user_dp.noise,
-            secure=config.aggregation.secure != "none") if user_dp.enabled else None
+        self.user_accountant: Any = None
+        if user_dp.enabled:  # Opacus's accountants: imported only by runs that account
+            from fedsilo.privacy.user_accounting import UserAccounting
+
+            self.user_accountant = UserAccounting(
+                noise_multiplier=user_dp.noise_multiplier, noise=user_dp.noise,
+                secure=config.aggregation.secure != "none")
         #: central user-level noise: the coordinator's own secret (its 0600 checkpoint)
         self.secret = new_secret() if user_dp.enabled and user_dp.noise == "central" else None
         self.started = time.perf_counter()

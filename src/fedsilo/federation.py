@@ -81,6 +81,22 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
         except FedsiloError as exc:
             error = exc
     setup = world.agree_from_coordinator(setup, error, stage="configuration")
+    waits = WaitPolicy(hang_timeout_s=setup.config.runtime.hang_timeout_s,
+                       first_round_s=setup.config.runtime.first_round_timeout_s,
+                       deadline_s=setup.config.train.round_deadline_s)
+    if world.is_coordinator:
+        world.on_hang = _hang_handler(RunDir(setup.run_dir))
+
+    # torch-free first: each rank checks the shards it will open (format, shapes, labels,
+    # pixels, hashes, the manifest's counts), so bad data is reported before anyone pays
+    # for importing torch
+    checked, error = [], None
+    try:
+        checked = _check_own_shards(world, setup)
+    except FedsiloError as exc:
+        error = exc
+    world.quiet_barrier(stage="checking the shards", timeout=_mine(world, waits.round_timeout()))
+    world.agree(error, stage="checking the shards")
 
     # torch is imported from here on
     from fedsilo.coordinator import Coordinator
@@ -91,14 +107,9 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
         cls = Coordinator if world.is_coordinator else Participant
         role = cls(world=world, config=setup.config, manifest=setup.manifest,
                    run_dir=RunDir(setup.run_dir), resume_round=setup.resume_round,
-                   site_map=setup.site_map)
+                   site_map=setup.site_map, checked=checked)
     except FedsiloError as exc:
         error = exc
-    waits = WaitPolicy(hang_timeout_s=setup.config.runtime.hang_timeout_s,
-                       first_round_s=setup.config.runtime.first_round_timeout_s,
-                       deadline_s=setup.config.train.round_deadline_s)
-    if world.is_coordinator:
-        world.on_hang = _hang_handler(RunDir(setup.run_dir))
     world.quiet_barrier(stage="loading the data and the model",
                         timeout=_mine(world, waits.round_timeout()))
     world.agree(error, stage="loading data and model")
@@ -108,8 +119,12 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
         _agree_on_identities(world, role)
     _commit(world, role, setup)
 
-    if not _run_rounds(world, role, setup, stop=StopFlag().install(), waits=waits):
+    run = RunDir(setup.run_dir)
+    stop = StopFlag(on_signal=_stop_marker(run) if world.is_coordinator else None).install()
+    if not _run_rounds(world, role, setup, stop=stop, waits=waits):
         return EXIT_PREEMPTED
+    if world.is_coordinator and stop.requested:  # finished after all: nothing to requeue
+        run.stopped.unlink(missing_ok=True)
     del lock  # released with the file, at the end of the job
     return 0
 
@@ -197,11 +212,46 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag,
     return True
 
 
+def _check_own_shards(world: World, setup: Setup) -> list[Path]:
+    """The shards this rank opens (the coordinator the test shard, a participant its
+    sites), checked against the manifest; returns their paths."""
+    from fedsilo.participation import assign_sites
+    from fedsilo.shards import check_listed_shard
+
+    manifest, config = setup.manifest, setup.config
+    if world.is_coordinator:
+        entries = [(manifest.test, "test")]
+    else:
+        mine = assign_sites(num_sites=manifest.num_sites,
+                            num_ranks=world.num_participants)[world.rank - 1]
+        entries = [(manifest.sites[k], "site") for k in mine]
+    for entry, kind in entries:
+        check_listed_shard(manifest, config.data.dir, entry, kind=kind,
+                           verify_hash=config.data.verify_hashes)
+    return [manifest.path_of(entry, config.data.dir) for entry, _ in entries]
+
+
 def _mine(world: World, timeout: float | None) -> float | None:
     """This rank's wait where the coordinator waits ``timeout`` (participants wait longer)."""
     if timeout is None or world.is_coordinator:
         return timeout
     return WaitPolicy.for_participant(timeout)
+
+
+def _stop_marker(run: RunDir) -> Any:
+    """The coordinator's first act on a stop signal: ``stopped.json`` at once, naming the
+    last complete checkpoint, in case the launcher kills the ranks before the round
+    boundary (SIGTERM to mpirun); the boundary rewrites it."""
+
+    def mark(signal_name: str) -> None:
+        complete = run.complete_rounds()
+        last = complete[-1] if complete else 0
+        dump_json(run.stopped, {"signal": signal_name, "before_round": None,
+                                "last_checkpoint_round": last, "exit_status": EXIT_PREEMPTED})
+        log.warning("if the ranks are killed before this round ends, '--resume %s' continues "
+                    "from round %d", run.root, last)
+
+    return mark
 
 
 def _hang_handler(run: RunDir) -> Any:

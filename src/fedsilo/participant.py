@@ -107,6 +107,9 @@ class Participant(Role):
                                num_ranks=world.num_participants)[world.rank - 1]
         self.sites = [self._load_site(index) for index in indexes]
         self._check_model_fits(self.sites[0].train_data.images)
+        # torch builds its first optimizer slowly (it imports torch._dynamo and SymPy, about
+        # 1 s): do it now, before any round's deadline clock runs
+        make_optimizer(self.model, config.train)
         numel = self.layout.numel
         self.local_weights = self.layout.empty(pinned=self.pinned)
         self.delta = self.layout.empty()
@@ -158,9 +161,7 @@ class Participant(Role):
                     self._load_checkpoint(site, self.resume_round, saved_as=was)
 
     def _load_site(self, index: int) -> Site:
-        path = self.manifest.site_path(self.config.data.dir, index)
-        shard = self._read_shard(path, self.manifest.sites[index], kind="site",
-                                 required=("train", "val"))
+        shard = self._read_shard(self.manifest.sites[index], kind="site")
         train, val = shard.splits["train"], shard.splits["val"]
         mean, std = self._normalization(train)
         return Site(index=index,

@@ -11,18 +11,18 @@ dataclasses of :mod:`fedsilo.messages`; the metrics rows and the summary are
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
 
 from fedsilo.comm import World
 from fedsilo.config import Config
-from fedsilo.errors import ModelError, ShardError
+from fedsilo.errors import ModelError
 from fedsilo.models import build_model
 from fedsilo.rundir import RunDir
 from fedsilo.runtime import configure_threads, select_device
-from fedsilo.shards import Manifest, check_shard, read_shard
+from fedsilo.shards import Manifest, check_listed_shard, read_shard
 from fedsilo.transport import Transport
 from fedsilo.weights import WeightLayout
 
@@ -31,12 +31,15 @@ class Role:
     """What both roles share: device, threads, the model and its flat weight buffers."""
 
     def __init__(self, *, world: World, config: Config, manifest: Manifest, run_dir: RunDir,
-                 resume_round: int, site_map: dict[int, int | None] | None = None) -> None:
+                 resume_round: int, site_map: dict[int, int | None] | None = None,
+                 checked: Collection[Path] = ()) -> None:
         self.world, self.config, self.manifest, self.run_dir = world, config, manifest, run_dir
         self.resume_round = resume_round
         #: a resume on a changed federation: each site's index in the checkpoint (None: it
         #: joins now); None when the federation is the one the checkpoint was trained on
         self.site_map = site_map
+        #: the shard paths this rank already checked against the manifest at start-up
+        self.checked = set(checked)
         self.threads = configure_threads(config.runtime.threads, local_size=world.local_size)
         self.device = select_device(config.runtime.device, local_rank=world.local_rank,
                                     is_coordinator=world.is_coordinator)
@@ -72,16 +75,14 @@ class Role:
                               **({"num_threads": self.threads} if kind == "participant" else {}))
         return CODECS.get("ckks")(keys=self.keys)
 
-    def _read_shard(self, path: Path, entry: Any, *, kind: str, required: tuple[str, ...]
-                    ) -> Any:
-        """One shard's split after checking the shard against the manifest (hash, shape,
-        classes, counts)."""
-        manifest, config = self.manifest, self.config
-        info = check_shard(path, kind=kind,
-                           expected_sha256=entry.sha256 if config.data.verify_hashes else None,
-                           image_shape=tuple(manifest.image_shape),
-                           num_classes=manifest.num_classes, required_splits=required)
-        check_counts(entry, info, path)
+    def _read_shard(self, entry: Any, *, kind: str) -> Any:
+        """The shard ``entry`` of the manifest, checked against it (already, when the
+        torch-free check at start-up did it: :func:`fedsilo.federation.run_job`)."""
+        config = self.config
+        path = self.manifest.path_of(entry, config.data.dir)
+        if path not in self.checked:
+            check_listed_shard(self.manifest, config.data.dir, entry, kind=kind,
+                               verify_hash=config.data.verify_hashes)
         return read_shard(path)
 
     def _check_model_fits(self, sample: torch.Tensor) -> None:
@@ -105,20 +106,6 @@ class Role:
             return split.mean, np.maximum(split.std, 1e-6)
         return self.manifest.normalization_mean, np.maximum(self.manifest.normalization_std, 1e-6)
 
-
-
-def check_counts(entry: Any, info: Any, path: Path) -> None:
-    """Every figure the manifest gives for a shard must be what the shard holds: the FedAvg
-    weights are computed from it."""
-    for split, n in sorted(entry.num_samples.items()):
-        real_n = info.num_samples.get(split)
-        real_counts = tuple(info.class_counts.get(split, ()))
-        if real_n != n or real_counts != tuple(entry.class_counts.get(split, ())):
-            raise ShardError(
-                f"{path}: the manifest says split {split!r} holds {n} samples with class counts "
-                f"{list(entry.class_counts.get(split, ()))}, the shard holds {real_n} with "
-                f"{list(real_counts)}; the manifest does not describe this shard (re-run "
-                f"'fedsilo prep verify' or prepare the set again)")
 
 
 def private(config: Config) -> bool:

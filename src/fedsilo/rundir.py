@@ -28,8 +28,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-import torch
-
 from fedsilo.errors import CheckpointError
 
 CHECKPOINTS = "checkpoints"
@@ -69,6 +67,8 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     """``torch.save`` through :func:`atomic_file`.  Serialized in memory first, so that a
     full disk surfaces as Python's ENOSPC (named, :func:`atomic_file`) rather than inside
     torch's zip writer, where the cause is lost."""
+    import torch  # the run directory's other files need no torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     with atomic_file(path) as handle:
@@ -77,6 +77,8 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 
 def load_torch(path: Path) -> Any:
     """Load a checkpoint without unpickling arbitrary objects."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

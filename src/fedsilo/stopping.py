@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 log = logging.getLogger("fedsilo")
 
@@ -28,8 +28,11 @@ DEFAULT_SIGNALS = ("SIGUSR1", "SIGTERM")
 class StopFlag:
     """Set by a signal handler; read at round boundaries."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_signal: Callable[[str], None] | None = None) -> None:
         self.signal_name: str | None = None
+        #: called once, at the signal (the coordinator leaves stopped.json at once: when
+        #: SIGTERM reached mpirun, Open MPI may kill the ranks before the round ends)
+        self.on_signal = on_signal
 
     @property
     def requested(self) -> bool:
@@ -45,6 +48,11 @@ class StopFlag:
             self.signal_name = signal.Signals(signum).name
             log.warning("received %s: stopping after the current round's checkpoint",
                         self.signal_name)
+            if self.on_signal is not None:
+                try:
+                    self.on_signal(self.signal_name)
+                except Exception as exc:  # noqa: BLE001 - never fail inside a handler
+                    log.error("while recording the stop: %s: %s", type(exc).__name__, exc)
 
 
 #: automatic watchdog: at least this long, and this many times the slowest round so far

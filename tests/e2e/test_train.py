@@ -178,3 +178,32 @@ def test_signal_stops_at_a_round_boundary_and_auto_resume_finishes_identically(
     assert not (run / "stopped.json").exists()
     a, b = load_model(reference / "model.pt"), load_model(run / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_to_mpirun_leaves_a_marker_and_a_resumable_run(shards1: Path,
+                                                                tmp_path: Path) -> None:
+    """SIGTERM to mpirun itself (a user's Ctrl-C elsewhere, a scheduler without --signal):
+    Open MPI passes it on and kills the ranks soon after, often before the round boundary.
+    The coordinator writes stopped.json the moment the signal arrives, naming the last
+    complete checkpoint, and the run resumes from it."""
+    from fedsilo.launch import mpirun_command, rank_environment
+    from fedsilo.rundir import RunDir
+
+    run = tmp_path / "run"
+    process = subprocess.Popen(mpirun_command(2, train_args(shards1, run, rounds=500)),
+                               env=rank_environment(2), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    marker = run / "checkpoints" / "round-0001" / "coordinator.pt"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0, output[-3000:]
+    stopped = json.loads((run / "stopped.json").read_text())
+    assert stopped["signal"] == "SIGTERM" and stopped["exit_status"] == 75, stopped
+    last = RunDir(run).complete_rounds()[-1]
+    assert stopped.get("last_checkpoint_round", last) <= last
+    job = mpirun(2, ["train", "--resume", str(run), "--set", f"rounds={last}"], timeout=240)
+    assert job.returncode == 0, job.output[-3000:]
+    assert not (run / "stopped.json").exists()

@@ -39,6 +39,12 @@ NO_TORCH_OR_MPI = ["fedsilo.prep.cli", "fedsilo.prep.pipeline", "fedsilo.prep.me
 
 #: imports each module in turn in one fresh interpreter and records what each import added:
 #: the first module that pulls a heavy package in is the one it is attributed to
+#: a plain run (no DP, no encryption, a small CNN) in the order a rank imports: the launch
+#: and configuration stages (nothing heavy: bad input is reported before torch loads), then
+#: the roles (torch, but no torchvision, Opacus, TenSEAL or matplotlib)
+PLAIN_RUN = ["fedsilo.cli", "fedsilo.federation", "fedsilo.coordinator", "fedsilo.participant",
+             "fedsilo.models"]
+
 _PROBE = """
 import importlib, json, sys
 seen, added = set(sys.modules), {}
@@ -61,7 +67,7 @@ def _loaded(modules: list[str]) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def loaded() -> dict[str, set[str]]:
-    groups = [PURE_MODULES, NO_TORCH_OR_MPI] + [[m] for m in NOT_PURE]
+    groups = [PURE_MODULES, NO_TORCH_OR_MPI, PLAIN_RUN] + [[m] for m in NOT_PURE]
     with ThreadPoolExecutor(max_workers=len(groups)) as pool:
         return {k: v for found in pool.map(_loaded, groups) for k, v in found.items()}
 
@@ -81,6 +87,18 @@ def test_modules_said_not_pure_really_are_not(loaded, module, why):
 @pytest.mark.parametrize("module", NO_TORCH_OR_MPI)
 def test_prep_loads_neither_torch_nor_mpi(loaded, module):
     assert not loaded[module] & {"torch", "mpi4py"}, module
+
+
+def test_the_import_budget_of_a_plain_run(loaded):
+    """What a rank of a plain run pays for at start-up (issue #16: torchvision, Opacus and
+    TenSEAL cost 5 s a rank and a plain run needs none of them)."""
+    before_roles = loaded["fedsilo.cli"] | loaded["fedsilo.federation"]
+    heavy = before_roles & {"torch", "torchvision", "opacus", "tenseal", "matplotlib"}
+    assert not heavy, f"launch and configuration import {sorted(heavy)}"
+    everything = set().union(*(loaded[m] for m in PLAIN_RUN))
+    assert "torch" in everything  # the test would pass vacuously if nothing was imported
+    unused = everything & {"torchvision", "opacus", "tenseal", "matplotlib", "scipy"}
+    assert not unused, f"a plain run imports {sorted(unused)}"
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -414,6 +414,9 @@ def test_manifest_round_trip_and_global_normalization(tmp_path):
         (lambda m: m.update(image_shape=[1, 100000, 100000]),
          "beyond the largest image fedsilo accepts"),
         (lambda m: m.update(num_classes=10**9), "beyond the 100000 fedsilo accepts"),
+        # the FedAvg weights come from the train counts: a KeyError traceback before
+        (lambda m: (m["sites"][0]["num_samples"].pop("train"),
+                    m["sites"][0]["class_counts"].pop("train")), "lists no 'train' split"),
     ],
 )
 def test_malformed_manifest_names_path_and_problem(tmp_path, edit, message):

@@ -19,7 +19,6 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from fedsilo.errors import ModelError
-from fedsilo.models.registry import MODELS
 
 #: images up to this side length get the small-image stem
 SMALL_IMAGE = 64
@@ -42,7 +41,6 @@ class OutOfPlaceBasicBlock(BasicBlock):
         return self.relu(out + identity)
 
 
-@MODELS.register("resnet18")
 def resnet18(*, in_channels: int, num_classes: int, image_size: tuple[int, int],
              norm_groups: int = 32) -> nn.Module:
     model = ResNet(OutOfPlaceBasicBlock, [2, 2, 2, 2], num_classes=num_classes,

@@ -4,7 +4,7 @@ A *shard set* is a directory with one HDF5 file per site (``site-000.h5`` ...), 
 held-out ``test.h5`` for the coordinator and a ``manifest.json`` describing them.
 """
 
-from fedsilo.shards.check import check_shard
+from fedsilo.shards.check import check_listed_shard, check_shard
 from fedsilo.shards.hdf5 import (
     FORMAT_VERSION,
     SPLITS_BY_KIND,
@@ -33,6 +33,7 @@ from fedsilo.shards.stats import combine as combine_stats
 from fedsilo.shards.verify import verify_shard_set
 
 __all__ = [
+    "check_listed_shard",
     "FORMAT_VERSION",
     "MANIFEST_FILE",
     "SPLITS_BY_KIND",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import h5py
 import numpy as np
@@ -196,3 +196,25 @@ def _blocks(dataset: h5py.Dataset) -> list[tuple[int, int]]:
 
 def _fmt_shape(shape: Sequence[int]) -> str:
     return "x".join(str(int(v)) for v in shape)
+
+
+def check_listed_shard(manifest: Any, directory: str | os.PathLike[str], entry: Any, *,
+                       kind: str, verify_hash: bool) -> ShardInfo:
+    """Check the shard a manifest ``entry`` lists: the file (format, shape, classes, labels,
+    pixels, and its sha256 with ``verify_hash``), and every figure the manifest gives for
+    it, which the FedAvg weights come from.  No torch: a run does this before anything
+    heavy is imported."""
+    path = manifest.path_of(entry, directory)
+    info = check_shard(path, kind=kind, expected_sha256=entry.sha256 if verify_hash else None,
+                       image_shape=tuple(manifest.image_shape),
+                       num_classes=manifest.num_classes, required_splits=SPLITS_BY_KIND[kind])
+    for split, n in sorted(entry.num_samples.items()):
+        real_n = info.num_samples.get(split)
+        real_counts = tuple(info.class_counts.get(split, ()))
+        if real_n != n or real_counts != tuple(entry.class_counts.get(split, ())):
+            raise ShardError(
+                f"{path}: the manifest says split {split!r} holds {n} samples with class counts "
+                f"{list(entry.class_counts.get(split, ()))}, the shard holds {real_n} with "
+                f"{list(real_counts)}; the manifest does not describe this shard (re-run "
+                f"'fedsilo prep verify' or prepare the set again)")
+    return info

@@ -264,9 +264,11 @@ def _parse(data: Any, where: str) -> Manifest:
     if len(raw_sites) != num_sites:
         raise fail(f"'num_sites' is {num_sites} but 'sites' lists {len(raw_sites)} files")
     sites = tuple(
-        _parse_entry(entry, f"sites[{i}]", num_classes, fail) for i, entry in enumerate(raw_sites)
+        _parse_entry(entry, f"sites[{i}]", num_classes, fail, splits=("train", "val"))
+        for i, entry in enumerate(raw_sites)
     )
-    test = _parse_entry(get(data, "test", dict, "test"), "test", num_classes, fail)
+    test = _parse_entry(get(data, "test", dict, "test"), "test", num_classes, fail,
+                        splits=("test",))
     files = [e.file for e in (*sites, test)]
     if len(set(files)) != len(files):
         raise fail(f"shard file names repeat: {files}")
@@ -306,7 +308,8 @@ def _parse(data: Any, where: str) -> Manifest:
     )
 
 
-def _parse_entry(entry: Any, label: str, num_classes: int, fail: Any) -> SiteEntry:
+def _parse_entry(entry: Any, label: str, num_classes: int, fail: Any, *,
+                 splits: tuple[str, ...] = ()) -> SiteEntry:
     if not isinstance(entry, dict):
         raise fail(f"{label!r} is not an object")
     file = entry.get("file")
@@ -336,6 +339,10 @@ def _parse_entry(entry: Any, label: str, num_classes: int, fail: Any) -> SiteEnt
             raise fail(f"'{label}.class_counts.{split}' sums to {sum(hist)}, not num_samples {n}")
     if set(counts) != set(samples):
         raise fail(f"'{label}': num_samples and class_counts name different splits")
+    missing = [split for split in splits if split not in samples]
+    if missing:
+        raise fail(f"'{label}' lists no {' or '.join(repr(s) for s in missing)} split "
+                   f"(a {'test' if label == 'test' else 'site'} shard holds {list(splits)})")
     return SiteEntry(
         file=file,
         sha256=sha,
