@@ -139,6 +139,8 @@ class Coordinator(Role):
                         if int(k) in now_of}
         if self.user_accountant is not None:
             self.user_accountant.load_state_dict(privacy["user_accountant"], renumber=now_of)
+            for site, back in self.returning.items():  # left earlier, back with its data
+                self.user_accountant.restore_site(site, back["user_accountant"])
         if self.secret is not None:
             if "secret" not in state:
                 raise CheckpointError(f"checkpoint {path} holds no privacy secret for the "

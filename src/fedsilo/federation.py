@@ -55,6 +55,9 @@ class Setup:
     #: checkpoint (None: it joins now), and the checkpoint's sites that left
     site_map: dict[int, int | None] | None = None
     departed: tuple[int, ...] = ()
+    #: sites that left earlier and come back with the same data: their archived state
+    #: (``departed/index.json`` entries), by their index now
+    returning: dict[int, dict[str, Any]] | None = None
 
 
 def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
@@ -107,7 +110,7 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
         cls = Coordinator if world.is_coordinator else Participant
         role = cls(world=world, config=setup.config, manifest=setup.manifest,
                    run_dir=RunDir(setup.run_dir), resume_round=setup.resume_round,
-                   site_map=setup.site_map, checked=checked)
+                   site_map=setup.site_map, returning=setup.returning, checked=checked)
     except FedsiloError as exc:
         error = exc
     world.quiet_barrier(stage="loading the data and the model",
@@ -412,16 +415,26 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
         raise ConfigError("--sites-changed applies to --resume of a run with a checkpoint")
     site_map: dict[int, int | None] | None = None
     departed: tuple[int, ...] = ()
+    returning: dict[int, dict[str, Any]] = {}
     if resume_round:
         saved = _saved_shard_set(run, resume_round)
         site_map, departed = match_sites(saved, manifest, changed_ok=sites_changed,
                                          where=run.coordinator_checkpoint(resume_round),
                                          data_dir=data_dir)
+        archived = _departed_index(run)
+        for k, was in (site_map or {}).items():
+            sha = manifest.sites[k].sha256
+            if was is None and sha in archived:
+                returning[k] = archived[sha]
+                log.info("site %d left in round %d and comes back with the same data: it "
+                         "resumes its archived state (DP budget spent so far included)", k,
+                         archived[sha]["round"])
     run.root.mkdir(parents=True, exist_ok=True)
     # config.yaml, metrics.jsonl and stopped.json change only once every rank has checked
     # its data, model, checkpoint and keys (_commit): a refused resume changes nothing
     return Setup(config=config, run_dir=str(run.root.resolve()), manifest=manifest,
-                 resume_round=resume_round, site_map=site_map, departed=departed)
+                 resume_round=resume_round, site_map=site_map, departed=departed,
+                 returning=returning)
 
 
 def _saved_shard_set(run: RunDir, round_index: int) -> dict[str, Any] | None:
@@ -474,7 +487,8 @@ def match_sites(saved: dict[str, Any] | None, manifest: Manifest, *, changed_ok:
     departed = tuple(k for k, sha in enumerate(old) if sha not in set(new))
     for k, was in site_map.items():
         if was is None:
-            log.info("site %d joins the federation: a fresh DP budget and state", k)
+            log.info("site %d joins the federation (unless it left earlier with the same "
+                     "data): a fresh DP budget and state", k)
         elif was != k:
             log.info("site %d was site %d of the checkpoint (same data)", k, was)
     for k in departed:
@@ -483,17 +497,45 @@ def match_sites(saved: dict[str, Any] | None, manifest: Manifest, *, changed_ok:
     return site_map, departed
 
 
-def _archive(run: RunDir, round_index: int, site: int) -> None:
-    """A departed site's last state (its accountant, secret, control variate), kept out of
-    the way of the pruning of old checkpoints (0600, like the original)."""
+def _departed_index(run: RunDir) -> dict[str, dict[str, Any]]:
+    """``departed/index.json``: each departed site's archived state, by its shard's sha256."""
+    import json
+
+    path = run.root / "departed" / "index.json"
+    if not path.is_file():
+        return {}
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    return index if isinstance(index, dict) else {}
+
+
+def _archive(run: RunDir, round_index: int, site: int, sha256: str) -> None:
+    """A departed site's last state, kept out of the way of the pruning of old checkpoints:
+    its own checkpoint (accountant, secret, control variate; 0600 like the original) and
+    the coordinator's user-level accountants of it, indexed by its data in
+    ``departed/index.json``, so that a site that comes back with the same data resumes its
+    privacy spending instead of starting it over."""
+    import json
     import shutil
 
+    from fedsilo.rundir import load_torch
+
     source = run.participant_checkpoint(round_index, site)
-    if not source.is_file():
-        return
     target = run.root / "departed" / f"site-{site:03d}-round-{round_index:04d}.pt"
     target.parent.mkdir(exist_ok=True)
-    shutil.copy2(source, target)
+    if source.is_file():
+        shutil.copy2(source, target)
+    privacy = json.loads(load_torch(run.coordinator_checkpoint(round_index)).get("privacy",
+                                                                                 "{}"))
+    user = privacy.get("user_accountant") or {}
+    index = _departed_index(run)
+    index[sha256] = {"file": target.name if source.is_file() else None, "site": site,
+                     "round": round_index,
+                     "user_accountant": {name: (user.get(name) or {}).get(str(site))
+                                         for name in ("released", "coordinator")}}
+    dump_json(run.root / "departed" / "index.json", index)
 
 
 def _commit(world: World, role: Any, setup: Setup) -> None:
@@ -506,8 +548,10 @@ def _commit(world: World, role: Any, setup: Setup) -> None:
             for tmp in run.remove_temporaries():  # left by a crash mid-write
                 log.info("removed %s, left by an interrupted write", tmp)
             run.truncate_metrics(last_round=setup.resume_round)
+            saved = _saved_shard_set(run, setup.resume_round) if setup.departed else None
             for site in setup.departed:
-                _archive(run, setup.resume_round, site)
+                assert saved is not None  # a departure is only known from the record
+                _archive(run, setup.resume_round, site, saved["sites"][site])
             role.restore_metrics_row()
             run.stopped.unlink(missing_ok=True)  # this run goes on
             run.hung.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -157,8 +158,13 @@ class Participant(Role):
         if self.resume_round:
             for site in self.sites:
                 was = site.index if self.site_map is None else self.site_map[site.index]
-                if was is not None:  # None: the site joins now, with fresh state
+                back = self.returning.get(site.index)
+                if was is not None:
                     self._load_checkpoint(site, self.resume_round, saved_as=was)
+                elif back is not None and back["file"] is not None:  # left, now back
+                    self._load_checkpoint(site, back["round"], saved_as=back["site"],
+                                          path=self.run_dir.root / "departed" / back["file"])
+                # else: the site joins now, with fresh state
 
     def _load_site(self, index: int) -> Site:
         shard = self._read_shard(self.manifest.sites[index], kind="site")
@@ -192,10 +198,12 @@ class Participant(Role):
         atomic_torch_save(self.run_dir.participant_checkpoint(round_index, site.index),
                           self.state_dict(site, round_index))
 
-    def _load_checkpoint(self, site: Site, round_index: int, *, saved_as: int) -> None:
-        """Restore ``site``'s state from the checkpoint of ``round_index``, where it was site
-        ``saved_as`` (its own index unless the federation changed)."""
-        path = self.run_dir.participant_checkpoint(round_index, saved_as)
+    def _load_checkpoint(self, site: Site, round_index: int, *, saved_as: int,
+                         path: Path | None = None) -> None:
+        """Restore ``site``'s state from its checkpoint of ``round_index``, where it was
+        site ``saved_as`` (its own index unless the federation changed); ``path``: an
+        archived one (a site that left and came back)."""
+        path = path or self.run_dir.participant_checkpoint(round_index, saved_as)
         state = load_torch(path)
         if state.get("site") != saved_as or state.get("round") != round_index:
             raise CheckpointError(f"checkpoint {path} belongs to site {state.get('site')} round "
@@ -207,7 +215,7 @@ class Participant(Role):
                 raise CheckpointError(f"checkpoint {path} has no privacy accountant, but this "
                                       f"run trains with DP (dp.enabled); resume it without DP")
             site.privacy.load_state_dict(state["privacy"],
-                                         remaining_rounds=self.config.rounds - round_index)
+                                         remaining_rounds=self.config.rounds - self.resume_round)
         if site.secret is not None:
             if "secret" not in state:
                 raise CheckpointError(

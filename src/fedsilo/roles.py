@@ -32,12 +32,16 @@ class Role:
 
     def __init__(self, *, world: World, config: Config, manifest: Manifest, run_dir: RunDir,
                  resume_round: int, site_map: dict[int, int | None] | None = None,
+                 returning: dict[int, dict[str, Any]] | None = None,
                  checked: Collection[Path] = ()) -> None:
         self.world, self.config, self.manifest, self.run_dir = world, config, manifest, run_dir
         self.resume_round = resume_round
         #: a resume on a changed federation: each site's index in the checkpoint (None: it
         #: joins now); None when the federation is the one the checkpoint was trained on
         self.site_map = site_map
+        #: sites that left earlier and come back with the same data: their archived state
+        #: (``departed/index.json`` entries, federation.py)
+        self.returning = returning or {}
         #: the shard paths this rank already checked against the manifest at start-up
         self.checked = set(checked)
         self.threads = configure_threads(config.runtime.threads, local_size=world.local_size)

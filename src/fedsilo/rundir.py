@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import math
 import os
@@ -63,16 +62,38 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.write(text.encode())
 
 
+class _Writes:
+    """The file torch's zip writer writes to, keeping the OSError it reports only as
+    ``enforce fail at inline_container.cc``."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    """``torch.save`` through :func:`atomic_file`.  Serialized in memory first, so that a
-    full disk surfaces as Python's ENOSPC (named, :func:`atomic_file`) rather than inside
-    torch's zip writer, where the cause is lost."""
+    """``torch.save`` through :func:`atomic_file`; a full disk is named as such (ENOSPC
+    from the file, not torch's zip-writer error, where the cause is lost)."""
     import torch  # the run directory's other files need no torch
 
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
     with atomic_file(path) as handle:
-        handle.write(buffer.getbuffer())
+        writes = _Writes(handle)
+        try:
+            torch.save(obj, writes)
+        except RuntimeError:
+            if writes.error is not None:
+                raise writes.error from None
+            raise
 
 
 def load_torch(path: Path) -> Any:

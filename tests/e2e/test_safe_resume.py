@@ -144,8 +144,9 @@ def test_a_site_leaves_and_sites_join_keeping_their_own_dp_state(shards3: Path,
                                                                   tmp_path: Path) -> None:
     """The consortium's two changes between launches, under DP-SGD: site 1 leaves (its
     state archived, its weight gone) and the others keep their accountants; then a new site
-    joins and site 1 comes back, both starting fresh, matched by their data, not their
-    position."""
+    joins, starting fresh, and site 1 comes back with the same data, resuming the privacy
+    spending it had (a fresh budget for the same people would under-report ε).  Sites are
+    matched by their data, not their position."""
     other = make_shards(tmp_path / "other", participants=3, samples=1500, seed=7)
     a = [shards3 / f"site-{k:03d}.h5" for k in range(3)]
     run = tmp_path / "run"
@@ -175,10 +176,11 @@ def test_a_site_leaves_and_sites_join_keeping_their_own_dp_state(shards3: Path,
     job = mpirun(4, ["train", "--resume", str(run), "--set", f"data.dir={joined}",
                      "--set", "rounds=4", "--sites-changed"], timeout=240)
     assert job.returncode == 0, job.output[-3000:]
-    assert "site 3 joins the federation" in job.stderr and "site 1 joins" in job.stderr
+    assert "site 3 joins the federation" in job.stderr
+    assert "site 1 left in round 2 and comes back with the same data" in job.stderr
     four = epsilons(4)
     assert set(four) == {"0", "1", "2", "3"}
-    # one round of spending for the newcomers (site 1 spent two before it left), four for
-    # the site that stayed throughout
-    assert 0 < four["1"] < two["1"] and 0 < four["3"] and two["0"] < four["0"]
+    # the newcomer: one round of spending; site 1: its two rounds before it left, and one
+    # more; the site that stayed throughout: four
+    assert 0 < four["3"] and four["1"] > two["1"] and two["0"] < four["0"]
     assert four["2"] > three["1"]  # site 2 (index 1 in round 3) kept its accountant

@@ -93,3 +93,13 @@ class UserAccounting:
                 table[site] = PrivacyAccountant("rdp")
                 table[site].load_state_dict(value)
             setattr(self, name, table)
+
+    def restore_site(self, site: int, state: Mapping[str, Any]) -> None:
+        """Give ``site`` the accountants it had when it left the federation (``state``: its
+        ``released`` and ``coordinator`` entries, either None if it had none)."""
+        for name in ("released", "coordinator"):
+            saved = state.get(name)
+            if saved is not None:
+                accountant = PrivacyAccountant("rdp")
+                accountant.load_state_dict(saved)
+                getattr(self, name)[site] = accountant
