@@ -154,7 +154,10 @@ def _secret_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch: i
     def step(x, y):
         round_index, index = counters[position[0] % len(counters)]
         position[0] += 1
-        engine._step(data, optimizer, secret, round_index, index, 0, 0.0)
+        # the Poisson draw and the batch, then the step (the engine draws the masks ahead)
+        rows = engine._poisson(secret, round_index, index)
+        images, labels = next(data.batches([rows]))
+        engine._step(images, labels, optimizer, secret, round_index, index, 0, 0.0)
     return step
 
 

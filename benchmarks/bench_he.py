@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -47,23 +48,37 @@ def codec_bench(args: argparse.Namespace) -> dict:
     out: dict = {"params": CKKSParams().to_dict(), "cores": available_cores()}
     n = args.numel
     x = (rng.standard_normal(n) * 1e-3).astype(np.float32)
-    for threads in sorted({1, available_cores()}):
-        codec = CODECS.get("ckks")(keys=load_keys(keys_dir / PARTICIPANT_FILE,
-                                                  expect="participant", num_threads=threads))
-        codec.encrypt(x[:8192])  # warm-up
-        times = []
-        for _ in range(args.repeats):
+    cores = available_cores()
+    # TenSEAL's own threads (n_threads of the context) and fedsilo's worker processes
+    # (he.workers), interleaved repeat by repeat; medians
+    variants = {f"threads_{t}": (t, 1) for t in sorted({1, cores})}
+    variants.update({f"workers_{w}": (1, w) for w in sorted({2, cores}) if w > 1})
+    codecs = {name: CODECS.get("ckks")(keys=load_keys(keys_dir / PARTICIPANT_FILE,
+                                                      expect="participant", num_threads=t),
+                                       workers=w) for name, (t, w) in variants.items()}
+    for codec in codecs.values():
+        codec.encrypt(x)  # warm-up (and the worker processes started)
+    times: dict[str, list[float]] = {name: [] for name in codecs}
+    for _ in range(args.repeats):
+        for name, codec in codecs.items():
             begin = time.perf_counter()
             ct = codec.encrypt(x)
-            times.append(time.perf_counter() - begin)
-        enc = min(times)
-        begin = time.perf_counter()
-        data = codec.to_bytes(ct)
-        ser = time.perf_counter() - begin
-        out[f"threads_{threads}"] = {"encrypt_s": enc, "serialize_s": ser,
-                                     "params_per_s": n / enc,
-                                     "params_per_s_per_core": n / enc / threads,
-                                     "params_per_s_incl_serialize": n / (enc + ser)}
+            data = codec.to_bytes(ct)
+            times[name].append(time.perf_counter() - begin)
+    for name, codec in codecs.items():
+        t, w = variants[name]
+        enc = statistics.median(times[name])
+        out[name] = {"threads": t, "workers": w, "encrypt_and_serialize_s": enc,
+                     "params_per_s": n / enc, "params_per_s_per_core": n / enc / max(t, w),
+                     "speedup_vs_1": statistics.median(times["threads_1"]) / enc}
+        print(f"{name:12} {n / enc / 1e6:6.2f} M params/s "
+              f"({n / enc / max(t, w) / 1e6:.2f} M/s per core, "
+              f"{out[name]['speedup_vs_1']:.2f}x one process)", flush=True)
+    codec = codecs["threads_1"]
+    data = codec.to_bytes(codec.encrypt(x))
+    for other in codecs.values():
+        if other is not codec:
+            other.close()
     total = codec.from_bytes(data)
     codec.add_into(total, codec.from_bytes(data))
     begin = time.perf_counter()

@@ -4,7 +4,8 @@
 
 For every run it prints the median over rounds of each phase the coordinator records in
 ``seconds`` (a phase missing from a round counts as 0 s there, e.g. ``evaluate`` when
-``eval.every > 1``), then two shares of the round:
+``eval.every > 1``, or when the row says it was ``overlapped`` with the next round), then
+two shares of the round:
 
 - *not training or evaluating*: ``(round - local_compute_max - evaluate) / round``, where
   ``local_compute_max`` is the slowest participant's training + validation (runs recorded
@@ -63,6 +64,8 @@ def analyse(rows: Sequence[dict]) -> dict:
     seconds = [{name: float(row["seconds"].get(name, 0.0)) for name in PHASES} for row in rows]
     for s, row in zip(seconds, rows):
         s["new_format"] = "local_compute_max" in row["seconds"]
+        if "evaluate" in row.get("overlapped", ()):  # ran during the next round's training
+            s["evaluate"] = 0.0
     medians = {name: statistics.median(s[name] for s in seconds) for name in PHASES}
     totals = {name: sum(s[name] for s in seconds) for name in PHASES}
 

@@ -11,13 +11,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fedsilo.errors import ShardError
+from fedsilo.errors import ConfigError, ShardError
 from fedsilo.prep import record_cli, stats
-from fedsilo.prep.args import FORMATTER, add_common, add_source, positive_int, resolve_only
-from fedsilo.prep.medmnist import load_medmnist
+from fedsilo.prep.args import FORMATTER, add_common, positive_int, resolve_only
+from fedsilo.prep.medmnist import MEDMNIST_SIZES, load_medmnist, load_medmnist_by_name
 from fedsilo.prep.pipeline import prepare_shards
 from fedsilo.prep.source import SourceData
 from fedsilo.prep.synthetic import make_synthetic
+from fedsilo.prep.tvdatasets import DATASETS
 from fedsilo.shards import MANIFEST_FILE, Manifest, load_manifest, verify_shard_set
 
 #: exit status of ``prep verify`` when the shard set has problems
@@ -25,8 +26,8 @@ EXIT_PROBLEMS = 2
 
 
 def add_parser(subparsers: Any) -> None:
-    """Add ``prep`` (sources ``medmnist``, ``synthetic``, ``folder``, ``csv``, ``dicom``;
-    ``verify`` and ``stats``)."""
+    """Add ``prep`` (sources ``medmnist``, ``torchvision``, ``synthetic``, ``folder``, ``csv``,
+    ``dicom``; ``verify`` and ``stats``)."""
     prep = subparsers.add_parser(
         "prep",
         help="convert a dataset into per-site HDF5 shards, or verify a shard set",
@@ -38,14 +39,41 @@ def add_parser(subparsers: Any) -> None:
 
     medmnist = sources.add_parser(
         "medmnist",
-        help="a MedMNIST v2 2-D .npz file (e.g. pneumoniamnist.npz)",
-        description="Shard a MedMNIST v2 .npz: its train split is partitioned over the "
-        "sites, its val split follows each site's label mix, its test split becomes test.h5.",
+        help="a MedMNIST v2 2-D set: an .npz file, or by name (e.g. pneumoniamnist)",
+        description="Shard a MedMNIST v2 set, given as an .npz (--source) or by name (--name, "
+        "read from --root where the medmnist package keeps it, fetched with --download): its "
+        "train split is partitioned over the sites, its val split follows each site's label "
+        "mix, its test split becomes test.h5.",
         formatter_class=FORMATTER,
     )
-    add_source(medmnist, "--npz", what="path of the MedMNIST .npz file")
+    which = medmnist.add_mutually_exclusive_group(required=True)
+    which.add_argument("--source", "--npz", dest="source", type=Path, metavar="PATH",
+                       help="path of the MedMNIST .npz file")
+    which.add_argument("--name", help="a MedMNIST set by name (pneumoniamnist, pathmnist...)")
+    medmnist.add_argument("--size", type=int, default=28, choices=MEDMNIST_SIZES,
+                          help="with --name: image side in px (MedMNIST+ sizes)")
+    medmnist.add_argument("--root", type=Path, default=Path("~/.medmnist"),
+                          help="with --name: directory of the .npz files (NAME_SIZE.npz)")
+    medmnist.add_argument("--download", action="store_true",
+                          help="with --name: download the file when missing (needs internet)")
     add_common(medmnist)
     medmnist.set_defaults(func=_run_medmnist)
+
+    tv = sources.add_parser(
+        "torchvision",
+        help="MNIST, FashionMNIST, CIFAR10, CIFAR100 or SVHN through torchvision",
+        description="Shard a classic vision set read by torchvision's dataset classes from "
+        "--root (fetched with --download): its train split is partitioned over the sites "
+        "(each keeps a validation hold-out), its test split becomes test.h5.",
+        formatter_class=FORMATTER,
+    )
+    tv.add_argument("--dataset", required=True, choices=DATASETS, help="the set (required)")
+    tv.add_argument("--root", type=Path, required=True, default=argparse.SUPPRESS,
+                    help="directory of the set in torchvision's layout (required)")
+    tv.add_argument("--download", action="store_true",
+                    help="download the set into --root when missing (needs internet)")
+    add_common(tv)
+    tv.set_defaults(func=_run_torchvision)
 
     synthetic = sources.add_parser(
         "synthetic",
@@ -80,7 +108,29 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _run_medmnist(args: argparse.Namespace) -> int:
-    return _prepare(load_medmnist(args.source), args)
+    if args.source is not None:
+        if args.download or args.size != 28:
+            raise ConfigError("--size and --download go with --name, not --source "
+                              "(a given .npz is read as it is)")
+        return _prepare(load_medmnist(args.source), args)
+    source = load_medmnist_by_name(args.name, size=args.size, root=args.root,
+                                   download=args.download)
+    _note_unverified(source)
+    return _prepare(source, args)
+
+
+def _run_torchvision(args: argparse.Namespace) -> int:
+    from fedsilo.prep.tvdatasets import load_torchvision  # imports torch and torchvision
+
+    source = load_torchvision(args.dataset, root=args.root, download=args.download)
+    _note_unverified(source)
+    return _prepare(source, args)
+
+
+def _note_unverified(source: SourceData) -> None:
+    if source.provenance.get("md5_verified") is False:
+        print(f"note: the files of {source.name} do not match the release's md5; the "
+              f"manifest records source.md5_verified: false")
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:

@@ -92,3 +92,66 @@ def _to_labels(labels: np.ndarray, num_images: int, path: Path, split: str) -> n
     if labels.size and labels.min() < 0:
         raise DataError(f"{path}: {split}_labels has negative label {int(labels.min())}")
     return labels.astype(np.int64)
+
+
+#: the image sides MedMNIST+ publishes (28 is the original ``NAME.npz``)
+MEDMNIST_SIZES = (28, 64, 128, 224)
+
+
+def medmnist_file(flag: str, size: int) -> str:
+    """The file name the ``medmnist`` package gives set ``flag`` at ``size`` px."""
+    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+
+
+def load_medmnist_by_name(name: str, *, size: int = 28, root: str | os.PathLike[str],
+                          download: bool = False) -> SourceData:
+    """MedMNIST set ``name`` (``pneumoniamnist``...) at ``size`` px from ``root``, where the
+    ``medmnist`` package keeps it (``pneumoniamnist_64.npz``); ``download`` fetches it with
+    the package's own downloader (zenodo.org).  The package (and torch, which it imports) is
+    loaded only here."""
+    import medmnist
+
+    flag = name.lower()
+    info = medmnist.INFO.get(flag)
+    if info is None or flag.endswith("3d"):
+        known = ", ".join(k for k in medmnist.INFO if not k.endswith("3d"))
+        raise DataError(f"unknown 2-D MedMNIST set {name!r}; known: {known}")
+    cls = getattr(medmnist, info["python_class"])
+    if size not in cls.available_sizes:
+        raise DataError(f"MedMNIST {flag} comes at {', '.join(map(str, cls.available_sizes))} "
+                        f"px, not {size}")
+    root = Path(root).expanduser()
+    path = root / medmnist_file(flag, size)
+    url = info["url" if size == 28 else f"url_{size}"]
+    if download and not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            cls(split="train", size=size, root=str(root), download=True)
+        except Exception as exc:  # the package wraps every download failure in RuntimeError
+            raise DataError(
+                f"cannot download MedMNIST {flag} at {size} px ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0]}); without internet, download {url} "
+                f"elsewhere and place it at {path}") from None
+    if not path.is_file():
+        raise DataError(f"MedMNIST {flag} at {size} px not found: {path} is missing; add "
+                        f"--download to fetch it (needs internet: zenodo.org), or place the "
+                        f"file from {url} there")
+    source = load_medmnist(path)
+    md5 = info.get("MD5" if size == 28 else f"MD5_{size}")
+    provenance = {**source.provenance, "name": flag, "size": size, "url": url,
+                  "license": info.get("license"),
+                  "classes": [info["label"][k] for k in sorted(info["label"], key=int)],
+                  "md5_verified": md5 is not None and _md5(path) == md5}
+    return SourceData(name=f"{flag}_{size}", num_classes=max(source.num_classes,
+                                                             len(info["label"])),
+                      splits=source.splits, provenance=provenance)
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -9,7 +9,7 @@ themselves; unknown keys and ill-typed values fail with the key's dotted path.
 >>> load_config(None, overrides=["train.epochz=2"])
 Traceback (most recent call last):
 ...
-fedsilo.errors.ConfigError: unknown config key 'train.epochz'; known keys of 'train': batch_size, epochs, lr, lr_decay, max_steps, momentum, normalize_steps, optimizer, round_deadline_s, weight_decay
+fedsilo.errors.ConfigError: unknown config key 'train.epochz'; known keys of 'train': batch_size, channels_last, epochs, lr, lr_decay, max_steps, momentum, normalize_steps, optimizer, precision, round_deadline_s, weight_decay
 """  # noqa: E501
 
 from __future__ import annotations
@@ -30,6 +30,30 @@ from fedsilo.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation of training batches, per sample (torchvision.transforms.v2; docs/
+    data-loading.md).  Every default is off."""
+
+    #: RandomResizedCrop back to the image size, of an area in [crop_scale, 1] (1: off)
+    crop_scale: float = 1.0
+    #: RandomHorizontalFlip (p = 0.5)
+    flip: bool = False
+    #: RandomRotation by up to this many degrees either way (0: off)
+    rotation: float = 0.0
+    #: ColorJitter of brightness, contrast and saturation by this factor (RGB shards only)
+    color_jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(0 < self.crop_scale <= 1, "data.augment.crop_scale", "must be in (0, 1]")
+        _check(0 <= self.rotation <= 180, "data.augment.rotation", "must be in [0, 180]")
+        _check(0 <= self.color_jitter <= 1, "data.augment.color_jitter", "must be in [0, 1]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.crop_scale < 1 or self.flip or self.rotation > 0 or self.color_jitter > 0
+
+
+@dataclass(frozen=True)
 class DataConfig:
     #: directory of the shard set written by ``fedsilo prep``
     dir: str = "shards"
@@ -38,19 +62,62 @@ class DataConfig:
     normalize: Literal["global", "site", "none"] = "global"
     #: verify every shard's sha256 against the manifest before training
     verify_hashes: bool = True
+    #: hold a rank's splits in memory (true), stream them from their shards (false), or
+    #: auto: in memory when their raw pixels fit in memory_limit_mb
+    in_memory: Literal["auto", "true", "false"] = "auto"
+    #: the memory a rank's data may take (MiB): the auto choice, and for streamed splits
+    #: the chunk cache and the windows of batches read ahead
+    memory_limit_mb: int = 1024
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.memory_limit_mb >= 1, "data.memory_limit_mb", "must be >= 1")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The model (docs/models.md): a zoo name, or ``tv:ARCH`` for any torchvision
+    classification model, adapted to the shards' channels, classes and image size."""
+
+    #: small_cnn, dp_cnn, resnet18, or tv:ARCH (tv:resnet50, tv:densenet121, tv:vit_b_16...)
     name: str = "small_cnn"
-    #: groups of GroupNorm layers (ResNet); channels must be divisible by it
+    #: groups of GroupNorm layers (ResNet); channels must be divisible by it.  The DP fix
+    #: gives a BatchNorm of C channels gcd(norm_groups, C) groups
     norm_groups: int = 32
+    #: initial weights: a state_dict file (torch.load(weights_only=True)), or for tv: models
+    #: torchvision's weights name (DEFAULT, IMAGENET1K_V1...; torch hub's cache); null: random
+    weights: str | None = None
+    #: tv: models: first layers for the image size: auto (small-image stem up to 64 px),
+    #: small, imagenet (torchvision's stem as is)
+    stem: Literal["auto", "small", "imagenet"] = "auto"
+    #: make the model DP-SGD-ready (BatchNorm -> GroupNorm, no in-place ops, as Opacus's
+    #: ModuleValidator.fix): on, off, auto (on exactly when dp.enabled)
+    dp_fix: Literal["auto", "on", "off"] = "auto"
+    #: what trains (the rest stays frozen): all, head (the last Linear layer), or N (the
+    #: last N blocks and the head)
+    train_layers: Literal["all", "head"] | int = "all"
 
     def __post_init__(self) -> None:
-        from fedsilo.models import MODELS
+        from fedsilo.models import MODELS, TORCHVISION
 
-        MODELS.get(self.name)  # fails early with the known names
+        if self.name.startswith(TORCHVISION):
+            from fedsilo.models.torchvision import check_name, is_weight_enum, weight_enum
+
+            arch = check_name(self.name)  # fails early with the known names
+            if self.weights is not None and is_weight_enum(self.weights):
+                weight_enum(arch, self.weights)
+        else:
+            MODELS.get(self.name)  # fails early with the known names
+            _check(self.stem == "auto", "model.stem", "applies to tv: models only")
+            _check(self.weights is None or not self.weights.replace("_", "").isalnum()
+                   or not self.weights.isupper(), "model.weights",
+                   f"names torchvision weights ({self.weights}), which only tv: models have; "
+                   f"give a .pth file for {self.name}")
         _check(self.norm_groups >= 1, "model.norm_groups", "must be >= 1")
+        _check(self.weights is None or bool(self.weights.strip()), "model.weights",
+               "must be a file path, a torchvision weights name, or null")
+        _check(not isinstance(self.train_layers, int) or self.train_layers >= 1,
+               "model.train_layers", "must be all, head, or a number of blocks >= 1")
 
 
 @dataclass(frozen=True)
@@ -75,6 +142,11 @@ class TrainConfig:
     #: FedNova-style normalization (Wang et al. 2020): each update is divided by its number
     #: of local steps and the aggregate rescaled by the weighted mean step count
     normalize_steps: bool = False
+    #: the forward pass in fp32, or under autocast in bf16 or fp16 (fp16 with loss scaling;
+    #: not under DP-SGD).  Evaluation stays fp32
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: train in the channels_last memory format (faster convolutions on tensor cores)
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -135,6 +207,14 @@ class CheckpointConfig:
     every: int = 1
     #: complete checkpoints kept on disk (older ones are deleted)
     keep: int = 2
+    #: model selection: keep the global model with the best federated validation metric as
+    #: RUN_DIR/best.pt (docs/model.md).  auto: val_loss, and none under DP (no validation
+    #: metric leaves a site there); none: no best.pt
+    best_by: Literal["auto", "none", "val_loss", "val_acc", "val_auc"] = "auto"
+    #: binary tasks: a decision threshold on the positive-class probability, chosen on the
+    #: sites' summed validation confusion counts (none: keep 0.5; youden: max TPR - FPR;
+    #: accuracy: max accuracy), stored with model.pt and best.pt
+    threshold: Literal["none", "youden", "accuracy"] = "none"
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, "checkpoint.every", "must be >= 1")
@@ -149,6 +229,8 @@ class RuntimeConfig:
     threads: int = 0
     #: progress bar on rank 0: auto (only on a TTY), on, off
     progress: Literal["auto", "on", "off"] = "auto"
+    #: rank 0 writes TensorBoard event files to RUN_DIR/tensorboard/ as the run goes
+    tensorboard: bool = False
     #: precision of the summed updates on the wire.  float64 makes the sum exact in practice,
     #: so results do not depend on how sites are placed on ranks or on the Reduce's
     #: grouping (docs/strategies.md); float32 halves the bytes of the Reduce
@@ -158,6 +240,9 @@ class RuntimeConfig:
     hang_timeout_s: float | None = None
     #: watchdog: the allowance for loading the data and the first round after a (re)start
     first_round_timeout_s: float = 1800.0
+    #: the coordinator evaluates and checkpoints a round while the participants train the
+    #: next one (same results and checkpoints; false: before the next round starts)
+    overlap_eval: bool = True
 
     def __post_init__(self) -> None:
         _check(0 <= self.threads <= 1024, "runtime.threads",
@@ -235,11 +320,15 @@ class DPConfig:
     #: layer), auto (mixed where it covers the model, else hooks)
     grad_sample_mode: Literal["auto", "mixed", "hooks"] = "auto"
     sites: Mapping[Any, Any] = field(default_factory=dict)
+    #: augmentation multiplicity (De et al. 2022): K augmented views of each sampled image,
+    #: their gradients averaged before clipping (the sensitivity stays C); needs data.augment
+    augmult: int = 1
     #: user-level DP-FedAvg, independent of (and combinable with) sample-level DP-SGD;
     #: accounted over rounds at dp.delta and reported as ``user_epsilon``
     user: UserDPConfig = field(default_factory=UserDPConfig)
 
     def __post_init__(self) -> None:
+        _check(self.augmult >= 1, "dp.augmult", "must be >= 1")
         self._check_site("dp", self.for_site(0, _sites={}))  # the job-wide settings
         sites = {}
         for key, override in self.sites.items():
@@ -328,6 +417,12 @@ class HEConfig:
     enabled: bool = False
     #: key directory: participants open participant.key, the coordinator coordinator.ctx only
     keys: str = "keys"
+    #: processes a participant encrypts in (0: its share of the node's cores, as
+    #: runtime.threads; 1: in the rank's own process)
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.workers <= 1024, "he.workers", "must be between 0 and 1024")
 
 
 @dataclass(frozen=True)
@@ -394,6 +489,7 @@ class Config:
         from fedsilo.strategies import STRATEGIES
 
         strategy = STRATEGIES.get(self.strategy.name)
+        self._check_data_and_precision()
         if self.dp.user.enabled and self.train.normalize_steps:
             raise ConfigError(
                 "dp.user (DP-FedAvg) cannot run with train.normalize_steps=true: FedNova "
@@ -421,6 +517,41 @@ class Config:
                 f"aggregation.secure={self.aggregation.secure} sums updates without anyone "
                 f"seeing one; use a linear strategy (a weighted sum such as fedavg) or "
                 f"aggregation.secure=none")
+        self._check_selection()
+
+    def _check_selection(self) -> None:
+        """Model selection and thresholds read the sites' validation figures, which no site
+        releases under DP (docs/privacy.md): asking for them there is an error."""
+        if not (self.dp.enabled or self.dp.user.enabled):
+            return
+        for key, value, off in (("best_by", self.checkpoint.best_by, ("auto", "none")),
+                                ("threshold", self.checkpoint.threshold, ("none",))):
+            if value not in off:
+                raise ConfigError(
+                    f"config key 'checkpoint.{key}' is {value!r}, but under DP no site "
+                    f"releases validation figures (they are computed on private data without "
+                    f"noise, docs/privacy.md); set checkpoint.{key}={off[0]} and judge the "
+                    f"model on the coordinator's test set")
+
+    def _check_data_and_precision(self) -> None:
+        if self.dp.enabled and self.train.precision == "fp16":
+            raise ConfigError(
+                "train.precision=fp16 cannot run with dp.enabled: fp16 needs loss scaling, "
+                "whose skipped steps (on an overflow in any sample's gradient) depend on the "
+                "data without noise, and which scales the per-sample norms that clipping "
+                "bounds; use train.precision=bf16 (no scaling; clipping is computed in fp32) "
+                "or fp32")
+        if self.dp.augmult > 1 and not self.dp.enabled:
+            raise ConfigError(
+                f"dp.augmult={self.dp.augmult} averages each sample's gradient over its views "
+                f"before DP-SGD clips it; it needs dp.enabled=true (without DP, augmentation "
+                f"alone gives each batch fresh views)")
+        if self.dp.augmult > 1 and not self.data.augment.enabled:
+            raise ConfigError(
+                f"dp.augmult={self.dp.augmult} asks for {self.dp.augmult} views of each "
+                f"sample, but data.augment is all off, so the views would be identical; "
+                f"turn on an augmentation (data.augment.flip, crop_scale, rotation, "
+                f"color_jitter) or set dp.augmult=1")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)

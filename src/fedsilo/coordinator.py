@@ -15,14 +15,21 @@ import json
 import logging
 import secrets
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from fedsilo import __version__
-from fedsilo.aggregate import count_nonfinite, renormalization, step_normalized
+from fedsilo.aggregate import (
+    count_nonfinite,
+    renormalization,
+    step_normalized,
+    weighted_validation,
+)
+from fedsilo.boardlog import BoardLog
 from fedsilo.errors import CheckpointError, UpdateError
+from fedsilo.loading import load_splits
 from fedsilo.messages import (
     Aggregate,
     Contribution,
@@ -32,15 +39,25 @@ from fedsilo.messages import (
     RoundPlan,
     SiteReport,
 )
+from fedsilo.modelfile import write_model
 from fedsilo.participation import rank_of_sites, sample_sites
 from fedsilo.privacy import userlevel
 from fedsilo.privacy.secret import Purpose, SecretStream, check_secret, new_secret
 from fedsilo.progress import RoundProgress
 from fedsilo.report import job_summary, metrics_row
-from fedsilo.roles import Role, checkpoint_due, plan_weights, reduce_buffer, user_weights
+from fedsilo.roles import (
+    Role,
+    checkpoint_due,
+    plan_weights,
+    private,
+    reduce_buffer,
+    user_weights,
+)
 from fedsilo.rundir import atomic_torch_save, dump_json, finite_json, load_torch
+from fedsilo.selection import BestModel, choose_threshold, resolve_best_by, sum_counts
+from fedsilo.shards import SplitReader
 from fedsilo.strategies import build_strategy
-from fedsilo.training import TensorSplit, evaluate
+from fedsilo.training import evaluate
 from fedsilo.transport import transport_for
 
 log = logging.getLogger("fedsilo")
@@ -50,11 +67,13 @@ class Coordinator(Role):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         config, manifest = self.config, self.manifest
-        split = self._read_shard(manifest.test, kind="test").splits["test"]
+        # held in memory or streamed from test.h5 (data.in_memory, loading.py)
         mean, std = self._normalization(None)
-        self.test_data = TensorSplit.from_arrays(split.images, split.labels, mean=mean, std=std,
-                                                 device=self.device)
-        self._check_model_fits(self.test_data.images)
+        reader = SplitReader(self._shard_path(manifest.test, kind="test"), "test",
+                             cache_bytes=0)
+        self.test_data = load_splits([(reader, mean, std)], data=config.data,
+                                     device=self.device, who="the coordinator")[0]
+        self._check_model_fits(self.test_data.sample(1))
         self.strategy = build_strategy(config.strategy.name, dict(config.strategy.options))
         self.strategy.setup(self.layout.numel)
         self.num_samples = {i: int(site.num_samples["train"])
@@ -74,6 +93,14 @@ class Coordinator(Role):
         #: round never reuses a mask)
         self.mask_nonce = secrets.token_bytes(8)
         self.last_test: dict[str, Any] | None = None
+        #: model selection by federated validation (checkpoint.best_by; docs/model.md)
+        metric = resolve_best_by(config.checkpoint.best_by, private=private(config))
+        self.best = BestModel(metric) if metric is not None else None
+        #: the final model's federated validation and summed confusion counts (finish_job)
+        self.final_val: dict[str, Any] | None = None
+        self.final_counts: dict[str, Any] | None = None
+        #: what summary.json says of best.pt and the thresholds (written by finish_job)
+        self.model_records: dict[str, Any] = {}
         #: each participant's latest privacy report, and the round a site stopped in
         self.privacy: dict[int, dict[str, Any]] = {}
         self.stopped: dict[int, int] = {}
@@ -95,6 +122,9 @@ class Coordinator(Role):
         self._control_buffer: np.ndarray | None = None
         self.progress = RoundProgress(total=config.rounds, done=self.resume_round,
                                       mode=config.runtime.progress)
+        #: TensorBoard events (runtime.tensorboard), opened at the first round: by then a
+        #: resume has settled metrics.jsonl, whose rows it continues from
+        self.board: BoardLog | None = None
         log.info("%d participants (%d sites), model %s with %d parameters (%.1f MB per "
                  "transfer), %d threads per rank, device %s", self.world.num_participants,
                  len(self.num_samples), config.model.name,
@@ -148,6 +178,10 @@ class Coordinator(Role):
             self.secret = check_secret(bytes(state["secret"].tolist()))
         if state.get("metrics_row"):
             self._checkpoint_row = json.loads(state["metrics_row"])
+        if self.best is not None and state.get("best"):
+            weights = state.get("best_weights")
+            self.best.load_state_dict({"meta": json.loads(state["best"]),
+                                       "weights": None if weights is None else weights.numpy()})
 
     def restore_metrics_row(self) -> None:
         """Resume: a crash between the checkpoint and metrics.jsonl loses no row (called once
@@ -202,12 +236,17 @@ class Coordinator(Role):
         return None
 
     def finish_round(self, plan: RoundPlan, reports: Sequence[Any], timer: Any, *,
-                     outcome: RoundOutcome, aggregate: Aggregate | None) -> None:
+                     outcome: RoundOutcome, aggregate: Aggregate | None) -> Callable[[], None]:
+        """The round's server step, now; returns what is left to do, its record: the test
+        evaluation, the checkpoint and the metrics row.  The round loop runs that record
+        while the participants train the next round (``runtime.overlap_eval``), or at once.
+        Everything the record writes is fixed here, so both give the same files."""
         round_index = plan.round
         ranks: list[RankReport] = list(reports[1:])
         sites = [r for rank in ranks for r in rank.sites]
         self._note_privacy(round_index, sites)
         contributors = [r for r in sites if r.contributed]
+        self._offer_best(round_index - 1, contributors)
         if outcome.refused:
             log.warning("round %d is refused by the participants: %d site(s) contributed, "
                         "fewer than aggregation.min_contributors = %d; the global model stays "
@@ -230,25 +269,59 @@ class Coordinator(Role):
                             "it was", round_index)
         if self.user_accountant is not None:
             self.user_accountant.spend_round(planned=plan.participants)
-        test = None
-        if round_index % self.config.eval.every == 0 or round_index == self.config.rounds:
-            with timer("evaluate"):
-                self.layout.load(self.model, self.global_weights)
-                test = evaluate(self.model, self.test_data,
-                                batch_size=self.config.eval.batch_size)
-            self.last_test = test
-        row = metrics_row(self, plan, ranks, timer, test,
+        # the row and the checkpoint's privacy state as they stand now: the next round's
+        # plan may mark sites stopped before the record runs
+        row = metrics_row(self, plan, ranks, timer, None,
                           info=aggregate.info if aggregate is not None else {})
+        stopped = dict(self.stopped)
+        critical = timer.total()
+        overlapped = self.config.runtime.overlap_eval
+
+        def record() -> None:
+            self._record_round(round_index, row, stopped=stopped, critical=critical,
+                               overlapped=overlapped)
+
+        return record
+
+    def _record_round(self, round_index: int, row: dict[str, Any], *, stopped: dict[int, int],
+                      critical: float, overlapped: bool) -> None:
+        """Round ``round_index``'s test evaluation, checkpoint and metrics row.  The global
+        weights, the strategy's state and the privacy reports are those of the round's end
+        until the next round's server step, which comes after this."""
+        seconds = row["seconds"]
+        extra = 0.0
+        if round_index % self.config.eval.every == 0 or round_index == self.config.rounds:
+            begin = time.perf_counter()
+            self.layout.load(self.model, self.global_weights)
+            test = evaluate(self.model, self.test_data, batch_size=self.config.eval.batch_size)
+            self.last_test = test
+            seconds["evaluate"] = time.perf_counter() - begin
+            extra += seconds["evaluate"]
+            # the test metrics come right after the round number, as they always have
+            rest = {k: v for k, v in row.items() if k != "round"}
+            row.clear()
+            row.update(round=round_index, acc=test["acc"], auc=test["auc"], loss=test["loss"],
+                       **rest)
         if checkpoint_due(self.config, round_index):
             begin = time.perf_counter()
-            self._save(round_index, row)
+            self._save(round_index, row, stopped=stopped)
             self.run_dir.prune(keep=self.config.checkpoint.keep, current=round_index)
-            row["seconds"]["checkpoint"] = time.perf_counter() - begin
-        row["seconds"]["round"] = timer.total()  # everything, the checkpoint included
+            seconds["checkpoint"] = time.perf_counter() - begin
+            extra += seconds["checkpoint"]
+        # the round as the federation waited for it: with the record overlapped, its
+        # evaluation and checkpoint ran during the next round's training
+        seconds["round"] = critical if overlapped else critical + extra
+        if overlapped:
+            row["overlapped"] = ["evaluate", "checkpoint"]
         self.run_dir.append_metrics(row)
         self.progress.update(round_index, row)
+        if self.config.runtime.tensorboard:
+            if self.board is None:
+                self.board = BoardLog(self.run_dir.root, rows=self.run_dir.read_metrics()[:-1])
+            self.board.write(row)
 
-    def _save(self, round_index: int, row: dict[str, Any]) -> None:
+    def _save(self, round_index: int, row: dict[str, Any], *,
+              stopped: dict[int, int] | None = None) -> None:
         atomic_torch_save(self.run_dir.coordinator_checkpoint(round_index), {
             "round": round_index,
             "weights": torch.from_numpy(self.global_weights.copy()),
@@ -257,13 +330,15 @@ class Coordinator(Role):
                          for k, v in self.strategy.state_dict().items()},
             "last_test": self.last_test,
             "privacy": json.dumps({
-                "reports": self.privacy, "stopped": self.stopped,
+                "reports": self.privacy,
+                "stopped": self.stopped if stopped is None else stopped,
                 "user_accountant": self.user_accountant.state_dict()
                 if self.user_accountant is not None else None}),
             # the row goes in too: a crash between this file and metrics.jsonl loses nothing
             "metrics_row": json.dumps(finite_json(row)),
             "fedsilo_version": __version__,
             "shard_set": self.manifest.record(),
+            **self._best_state(),
             **({} if self.secret is None else
                {"secret": torch.tensor(list(self.secret), dtype=torch.uint8)}),
         })
@@ -344,6 +419,89 @@ class Coordinator(Role):
                     report["epsilon"], report["target_epsilon"], report["delta"], round_index,
                     len(self.num_samples) - len(self.stopped))
 
+    # -- model selection (docs/model.md) ------------------------------------------------
+
+    def _offer_best(self, model_round: int, reports: Sequence[SiteReport]) -> None:
+        """The round's sites validated the global model of round ``model_round``: the
+        weights the round started from, still unchanged before the server step.  The initial
+        model (round 0) is no candidate."""
+        if self.best is None or model_round < 1:
+            return
+        val = weighted_validation([r.val for r in reports if r.val is not None])
+        counts = sum_counts([r.val_counts for r in reports if r.val_counts is not None])
+        self.best.offer(model_round, val, self.global_weights, counts=counts)
+
+    def _best_state(self) -> dict[str, Any]:
+        """The best model so far, for the coordinator's checkpoint (``--resume`` keeps it)."""
+        if self.best is None or self.best.weights is None:
+            return {}
+        state = self.best.state_dict()
+        return {"best": json.dumps(finite_json(state["meta"])),
+                "best_weights": torch.from_numpy(state["weights"].copy())}
+
+    def _model_card(self, round_index: int, *, selected_by: dict[str, Any] | None,
+                    threshold: float | None) -> dict[str, Any]:
+        """What ``fedsilo predict`` and ``export`` need besides the weights (modelfile.py):
+        the test set's preprocessing, so a prediction repeats the coordinator's test."""
+        from fedsilo.models import wants_dp_fix
+
+        config, manifest = self.config, self.manifest
+        mean, std = self._normalization(None)
+        # the model section rebuilds the architecture; the initial weights it named do not
+        # matter any more, and auto choices are resolved (the card carries no dp section)
+        model = {**config.to_dict()["model"], "weights": None,
+                 "dp_fix": "on" if wants_dp_fix(config) else "off"}
+        return {
+            "fedsilo_version": __version__,
+            "model": model,
+            "num_classes": manifest.num_classes,
+            "class_names": None if manifest.class_names is None else list(manifest.class_names),
+            "image_shape": list(manifest.image_shape),
+            "normalization": {"mode": config.data.normalize,
+                              "mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+            "round": round_index,
+            "selected_by": selected_by,
+            "threshold": None if threshold is None else {
+                "rule": config.checkpoint.threshold, "value": threshold, "positive_class": 1,
+                "decision": "positive when p(positive class) > value"},
+            "eval_batch_size": config.eval.batch_size,
+        }
+
+    def _save_models(self, finals: Sequence[FinalSiteReport]) -> None:
+        """``model.pt`` (the final model) and, with model selection, ``best.pt``, each with
+        its card; what summary.json says of them lands in ``self.model_records``."""
+        rule = self.config.checkpoint.threshold
+        val = None if private(self.config) else \
+            weighted_validation([r.val for r in finals if r.val is not None])
+        counts = sum_counts([r.val_counts for r in finals if r.val_counts is not None])
+        self.final_val, self.final_counts = val or None, counts
+        final_threshold = choose_threshold(counts, rule=rule)
+        write_model(self.run_dir.model, self.layout.to_state_dict(self.global_weights),
+                    self._model_card(self.config.rounds, selected_by=None,
+                                     threshold=final_threshold))
+        self.model_records = {}
+        if rule != "none":
+            self.model_records["threshold"] = {"rule": rule, "value": final_threshold}
+        best = self.best
+        if best is not None:
+            best.offer(self.config.rounds, val, self.global_weights, counts=counts)
+        if best is None or best.weights is None or best.round is None:
+            for stale in (self.run_dir.best, self.run_dir.best.with_suffix(".json")):
+                stale.unlink(missing_ok=True)  # from an earlier launch that selected
+            return
+        best_threshold = choose_threshold(best.counts, rule=rule)
+        write_model(self.run_dir.best, self.layout.to_state_dict(best.weights),
+                    self._model_card(best.round, threshold=best_threshold,
+                                     selected_by={"metric": best.metric, "value": best.value}))
+        record = best.record() or {}
+        row = next((r for r in self.run_dir.read_metrics()
+                    if r.get("round") == best.round and "acc" in r), None)
+        record["test"] = None if row is None else \
+            {k: row[k] for k in ("acc", "auc", "loss") if k in row}
+        if rule != "none":
+            record["threshold"] = best_threshold
+        self.model_records["best"] = record
+
     # -- the end of the job -------------------------------------------------------------
 
     def final_validation(self) -> tuple[None, None]:
@@ -351,12 +509,14 @@ class Coordinator(Role):
 
     def finish_job(self, reports: Sequence[Any]) -> None:
         self.progress.close()
+        if self.board is not None:
+            self.board.close()
         if self.last_test is None or self.resume_round == self.config.rounds:
             self.layout.load(self.model, self.global_weights)
             self.last_test = evaluate(self.model, self.test_data,
                                       batch_size=self.config.eval.batch_size)
-        atomic_torch_save(self.run_dir.model, self.layout.to_state_dict(self.global_weights))
         finals: list[FinalSiteReport] = [r for rank in reports[1:] for r in rank]
+        self._save_models(finals)
         dump_json(self.run_dir.summary, job_summary(self, finals))
         log.info("finished: test acc %.4f auc %.4f loss %.4f -> %s", self.last_test["acc"],
                  self.last_test["auc"], self.last_test["loss"], self.run_dir.root)

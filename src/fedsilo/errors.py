@@ -72,6 +72,10 @@ class CheckpointError(FedsiloError):
     """A checkpoint is missing, incomplete or does not match the run."""
 
 
+class ReportError(FedsiloError):
+    """A directory given to ``fedsilo report`` is not a run, or holds no complete round."""
+
+
 class AgreedError(FedsiloError):
     """An error every rank knows about, raised on every rank at the same agreement point.
 

@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from fedsilo.comm import World
 from fedsilo.config import Config, dump_config, load_config
@@ -142,8 +142,34 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag,
     """
     config = setup.config
     secure = config.aggregation.secure != "none"
-    stop_seen = False  # coordinator: some rank reported a stop signal
     start_wait = waits.round_timeout()  # the coordinator's wait at a round's start
+    # coordinator: the last round's record (test evaluation, checkpoint, metrics row), run
+    # while the participants train the next round (runtime.overlap_eval)
+    pending: list[Callable[[], None]] = []
+
+    def flush() -> None:
+        while pending:
+            pending.pop()()
+
+    try:
+        return _rounds(world, role, setup, stop=stop, waits=waits, pending=pending,
+                       flush=flush, secure=secure, start_wait=start_wait)
+    except FedsiloError:
+        # an agreed error ends the job on every rank: the coordinator still records the
+        # round that finished, so that --resume loses nothing
+        if world.is_coordinator and pending:
+            try:
+                flush()
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                log.exception("could not record the last round before stopping")
+        raise
+
+
+def _rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag, waits: WaitPolicy,
+            pending: list[Callable[[], None]], flush: Callable[[], None], secure: bool,
+            start_wait: float | None) -> bool:
+    config = setup.config
+    stop_seen = False  # coordinator: some rank reported a stop signal
     for round_index in range(setup.resume_round + 1, config.rounds + 1):
         timer = PhaseTimer()
         with timer("coordination"):
@@ -155,6 +181,7 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag,
                 if not plan.stop and (stop_seen or stop.requested):
                     plan = plan.stopping()
                 if plan.stop:
+                    flush()  # the last round's checkpoint first: --resume continues there
                     # before any rank learns of the stop, so before any rank exits: a batch
                     # script reads this marker even if the launcher kills slow ranks and
                     # reports their status instead of ours
@@ -181,6 +208,7 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag,
                     team.bcast_weights(control)
         if plan.wait_s is not None:  # participants: the coordinator's wait, for the next
             start_wait = plan.wait_s
+        flush()  # coordinator: the last round's record, while the participants train
         report, error = role.local_round(plan)
         with timer("local"):
             world.quiet_barrier(stage=f"the local work of round {round_index}",
@@ -200,10 +228,13 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag,
             with timer("aggregate"):
                 aggregate = role.transport.aggregate(team, role.contribution_of_rank(), outcome)
         if world.is_coordinator:
-            role.finish_round(plan, [r for r, _ in gathered], timer, outcome=outcome,
-                              aggregate=aggregate)
+            pending.append(role.finish_round(plan, [r for r, _ in gathered], timer,
+                                             outcome=outcome, aggregate=aggregate))
+            if not config.runtime.overlap_eval:
+                flush()
             waits.observe(timer.total())
 
+    flush()
     if world.is_coordinator:
         start_wait = waits.round_timeout()
     world.quiet_barrier(stage="the end of the rounds", timeout=_mine(world, start_wait))
@@ -398,6 +429,10 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
                      he=replace(config.he, keys=str(Path(config.he.keys).expanduser().resolve())),
                      aggregation=replace(config.aggregation, keys=str(
                          Path(config.aggregation.keys).expanduser().resolve())))
+    weights = config.model.weights
+    if weights is not None and ("/" in weights or "." in weights):  # a file, not a name
+        config = replace(config, model=replace(config.model, weights=str(
+            Path(weights).expanduser().resolve())))
     manifest = load_manifest(data_dir)
     if manifest.num_sites < world.num_participants:
         raise CommunicationError(

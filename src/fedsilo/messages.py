@@ -74,6 +74,10 @@ class SiteReport:
     # -- withheld under DP: computed on private data without noise ---------------------
     train_loss: float | None = None
     val: Metrics | None = None
+    #: checkpoint.threshold on a binary task: validation confusion counts at the fixed
+    #: threshold grid (:func:`fedsilo.selection.threshold_counts`), summed by the coordinator
+    #: and never written per site
+    val_counts: dict[str, Any] | None = None
     train_s: float | None = None
     val_s: float | None = None
     checkpoint_s: float | None = None
@@ -111,6 +115,8 @@ class FinalSiteReport:
     site: int
     privacy: dict[str, Any] | None = None
     val: Metrics | None = None
+    #: as :attr:`SiteReport.val_counts`, for the final model
+    val_counts: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

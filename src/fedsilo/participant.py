@@ -25,6 +25,7 @@ from torch import nn
 
 from fedsilo.aggregate import contribution_factor, count_nonfinite
 from fedsilo.errors import CheckpointError, DataError, FedsiloError, PolicyError, UpdateError
+from fedsilo.loading import Split, load_splits
 from fedsilo.messages import (
     Contribution,
     FinalSiteReport,
@@ -46,10 +47,12 @@ from fedsilo.roles import (
     uses_secret,
 )
 from fedsilo.rundir import atomic_torch_save, load_torch
+from fedsilo.selection import threshold_grid
+from fedsilo.shards import SplitReader
 from fedsilo.strategies import build_strategy
 from fedsilo.training import (
     LocalStats,
-    TensorSplit,
+    augment_seed,
     evaluate,
     gradient_corrections,
     make_optimizer,
@@ -70,8 +73,8 @@ class Site:
     """One site's data and the state that stays with it on its rank."""
 
     index: int
-    train_data: TensorSplit
-    val_data: TensorSplit
+    train_data: Split
+    val_data: Split
     privacy: Any = None
     #: SCAFFOLD: this site's control variate c_k (float32, model-sized)
     control: np.ndarray | None = None
@@ -106,8 +109,17 @@ class Participant(Role):
         self.strategy = build_strategy(config.strategy.name, dict(config.strategy.options))
         indexes = assign_sites(num_sites=manifest.num_sites,
                                num_ranks=world.num_participants)[world.rank - 1]
-        self.sites = [self._load_site(index) for index in indexes]
-        self._check_model_fits(self.sites[0].train_data.images)
+        self.sites = self._load_sites(indexes)
+        self._check_model_fits(self.sites[0].train_data.sample(1))
+        if config.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        #: data.augment: the training batches' transform (torchvision only when it is on)
+        self.augmenter = None
+        if config.data.augment.enabled:
+            from fedsilo.augment import Augmenter
+
+            self.augmenter = Augmenter(config.data.augment, image_shape=manifest.image_shape,
+                                       views=config.dp.augmult if config.dp.enabled else 1)
         # torch builds its first optimizer slowly (it imports torch._dynamo and SymPy, about
         # 1 s): do it now, before any round's deadline clock runs
         make_optimizer(self.model, config.train)
@@ -132,8 +144,8 @@ class Participant(Role):
                     self.model, site=site.index, settings=config.dp.for_site(site.index),
                     mechanism=config.dp.accountant, num_samples=len(site.train_data),
                     train=config.train, rounds=config.rounds, model_name=config.model.name,
-                    sample=site.train_data.images, mode=config.dp.grad_sample_mode,
-                    shared=first)
+                    sample=site.train_data.sample(2), mode=config.dp.grad_sample_mode,
+                    shared=first, augmult=config.dp.augmult)
                 first = first or site.privacy
         for site in self.sites:
             if self.strategy.control_variates:
@@ -166,15 +178,20 @@ class Participant(Role):
                                           path=self.run_dir.root / "departed" / back["file"])
                 # else: the site joins now, with fresh state
 
-    def _load_site(self, index: int) -> Site:
-        shard = self._read_shard(self.manifest.sites[index], kind="site")
-        train, val = shard.splits["train"], shard.splits["val"]
-        mean, std = self._normalization(train)
-        return Site(index=index,
-                    train_data=TensorSplit.from_arrays(train.images, train.labels, mean=mean,
-                                                       std=std, device=self.device),
-                    val_data=TensorSplit.from_arrays(val.images, val.labels, mean=mean,
-                                                     std=std, device=self.device))
+    def _load_sites(self, indexes: list[int]) -> list[Site]:
+        """This rank's sites' train and val splits, held in memory or streamed from their
+        shards (``data.in_memory``, ``loading.py``)."""
+        sources = []
+        for index in indexes:
+            path = self._shard_path(self.manifest.sites[index], kind="site")
+            train = SplitReader(path, "train", cache_bytes=0)
+            val = SplitReader(path, "val", cache_bytes=0)
+            mean, std = self._normalization(train)
+            sources += [(train, mean, std), (val, mean, std)]
+        splits = load_splits(sources, data=self.config.data, device=self.device,
+                             who=f"participant rank {self.world.rank}")
+        return [Site(index=index, train_data=splits[2 * i], val_data=splits[2 * i + 1])
+                for i, index in enumerate(indexes)]
 
     def identity_summary(self) -> str | None:
         return None if self.identities is None else self.identities.digest
@@ -350,11 +367,13 @@ class Participant(Role):
             return self._sit_out(site, round_index, reason="deadline"), None
         begin = time.perf_counter()
         self.layout.load(self.model, self.global_weights)
-        # under DP, metrics of the site's private data without noise never leave it
-        validation = None if private(self.config) else \
-            evaluate(self.model, site.val_data, batch_size=self.config.eval.batch_size)
-        val_seconds = time.perf_counter() - begin
-        try:
+        try:  # a shard that turns unreadable (streamed splits) fails the site's round here
+            # under DP, metrics of the site's private data without noise never leave it
+            validation = None if private(self.config) else \
+                evaluate(self.model, site.val_data, batch_size=self.config.eval.batch_size,
+                         thresholds=self._threshold_grid())
+            val_counts = None if validation is None else validation.pop("counts", None)
+            val_seconds = time.perf_counter() - begin
             stats, planned = self._train(site, round_index, deadline)
             if stats.steps == 0:
                 return self._sit_out(site, round_index, reason="deadline"), None
@@ -393,6 +412,7 @@ class Participant(Role):
             # computed on private data without noise, and the timings follow the Poisson
             # batch sizes.  Reports go to the coordinator only (World.agree_report).
             report.train_loss, report.train_s, report.val = stats.loss, stats.seconds, validation
+            report.val_counts = val_counts
             report.val_s, report.checkpoint_s = val_seconds, now - begin_ckpt
             report.local_s = now - begin
         return report, None
@@ -409,14 +429,19 @@ class Participant(Role):
         corrections = self._corrections(site)
         if corrections is not None:
             optimizer.register_step_pre_hook(corrections)
+        augment = None
+        if self.augmenter is not None:
+            augment = self.augmenter.bind(torch.Generator().manual_seed(
+                augment_seed(self.config.seed, round_index, site.index)))
         if site.privacy is None:
             stats = train_local(self.model, site.train_data, config=self.config.train,
-                                optimizer=optimizer, generator=generator, deadline=deadline)
+                                optimizer=optimizer, generator=generator, deadline=deadline,
+                                augment=augment)
             return stats, planned_steps(len(site.train_data), self.config.train)
         stats = LocalStats(*site.privacy.train_round(site.train_data, optimizer=optimizer,
                                                      secret=site.secret,
                                                      round_index=round_index,
-                                                     deadline=deadline))
+                                                     deadline=deadline, augment=augment))
         return stats, site.privacy.steps_per_round
 
     def _corrections(self, site: Site) -> Any:
@@ -489,16 +514,26 @@ class Participant(Role):
 
     # -- the end of the job -------------------------------------------------------------
 
-    def final_validation(self) -> tuple[list[FinalSiteReport], None]:
+    def final_validation(self) -> tuple[list[FinalSiteReport], DataError | None]:
         self.layout.load(self.model, self.global_weights)
-        reports = []
+        reports: list[FinalSiteReport] = []
         for site in self.sites:
             report = FinalSiteReport(site=site.index, privacy=self._privacy_report(site))
             if not private(self.config):  # under DP, validation metrics stay on the site
-                report.val = evaluate(self.model, site.val_data,
-                                      batch_size=self.config.eval.batch_size)
+                try:
+                    validation = evaluate(self.model, site.val_data,
+                                          batch_size=self.config.eval.batch_size,
+                                          thresholds=self._threshold_grid())
+                except DataError as exc:  # a streamed shard that turned unreadable
+                    return reports, exc
+                report.val_counts = validation.pop("counts", None)
+                report.val = validation
             reports.append(report)
         return reports, None
+
+    def _threshold_grid(self) -> np.ndarray | None:
+        """checkpoint.threshold on a binary task: the grid the validation counts are at."""
+        return threshold_grid(self.config.checkpoint.threshold, self.manifest.num_classes)
 
     def finish_job(self, reports: Any) -> None:
         pass

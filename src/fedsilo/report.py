@@ -147,6 +147,8 @@ def job_summary(coordinator: Coordinator, finals: Sequence[FinalSiteReport]) -> 
         "best_acc": max((r["acc"] for r in rows if "acc" in r), default=None),
         "seconds_this_process": time.perf_counter() - coordinator.started,
         "resumed_from_round": coordinator.resume_round or None,
+        # the model selected on federated validation, and decision thresholds (docs/model.md)
+        **coordinator.model_records,
     }
     if not private(config):  # under DP, validation metrics stay on the sites
         summary["val"] = weighted_validation([r.val for r in finals if r.val is not None])

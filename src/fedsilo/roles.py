@@ -19,10 +19,10 @@ import torch
 from fedsilo.comm import World
 from fedsilo.config import Config
 from fedsilo.errors import ModelError
-from fedsilo.models import build_model
+from fedsilo.models import build_for
 from fedsilo.rundir import RunDir
 from fedsilo.runtime import configure_threads, select_device
-from fedsilo.shards import Manifest, check_listed_shard, read_shard
+from fedsilo.shards import Manifest, check_listed_shard
 from fedsilo.transport import Transport
 from fedsilo.weights import WeightLayout
 
@@ -49,9 +49,8 @@ class Role:
                                     is_coordinator=world.is_coordinator)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         channels, height, width = manifest.image_shape
-        self.model = build_model(config.model.name, in_channels=channels,
-                                 num_classes=manifest.num_classes, image_size=(height, width),
-                                 norm_groups=config.model.norm_groups).to(self.device)
+        self.model = build_for(config, in_channels=channels, num_classes=manifest.num_classes,
+                               image_size=(height, width)).to(self.device)
         self.layout = WeightLayout.of(self.model)
         self.pinned = self.device.type == "cuda"
         self.global_weights = self.layout.flatten(self.model,
@@ -77,17 +76,19 @@ class Role:
         name = PARTICIPANT_FILE if kind == "participant" else COORDINATOR_FILE
         self.keys = load_keys(Path(self.config.he.keys) / name, expect=kind,
                               **({"num_threads": self.threads} if kind == "participant" else {}))
-        return CODECS.get("ckks")(keys=self.keys)
+        workers = (self.config.he.workers or self.threads) if kind == "participant" else 1
+        return CODECS.get("ckks")(keys=self.keys, workers=workers)
 
-    def _read_shard(self, entry: Any, *, kind: str) -> Any:
-        """The shard ``entry`` of the manifest, checked against it (already, when the
-        torch-free check at start-up did it: :func:`fedsilo.federation.run_job`)."""
+    def _shard_path(self, entry: Any, *, kind: str) -> Path:
+        """The path of the shard ``entry`` of the manifest, checked against it (already, when
+        the torch-free check at start-up did it: :func:`fedsilo.federation.run_job`); the
+        role reads it batch by batch (``loading.py``)."""
         config = self.config
         path = self.manifest.path_of(entry, config.data.dir)
         if path not in self.checked:
             check_listed_shard(self.manifest, config.data.dir, entry, kind=kind,
                                verify_hash=config.data.verify_hashes)
-        return read_shard(path)
+        return path
 
     def _check_model_fits(self, sample: torch.Tensor) -> None:
         try:

@@ -6,7 +6,8 @@ Layout::
     RUN_DIR/metrics.jsonl          one JSON object per round
     RUN_DIR/checkpoints/round-0007/site-001.pt   participant 1's own state after round 7
     RUN_DIR/checkpoints/round-0007/coordinator.pt   global weights + server state (commit point)
-    RUN_DIR/model.pt               final global model, a plain state_dict
+    RUN_DIR/model.pt               final global model, a plain state_dict (card: model.json)
+    RUN_DIR/best.pt                the model selected on federated validation (card: best.json)
     RUN_DIR/summary.json
 
 A round's checkpoint is *complete* when ``coordinator.pt`` exists: participants write theirs
@@ -115,6 +116,8 @@ class RunDir:
     config = property(lambda self: self.root / "config.yaml")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     model = property(lambda self: self.root / "model.pt")
+    #: the global model with the best federated validation metric (checkpoint.best_by)
+    best = property(lambda self: self.root / "best.pt")
     summary = property(lambda self: self.root / "summary.json")
     checkpoints = property(lambda self: self.root / CHECKPOINTS)
     #: written by the coordinator when a signal stops the run early (for batch scripts)

@@ -1,16 +1,23 @@
 """Local training and evaluation on one rank (torch; no MPI here).
 
-Batches are drawn from tensors held in memory with an explicit ``torch.Generator``, so a
-round's training is a pure function of (weights, seed, round, site) (and, under DP, of the
-site's secret, see ``privacy/secret.py``): that is what makes ``--resume`` bit-identical
-without shipping RNG state around.
+The batch order is drawn with an explicit ``torch.Generator``, so a round's training is a
+pure function of (weights, seed, round, site) (and, under DP, of the site's secret, see
+``privacy/secret.py``): that is what makes ``--resume`` bit-identical without shipping RNG
+state around.  Where the batches come from (a split held in memory or streamed from its
+shard, ``loading.py``) changes nothing in them; augmentation draws from its own generator,
+derived from the same (seed, round, site) (:func:`augment_seed`).
+
+Mixed precision (``train.precision``) runs the forward pass under ``torch.autocast``;
+fp16 scales the loss with a ``GradScaler`` (a fresh one each round, like the optimizer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,28 +25,10 @@ from torch import nn
 
 from fedsilo import metrics
 from fedsilo.config import TrainConfig
+from fedsilo.loading import Split, Transform, in_order
+from fedsilo.loading import TensorSplit as TensorSplit  # re-exported: tests build it
 from fedsilo.seeds import derive_seed
-
-
-@dataclass(frozen=True)
-class TensorSplit:
-    """Normalized images (float32, NCHW) and labels (int64) of one split, on a device."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    @classmethod
-    def from_arrays(cls, images: np.ndarray, labels: np.ndarray, *, mean, std,
-                    device: torch.device) -> "TensorSplit":
-        x = torch.from_numpy(np.ascontiguousarray(images))
-        x = x.to(torch.float32) / 255.0 if images.dtype == np.uint8 else x.to(torch.float32)
-        mean_t = torch.as_tensor(np.asarray(mean, dtype=np.float32)).view(1, -1, 1, 1)
-        std_t = torch.as_tensor(np.asarray(std, dtype=np.float32)).view(1, -1, 1, 1)
-        x = (x - mean_t) / std_t
-        return cls(x.to(device), torch.from_numpy(labels.astype(np.int64)).to(device))
+from fedsilo.selection import threshold_counts
 
 
 @dataclass(frozen=True)
@@ -117,52 +106,110 @@ def planned_steps(num_samples: int, config: TrainConfig) -> int:
     return steps if config.max_steps is None else min(steps, config.max_steps)
 
 
-def train_local(model: nn.Module, data: TensorSplit, *, config: TrainConfig,
+def augment_seed(seed: int, round_index: int, site: int) -> int:
+    """The seed of a site's augmentation draws in one round: apart from the batch order's
+    (:func:`round_seed`), so turning augmentation on does not change which batches come."""
+    return derive_seed(seed, round_index, site, _AUGMENT_TAG, bits=63)
+
+
+#: the extra tag that sets augmentation's seed apart from the batch order's
+_AUGMENT_TAG = 1
+
+
+def epoch_batches(num_samples: int, config: TrainConfig, generator: torch.Generator
+                  ) -> Iterator[torch.Tensor]:
+    """The index batches of one round: per epoch one ``torch.randperm`` from ``generator``,
+    cut into ``batch_size`` pieces, at most ``max_steps`` in all."""
+    steps = 0
+    for _ in range(config.epochs):
+        order = torch.randperm(num_samples, generator=generator)
+        for begin in range(0, num_samples, config.batch_size):
+            if config.max_steps is not None and steps >= config.max_steps:
+                return
+            yield order[begin: begin + config.batch_size]
+            steps += 1
+
+
+class Precision:
+    """``train.precision`` on one device: the autocast context of the forward pass, and for
+    fp16 a ``GradScaler`` around backward and step."""
+
+    DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def __init__(self, precision: str, device: torch.device) -> None:
+        self.dtype = self.DTYPES.get(precision)
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def autocast(self) -> ContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)  # unscales first: the step pre-hooks see true gradients
+        self.scaler.update()
+
+
+def train_local(model: nn.Module, data: Split, *, config: TrainConfig,
                 optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                deadline: float | None = None) -> LocalStats:
+                deadline: float | None = None, augment: Transform | None = None) -> LocalStats:
     """Run ``config.epochs`` epochs (or ``config.max_steps`` steps) of minibatch training.
 
     ``deadline`` (a ``time.perf_counter()`` value): stop before the first step that would
-    begin after it; the stats say how many steps were done.
+    begin after it; the stats say how many steps were done.  ``augment``: applied to each
+    batch's raw pixels before normalization.
     """
     start = time.perf_counter()
     model.train()
     loss_fn = nn.CrossEntropyLoss()
+    precision = Precision(config.precision, data.labels.device)
     steps, samples, loss_sum = 0, 0, 0.0
-    for _ in range(config.epochs):
-        order = torch.randperm(len(data), generator=generator).to(data.labels.device)
-        for begin in range(0, len(data), config.batch_size):
-            if config.max_steps is not None and steps >= config.max_steps:
-                break
+    order = epoch_batches(len(data), config, generator)
+    with closing(data.batches(order, transform=augment)) as batches:
+        for images, labels in batches:
             if deadline is not None and time.perf_counter() >= deadline:
                 break
-            index = order[begin: begin + config.batch_size]
+            if config.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(data.images[index]), data.labels[index])
-            loss.backward()
-            optimizer.step()
+            with precision.autocast():
+                loss = loss_fn(model(images), labels)
+            precision.backward_step(loss, optimizer)
             steps += 1
-            samples += int(index.numel())
-            loss_sum += float(loss.detach()) * int(index.numel())
+            samples += int(labels.numel())
+            loss_sum += float(loss.detach()) * int(labels.numel())
     return LocalStats(steps=steps, samples=samples, loss=loss_sum / max(samples, 1),
                       seconds=time.perf_counter() - start)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TensorSplit, *, batch_size: int) -> dict[str, float]:
-    """Loss, accuracy and AUC (MedMNIST conventions) of ``model`` on ``data``."""
+def evaluate(model: nn.Module, data: Split, *, batch_size: int,
+             thresholds: np.ndarray | None = None) -> dict[str, Any]:
+    """Loss, accuracy and AUC (MedMNIST conventions) of ``model`` on ``data``; with
+    ``thresholds`` (binary tasks), also ``counts``: the confusion counts at each
+    (:func:`fedsilo.selection.threshold_counts`)."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     probs, loss_sum = [], 0.0
-    for begin in range(0, len(data), batch_size):
-        logits = model(data.images[begin: begin + batch_size])
-        loss_sum += float(loss_fn(logits, data.labels[begin: begin + batch_size]))
-        probs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
+    with closing(data.batches(in_order(len(data), batch_size))) as batches:
+        for images, labels in batches:
+            logits = model(images)
+            loss_sum += float(loss_fn(logits, labels))
+            probs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
     labels = data.labels.cpu().numpy()
     all_probs = np.concatenate(probs) if probs else np.zeros((0, 2))
-    return {
+    result: dict[str, Any] = {
         "loss": loss_sum / max(len(data), 1),
         "acc": metrics.accuracy(labels, all_probs),
         "auc": metrics.auc(labels, all_probs),
         "num_samples": len(data),
     }
+    if thresholds is not None:
+        result["counts"] = threshold_counts(labels, all_probs, thresholds)
+    return result

@@ -94,7 +94,9 @@ def test_ckks_sum_reaches_the_coordinator_and_no_participant_sees_another_update
         if not isinstance(message, (bytes, bytearray)):
             continue
         try:
-            values = np.asarray(codec.from_bytes(message).decrypt(), dtype=np.float64)
+            # every piece of whatever arrived, decrypted with the shared key
+            values = np.concatenate([np.asarray(piece.decrypt(), dtype=np.float64)
+                                     for piece in codec.from_bytes(message)])
         except Exception:  # noqa: BLE001 - not a ciphertext: nothing to open
             continue
         opened += 1

@@ -172,3 +172,36 @@ def test_keys_command(tmp_path):
     job = keys("--out", str(tmp_path / "bad"), "--poly-modulus-degree", "4096", "--data-bits", "60")
     assert job.returncode == 2 and "insecure CKKS parameters" in job.stderr, job.stderr
     assert not (tmp_path / "bad" / PARTICIPANT_FILE).exists()
+
+
+def test_worker_processes_encrypt_what_one_process_decrypts(keys):
+    """Encryption in 2 spawned worker processes (he.workers) gives ciphertexts that add to
+    and decrypt like the in-process ones, and the same number of pieces: ranks with
+    different worker counts aggregate together."""
+    from fedsilo.crypto.ckks import PIECE_SLOTS
+
+    participant = load_keys(keys / PARTICIPANT_FILE, expect="participant")
+    parallel = CKKSCodec(participant, workers=2)
+    single = CKKSCodec(participant)
+    coordinator = CKKSCodec(load_keys(keys / COORDINATOR_FILE, expect="coordinator"))
+    try:
+        rng = np.random.default_rng(3)
+        size = PIECE_SLOTS * 4096 * 2 + 1234  # three pieces, the last one short
+        a, b = ((rng.standard_normal(size) * 1e-3).astype(np.float32) for _ in range(2))
+        pieces = parallel.encrypt(a)
+        assert len(pieces) == 3 and all(isinstance(p, bytes) for p in pieces)  # from workers
+        total = coordinator.from_bytes(parallel.to_bytes(pieces))
+        coordinator.add_into(total, coordinator.from_bytes(single.to_bytes(single.encrypt(b))))
+        out = single.decrypt_into(single.from_bytes(coordinator.to_bytes(total)),
+                                  np.empty(size, dtype=np.float64))
+        exact = a.astype(np.float64) + b
+        assert np.abs(out - exact).max() <= CKKSParams().error_bound(2)
+    finally:
+        parallel.close()
+
+
+def test_malformed_ciphertext_is_named(codec):
+    data = codec.to_bytes(codec.encrypt(np.ones(100, dtype=np.float32)))
+    for bad in (b"junk", data[:-5], data + b"x"):
+        with pytest.raises(KeyFileError, match="ciphertext"):
+            codec.from_bytes(bad)

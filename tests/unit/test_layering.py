@@ -27,7 +27,7 @@ PURE_MODULES = [
     "fedsilo.config", "fedsilo.strategies", "fedsilo.privacy.userlevel",
     "fedsilo.privacy.secret", "fedsilo.crypto.params", "fedsilo.crypto.masks",
     "fedsilo.crypto.identity", "fedsilo.crypto.codec", "fedsilo.prep.partition",
-    "fedsilo.prep.grouping", "fedsilo.prep.plan",
+    "fedsilo.prep.grouping", "fedsilo.prep.plan", "fedsilo.selection",
 ]
 #: what a pure module must not pull in, directly or through anything it imports
 HEAVY = ("torch", "mpi4py", "h5py", "tenseal", "opacus", "torchvision")
@@ -97,7 +97,8 @@ def test_the_import_budget_of_a_plain_run(loaded):
     assert not heavy, f"launch and configuration import {sorted(heavy)}"
     everything = set().union(*(loaded[m] for m in PLAIN_RUN))
     assert "torch" in everything  # the test would pass vacuously if nothing was imported
-    unused = everything & {"torchvision", "opacus", "tenseal", "matplotlib", "scipy"}
+    unused = everything & {"torchvision", "opacus", "tenseal", "matplotlib", "scipy",
+                           "tensorboard"}
     assert not unused, f"a plain run imports {sorted(unused)}"
 
 

@@ -182,35 +182,151 @@ def _quiet_stdout() -> Iterator[None]:
 class CKKSCodec:
     """Encrypts float32 vectors into packed CKKS ciphertexts, adds and decrypts them.
 
-    Ciphertexts are TenSEAL ``CKKSVector`` objects: one vector of any length, packed N/2
-    values per ciphertext and encrypted on the context's threads.
+    A vector is cut into ``workers`` pieces at multiples of the N/2 slots of a ciphertext;
+    each piece is a TenSEAL ``CKKSVector`` (N/2 values per ciphertext).  With ``workers``
+    > 1, a participant encrypts the pieces in that many worker processes (started once, with
+    the spawn method, each holding a copy of the participant context: the key never leaves
+    the participant's own processes).  TenSEAL's thread pool gave no speed-up on encryption
+    (benchmarks/RESULTS.md); processes do.  On the wire a ciphertext is the pieces framed
+    by :func:`_frame`, whatever the number of workers that made it; sums are added piece
+    by piece, so participants with different ``workers`` can aggregate together as long as
+    their vectors are cut alike: the cut depends only on the vector's length and
+    :data:`PIECE_SLOTS`.
     """
 
     name = "ckks"
 
-    def __init__(self, keys: KeySet) -> None:
+    def __init__(self, keys: KeySet, *, workers: int = 1) -> None:
         self.keys, self.context = keys, keys.context
+        self.slots = keys.params.poly_modulus_degree // 2
+        self.workers = max(1, int(workers)) if keys.is_private else 1
+        self._pool: Any = None
+        if self.workers > 1:
+            self._start_pool()
 
-    def encrypt(self, vector: np.ndarray) -> Any:
+    def _start_pool(self) -> None:
+        import atexit
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        secret = self.context.serialize(save_public_key=False, save_secret_key=True,
+                                        save_galois_keys=False, save_relin_keys=False)
+        self._pool = ProcessPoolExecutor(max_workers=self.workers,
+                                         mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_worker_init, initargs=(secret,))
+        # start the workers now, while the job sets up, not in the first round
+        for future in [self._pool.submit(_worker_ready) for _ in range(self.workers)]:
+            future.add_done_callback(lambda f: f.exception())
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def pieces(self, size: int) -> list[tuple[int, int]]:
+        """Where a vector of ``size`` values is cut: fixed pieces of :data:`PIECE_SLOTS`
+        ciphertexts, so that the cut does not depend on the number of workers.
+
+        >>> class _K: params = CKKSParams(); is_private = False; context = None
+        >>> CKKSCodec(_K()).pieces(10)
+        [(0, 10)]
+        >>> len(CKKSCodec(_K()).pieces(PIECE_SLOTS * 4096 * 2 + 1))
+        3
+        """
+        step = PIECE_SLOTS * self.slots
+        return [(begin, min(begin + step, size)) for begin in range(0, max(size, 1), step)]
+
+    def encrypt(self, vector: np.ndarray) -> list[Any]:
         if not self.keys.is_private:
             raise KeyFileError("encryption needs the participant key")
+        cuts = self.pieces(vector.size)
+        if self._pool is not None and len(cuts) > 1:
+            futures = [self._pool.submit(_worker_encrypt, vector[a:b]) for a, b in cuts]
+            return [f.result() for f in futures]  # serialized pieces
         with _quiet_stdout():
-            return ts.ckks_vector(self.context, vector)
+            return [ts.ckks_vector(self.context, vector[a:b]) for a, b in cuts]
 
-    def to_bytes(self, ciphertext: Any) -> bytes:
-        return ciphertext.serialize()
+    def to_bytes(self, ciphertext: list[Any]) -> bytes:
+        return _frame([c if isinstance(c, bytes) else c.serialize() for c in ciphertext])
 
-    def from_bytes(self, data: bytes | memoryview) -> Any:
-        return ts.ckks_vector_from(self.context, bytes(data))
+    def from_bytes(self, data: bytes | memoryview) -> list[Any]:
+        try:
+            return [ts.ckks_vector_from(self.context, piece) for piece in _unframe(data)]
+        except KeyFileError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - TenSEAL raises bare exceptions
+            raise KeyFileError(f"a ciphertext does not load under this key set: {exc}") from None
 
-    def add_into(self, total: Any, other: Any) -> Any:
-        total.add_(other)
+    def add_into(self, total: list[Any], other: list[Any]) -> list[Any]:
+        if len(total) != len(other):
+            raise KeyFileError(f"ciphertexts of {len(total)} and {len(other)} pieces cannot "
+                               f"be added: the vectors differ in length")
+        for mine, theirs in zip(total, other):
+            mine.add_(theirs)
         return total
 
-    def decrypt_into(self, ciphertext: Any, out: np.ndarray) -> np.ndarray:
+    def decrypt_into(self, ciphertext: list[Any], out: np.ndarray) -> np.ndarray:
         """Decrypt into the float32 buffer ``out`` (raises without the secret key)."""
-        values = ciphertext.decrypt()
-        if len(values) != out.size:
-            raise KeyFileError(f"decrypted {len(values)} values, expected {out.size}")
-        out[:] = np.asarray(values, dtype=np.float64)
+        cuts = self.pieces(out.size)
+        if len(cuts) != len(ciphertext):
+            raise KeyFileError(f"a ciphertext of {len(ciphertext)} pieces, expected "
+                               f"{len(cuts)} for {out.size} values")
+        for (a, b), piece in zip(cuts, ciphertext):
+            values = piece.decrypt()
+            if len(values) != b - a:
+                raise KeyFileError(f"decrypted {len(values)} values, expected {b - a}")
+            out[a:b] = np.asarray(values, dtype=np.float64)
         return out
+
+
+#: ciphertexts per piece of a vector (a piece is one unit of work for a worker process):
+#: 64 ciphertexts of N/2 = 4096 slots are 262,144 values, about 0.1 s of encryption
+PIECE_SLOTS = 64
+_FRAME_MAGIC = b"FSC1"
+
+
+def _frame(pieces: list[bytes]) -> bytes:
+    header = _FRAME_MAGIC + len(pieces).to_bytes(4, "little") + b"".join(
+        len(p).to_bytes(8, "little") for p in pieces)
+    return header + b"".join(pieces)
+
+
+def _unframe(data: bytes | memoryview) -> list[bytes]:
+    """The pieces of a framed ciphertext; a clear error if it is not one."""
+    view = memoryview(data)
+    if len(view) < 8 or bytes(view[:4]) != _FRAME_MAGIC:
+        raise KeyFileError("received bytes that are not a fedsilo CKKS ciphertext")
+    count = int.from_bytes(view[4:8], "little")
+    offset = 8 + 8 * count
+    if count > len(view) // 8 or offset > len(view):
+        raise KeyFileError("a CKKS ciphertext's frame is cut short")
+    pieces = []
+    for i in range(count):
+        size = int.from_bytes(view[8 + 8 * i: 16 + 8 * i], "little")
+        if offset + size > len(view):
+            raise KeyFileError("a CKKS ciphertext's frame is cut short")
+        pieces.append(bytes(view[offset: offset + size]))
+        offset += size
+    if offset != len(view):
+        raise KeyFileError("a CKKS ciphertext has trailing bytes")
+    return pieces
+
+
+# -- worker processes (participants only) --------------------------------------------------
+
+_WORKER_CONTEXT: Any = None
+
+
+def _worker_init(secret: bytes) -> None:
+    global _WORKER_CONTEXT
+    _WORKER_CONTEXT = ts.context_from(secret, n_threads=1)
+
+
+def _worker_ready() -> bool:
+    return _WORKER_CONTEXT is not None
+
+
+def _worker_encrypt(piece: np.ndarray) -> bytes:
+    with _quiet_stdout():
+        return ts.ckks_vector(_WORKER_CONTEXT, piece).serialize()

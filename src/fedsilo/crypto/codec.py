@@ -49,7 +49,7 @@ class IdentityCodec:
 
 
 @CODECS.register("ckks")
-def _ckks(*, keys: Any) -> Any:
+def _ckks(*, keys: Any, workers: int = 1) -> Any:
     from fedsilo.crypto.ckks import CKKSCodec  # TenSEAL is imported only when asked for
 
-    return CKKSCodec(keys)
+    return CKKSCodec(keys, workers=workers)

@@ -1,12 +1,25 @@
-"""Model zoo, by name.  Every model is DP-ready in spirit: no BatchNorm (GroupNorm instead)."""
+"""Model zoo, by name.  Every model of the zoo is DP-ready in spirit: no BatchNorm (GroupNorm
+instead).  ``tv:ARCH`` names any torchvision classification model (``models/torchvision.py``),
+made DP-ready on request (``model.dp_fix``); :func:`build_for` builds what a run trains."""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
 from fedsilo.models import dp_cnn as _dp_cnn  # noqa: F401  (registers)
 from fedsilo.models import small_cnn as _small_cnn  # noqa: F401  (registers)
 from fedsilo.models.registry import MODELS, build_model
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fedsilo.config import Config
+
+log = logging.getLogger("fedsilo")
+
+#: the prefix of torchvision model names (``tv:resnet50``)
+TORCHVISION = "tv:"
 
 
 @MODELS.register("resnet18")
@@ -17,4 +30,51 @@ def _resnet18(**kwargs: Any) -> Any:
     return resnet18(**kwargs)
 
 
-__all__ = ["MODELS", "build_model"]
+def wants_dp_fix(config: "Config") -> bool:
+    """``model.dp_fix``: on, off, or auto (on exactly when DP-SGD is: ``dp.enabled``)."""
+    return config.model.dp_fix == "on" or (config.model.dp_fix == "auto" and config.dp.enabled)
+
+
+def build_for(config: "Config", *, in_channels: int, num_classes: int,
+              image_size: tuple[int, int], weights: bool = True) -> "nn.Module":
+    """The model a run with ``config`` trains, for ``in_channels × image_size`` images of
+    ``num_classes`` classes: built by name, pretrained weights loaded (``weights``: False to
+    skip them, when a state dict is loaded next anyway), made DP-ready (``model.dp_fix``),
+    frozen but for ``model.train_layers``, and tried on a zero image.  Raises
+    :class:`~fedsilo.errors.ModelError` naming the cause on every rank alike.
+    """
+    from fedsilo.models import adapt
+
+    cfg = config.model
+    image_size = (int(image_size[0]), int(image_size[1]))
+    file_weights = cfg.weights if weights else None
+    pending: dict[str, Any] | None = None
+    notes: list[str] = []
+    if cfg.name.startswith(TORCHVISION):
+        from fedsilo.models import torchvision as tv
+
+        model, pending, notes = tv.build(
+            cfg.name[len(TORCHVISION):], in_channels=in_channels, num_classes=num_classes,
+            image_size=image_size, weights=file_weights, stem=cfg.stem)
+    else:
+        model = build_model(cfg.name, in_channels=in_channels, num_classes=num_classes,
+                            image_size=image_size, norm_groups=cfg.norm_groups)
+        if file_weights is not None:
+            pending = adapt.read_weights(file_weights, model_name=cfg.name)
+    if wants_dp_fix(config):
+        model, changes = adapt.dp_fix(model, norm_groups=cfg.norm_groups)
+        notes += [f"DP fix: {c}" for c in changes] or ["DP fix: nothing to change"]
+    if pending is not None:
+        adapt.load_weights(model, pending, model_name=cfg.name, source=str(cfg.weights))
+        notes.append(f"weights {cfg.weights}")
+    if cfg.train_layers != "all":
+        trainable = adapt.freeze(model, cfg.train_layers, head=adapt.head_name(model))
+        notes.append(f"training {', '.join(trainable)} only")
+    adapt.check_forward(model, model_name=cfg.name, in_channels=in_channels,
+                        image_size=image_size, num_classes=num_classes)
+    if notes:
+        log.info("model %r: %s; %s", cfg.name, "; ".join(notes), adapt.describe_trainable(model))
+    return model
+
+
+__all__ = ["MODELS", "TORCHVISION", "build_for", "build_model", "wants_dp_fix"]

@@ -15,6 +15,15 @@ torch optimizer.
 Each step: Poisson sampling (every sample independently with rate q), per-sample
 gradients g_i, clipping to norm C (factor min(1, C / (‖g_i‖ + 1e-6)), as Opacus),
 Σ clipped + N(0, σ²C²), divided by the expected batch size qN.
+
+The steps' Poisson masks are drawn ahead of the steps (they depend on the secret, the round
+and the step only), so a streamed split reads a window of upcoming batches at once
+(``loading.py``).  With augmentation multiplicity (``dp.augmult`` K, De et al. 2022) each
+sampled image comes as K augmented views and g_i is the mean of their gradients, formed
+*before* clipping: one sample still moves the clipped sum by at most C.  Under
+``train.precision: bf16`` the forward pass runs under autocast and the per-sample norms and
+clipped sums are computed in fp32 from the same bf16 activations (so the bound is exact);
+fp16 is refused (config.py).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from contextlib import closing
 from typing import Any, Mapping
 
 import numpy as np
@@ -40,6 +50,7 @@ from fedsilo.privacy.accounting import (
 )
 from fedsilo.privacy.secret import Purpose, SecretStream
 from fedsilo.privacy.validate import check_model, check_trainable
+from fedsilo.training import Precision
 
 log = logging.getLogger("fedsilo")
 
@@ -53,9 +64,13 @@ class ParticipantPrivacy:
     def __init__(self, model: nn.Module, *, site: int, settings: SiteDP, mechanism: str,
                  num_samples: int, train: TrainConfig, rounds: int, model_name: str,
                  sample: torch.Tensor, mode: str = "auto",
-                 shared: "ParticipantPrivacy | None" = None) -> None:
+                 shared: "ParticipantPrivacy | None" = None, augmult: int = 1) -> None:
         check_model(model, name=model_name)
         self.site, self.settings, self.train_config = site, settings, train
+        #: views per sample (dp.augmult): the rows of one sample are consecutive
+        self.augmult = augmult
+        assert train.precision != "fp16", "config.py refuses fp16 under DP"
+        self.precision = Precision(train.precision, sample.device)
         self.num_samples = num_samples
         self.sample_rate, self.steps_per_round, planned = plan_steps(
             num_samples=num_samples, batch_size=train.batch_size, epochs=train.epochs,
@@ -138,44 +153,52 @@ class ParticipantPrivacy:
     # -- training ---------------------------------------------------------------------
 
     def train_round(self, data: Any, *, optimizer: torch.optim.Optimizer, secret: bytes,
-                    round_index: int, deadline: float | None = None
+                    round_index: int, deadline: float | None = None, augment: Any = None
                     ) -> tuple[int, int, float, float]:
         """One round of DP-SGD on ``data``; returns (steps, samples, mean loss, seconds).
 
         Poisson masks and noise come from ``secret`` (the site's own, see ``secret.py``),
         one stream per (round, step).  Stops early at ``deadline`` (a ``time.perf_counter()``
         value).  Every step taken is accounted, also when the round ends early or fails
-        part-way (its update may then be dropped, but the data was touched).
+        part-way (its update may then be dropped, but the data was touched).  ``augment``:
+        the batch transform (``dp.augmult`` views of each sample).
         """
         start = time.perf_counter()
         self.module.train()
         samples, loss_sum, steps = 0, 0.0, 0
+        masks = (self._poisson(secret, round_index, step) for step in range(self.steps_per_round))
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), \
+                    closing(data.batches(masks, transform=augment)) as batches:
                 warnings.filterwarnings("ignore", message=_NO_INPUT_GRAD)
-                for step in range(self.steps_per_round):
+                for step, (images, labels) in enumerate(batches):
                     if deadline is not None and time.perf_counter() >= deadline:
                         break
                     steps += 1  # counted before the step: a step that fails was still taken
-                    samples, loss_sum = self._step(data, optimizer, secret, round_index, step,
-                                                   samples, loss_sum)
+                    samples, loss_sum = self._step(images, labels, optimizer, secret,
+                                                   round_index, step, samples, loss_sum)
         finally:
             self.accountant.spend(noise_multiplier=self.noise_multiplier,
                                   sample_rate=self.sample_rate, num_steps=steps)
         return steps, samples, loss_sum / max(samples, 1), time.perf_counter() - start
 
-    def _step(self, data: Any, optimizer: torch.optim.Optimizer, secret: bytes,
-              round_index: int, step: int, samples: int, loss_sum: float) -> tuple[int, float]:
-        """One DP-SGD step; returns the running (samples, loss sum)."""
-        device = data.labels.device
-        clip, sigma = self.settings.max_grad_norm, self.noise_multiplier
+    def _poisson(self, secret: bytes, round_index: int, step: int) -> np.ndarray:
+        """The indexes Poisson sampling draws for one step (from the site's secret)."""
         mask = SecretStream(secret, purpose=Purpose.POISSON, round_index=round_index,
                             step=step).bernoulli(self.num_samples, self.sample_rate)
-        index = torch.from_numpy(np.flatnonzero(mask)).to(device)
+        return np.flatnonzero(mask)
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor,
+              optimizer: torch.optim.Optimizer, secret: bytes, round_index: int, step: int,
+              samples: int, loss_sum: float) -> tuple[int, float]:
+        """One DP-SGD step on a Poisson batch (``augmult`` rows a sample); returns the
+        running (samples, loss sum)."""
+        device = labels.device
+        clip, sigma = self.settings.max_grad_norm, self.noise_multiplier
         optimizer.zero_grad(set_to_none=True)
-        if index.numel():  # Poisson sampling may draw an empty batch: then noise only
-            loss = self.clipped_sum(data.images[index], data.labels[index])
-            samples += int(index.numel())
+        if labels.numel():  # Poisson sampling may draw an empty batch: then noise only
+            loss = self.clipped_sum(images, labels, group=self.augmult)
+            samples += int(labels.numel()) // self.augmult
             loss_sum += float(loss.detach())
         expected_batch = self.sample_rate * self.num_samples
         noise = SecretStream(secret, purpose=Purpose.NOISE, round_index=round_index, step=step)
@@ -194,14 +217,20 @@ class ParticipantPrivacy:
             self._noise = np.empty(max(p.numel() for p in self.params), dtype=np.float32)
         return self._noise[:numel]
 
-    def clipped_sum(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Set each ``p.grad`` to Σ_i min(1, C/‖g_i‖) g_i over the batch; returns Σ_i ℓ_i."""
+    def clipped_sum(self, images: torch.Tensor, labels: torch.Tensor, *, group: int = 1
+                    ) -> torch.Tensor:
+        """Set each ``p.grad`` to Σ_i min(1, C/‖g_i‖) g_i over the batch; returns Σ_i ℓ_i.
+
+        ``group`` > 1: sample i is the ``group`` consecutive rows i·group .. i·group+group-1
+        (its augmented views), g_i and ℓ_i the means over them."""
         if self.clipper is not None:
             return self.clipper.clipped_sum(images, labels,
-                                            max_grad_norm=self.settings.max_grad_norm)
-        loss = self.loss_fn(self.module(images), labels)
+                                            max_grad_norm=self.settings.max_grad_norm,
+                                            group=group, autocast=self.precision.autocast)
+        with self.precision.autocast():
+            loss = self.loss_fn(self.module(images), labels) / group
         loss.backward()
-        self.clip_and_sum()
+        self.clip_and_sum(group=group)
         return loss
 
     def _trial_step(self, images: torch.Tensor) -> None:
@@ -209,9 +238,12 @@ class ParticipantPrivacy:
         labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
         self.clipped_sum(images, labels)
 
-    def clip_and_sum(self) -> None:
-        """Replace each ``p.grad`` by the sum of the clipped per-sample gradients."""
-        per_sample = [p.grad_sample for p in self.params]
+    def clip_and_sum(self, *, group: int = 1) -> None:
+        """Replace each ``p.grad`` by the sum of the clipped per-sample gradients (each the
+        sum over its ``group`` rows; fp32 whatever precision the forward pass ran in)."""
+        per_sample = [ghost.wide(p.grad_sample) for p in self.params]
+        if group > 1:
+            per_sample = [g.reshape(-1, group, *g.shape[1:]).sum(1) for g in per_sample]
         batch = per_sample[0].shape[0]
         norms = torch.stack([g.reshape(batch, -1).norm(2, dim=1) for g in per_sample], dim=1)
         factor = (self.settings.max_grad_norm / (norms.norm(2, dim=1) + 1e-6)).clamp(max=1.0)

@@ -20,11 +20,18 @@ parametrized layer type are not supported here (the engine uses Opacus's hooks f
 are models that share weights (a layer run twice in one forward pass, or one parameter in two
 layers): the formulas above take one input and one output gradient per parameter, and would
 silently give the wrong norms and sums.  Those raise :class:`SharedLayerError`.
+
+Augmentation multiplicity (``group`` K, De et al. 2022): sample i is K consecutive rows (its
+views) and g_i the mean of their gradients.  A sample's views are then what a sequence's
+positions are to a Linear layer, and extra positions to a convolution, so the same formulas
+give ‖g_i‖ and Σ c_i g_i over the K·T positions of each sample; the loss is divided by K.
+Norms and sums are formed in fp32 from whatever precision autocast ran the forward pass in.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -87,11 +94,16 @@ class GhostClipper:
             self.versions[module] = output._version
 
     def clipped_sum(self, images: torch.Tensor, labels: torch.Tensor, *, max_grad_norm: float,
-                    loss_fn: Callable = F.cross_entropy) -> torch.Tensor:
-        """Set each ``p.grad`` to Σ_i min(1, C/(‖g_i‖+1e-6)) g_i; returns the summed loss."""
+                    loss_fn: Callable = F.cross_entropy, group: int = 1,
+                    autocast: Callable[[], ContextManager[Any]] = nullcontext) -> torch.Tensor:
+        """Set each ``p.grad`` to Σ_i min(1, C/(‖g_i‖+1e-6)) g_i; returns the summed loss.
+
+        ``group`` > 1: each sample is ``group`` consecutive rows, g_i the mean of their
+        gradients; ``autocast``: the context of the forward pass (mixed precision)."""
         self.capturing = True
         try:
-            losses = loss_fn(self.model(images), labels, reduction="none")
+            with autocast():
+                losses = loss_fn(self.model(images), labels, reduction="none")
             self._refuse_repeated_runs()
         except BaseException:
             self._forget()
@@ -107,15 +119,15 @@ class GhostClipper:
                 self._forget()
                 raise RuntimeError(f"the output of layer '{self.names[module]}' "
                                    f"({type(module).__name__}) is modified in place")
-        total = losses.sum()
+        total = wide(losses).sum() / group
         backprops = torch.autograd.grad(total, [self.outputs[m] for m in layers])
         self.outputs.clear()
         inputs, self.inputs = self.inputs, {}
-        n = images.shape[0]
-        norms_sq = torch.zeros(n, device=images.device, dtype=losses.dtype)
+        n = images.shape[0] // group
+        norms_sq = torch.zeros(n, device=images.device, dtype=total.dtype)
         parts = []
         for module, b in zip(layers, backprops):
-            part = _per_sample(module, inputs[module], b)
+            part = _per_sample(module, inputs[module], b, group=group)
             norms_sq += part.norm_sq
             parts.append(part)
         factor = (max_grad_norm / (norms_sq.sqrt() + 1e-6)).clamp(max=1.0)
@@ -186,8 +198,11 @@ class _Part:
         self.norm_sq, self.write_clipped_sum = norm_sq, write
 
 
-def _per_sample(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> _Part:
-    n = a.shape[0]
+def _per_sample(module: nn.Module, a: torch.Tensor, b: torch.Tensor, *, group: int = 1
+                ) -> _Part:
+    """Layer input ``a`` and output gradient ``b`` of each row; a sample is ``group`` rows."""
+    a, b = wide(a), wide(b)
+    n = a.shape[0] // group
     weight, bias = module.weight, module.bias
     use_w = weight is not None and weight.requires_grad
     use_b = bias is not None and bias.requires_grad
@@ -213,7 +228,10 @@ def _per_sample(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> _Part:
     if isinstance(module, nn.Conv2d):
         cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding,
                         stride=module.stride)                       # N × (c k²) × T
-        grads = b.reshape(n, b.shape[1], -1)                        # N × p × T
+        grads = b.reshape(a.shape[0], b.shape[1], -1)               # N × p × T
+        if group > 1:  # a sample's views are more positions: N/K × · × KT
+            cols = _positions(cols, group)
+            grads = _positions(grads, group)
         positions, d, p = cols.shape[2], cols.shape[1], grads.shape[1]
         per_sample = None
         if not use_w:
@@ -243,6 +261,8 @@ def _per_sample(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> _Part:
         normalized = F.group_norm(a, module.num_groups, eps=module.eps)
         dims = tuple(range(2, a.dim()))
         g_w, g_b = (normalized * b).sum(dims), b.sum(dims)
+        if group > 1:
+            g_w, g_b = g_w.view(n, group, -1).sum(1), g_b.view(n, group, -1).sum(1)
         norm_sq = torch.zeros(n, device=a.device, dtype=b.dtype)
         if use_w:
             norm_sq = norm_sq + g_w.pow(2).sum(1)
@@ -256,6 +276,17 @@ def _per_sample(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> _Part:
                 bias.grad = c @ g_b
         return _Part(norm_sq, write)
     raise TypeError(f"no per-sample norm for {type(module).__name__}")
+
+
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 when autocast left it in fp16 or bf16 (else as it is)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _positions(x: torch.Tensor, group: int) -> torch.Tensor:
+    """(N·K) × d × T rows -> N × d × (K·T): each sample's K views side by side."""
+    rows, d, t = x.shape
+    return x.view(rows // group, group, d, t).transpose(1, 2).reshape(rows // group, d, group * t)
 
 
 def _refuse_tied_parameters(layers: list[nn.Module], names: dict[nn.Module, str]) -> None:

@@ -1,10 +1,12 @@
 """Refuse models that DP-SGD cannot train, up front and naming the offending layer.
 
 Three checks, cheapest first: layer types Opacus's ``ModuleValidator`` rejects (BatchNorm
-mixes the samples of a batch), modules that modify their input in place (they break the
-per-sample gradient hooks: "Output 0 of BackwardHookFunction is a view and is being
-modified inplace"), and a trial forward/backward pass on two samples, which catches what
-no static check sees (an ``out += identity`` inside a ``forward``).
+mixes the samples of a batch) or cannot compute per-sample gradients for (a trainable
+parameter a layer owns outside Opacus's layer types, such as ViT's class token), modules
+that modify their input in place (they break the per-sample gradient hooks: "Output 0 of
+BackwardHookFunction is a view and is being modified inplace"), and a trial
+forward/backward pass on two samples, which catches what no static check sees (an
+``out += identity`` inside a ``forward``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import warnings
 from typing import Callable, Sequence
 
 import torch
+from opacus.grad_sample import GradSampleModule
 from opacus.validators import ModuleValidator
 from torch import nn
 
@@ -22,6 +25,7 @@ from fedsilo.errors import ModelError
 def static_problems(model: nn.Module) -> list[str]:
     """Descriptions of the layers of ``model`` that DP-SGD cannot train ([] when none)."""
     problems = []
+    unsupported = False  # the list of layers Opacus supports is said once
     was_training = model.training
     model.train()  # Opacus's validator also insists on training mode, which is not our point
     for name, module in model.named_modules():
@@ -35,6 +39,15 @@ def static_problems(model: nn.Module) -> list[str]:
             for error in ModuleValidator.validate(module, strict=False):
                 if not any(child for child in module.children()):
                     problems.append(f"{label}: {str(error).split('.')[0]}")
+            own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if own and type(module) not in GradSampleModule.GRAD_SAMPLERS:
+                problems.append(f"{label}: no per-sample gradient for its own parameter(s) "
+                                f"{', '.join(own)}" + ("" if unsupported else (
+                                    " (Opacus computes them for the layers "
+                                    + ", ".join(sorted(t.__name__ for t in
+                                                       GradSampleModule.GRAD_SAMPLERS))
+                                    + "; freeze the others with model.train_layers)")))
+                unsupported = True
     model.train(was_training)
     return problems
 

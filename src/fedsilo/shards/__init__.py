@@ -28,6 +28,7 @@ from fedsilo.shards.manifest import (
     site_file_name,
     write_manifest,
 )
+from fedsilo.shards.reader import SplitReader
 from fedsilo.shards.stats import PixelStats
 from fedsilo.shards.stats import combine as combine_stats
 from fedsilo.shards.verify import verify_shard_set
@@ -45,6 +46,7 @@ __all__ = [
     "ShardWriter",
     "SiteEntry",
     "SplitData",
+    "SplitReader",
     "build_manifest",
     "check_shard",
     "combine_stats",

@@ -1,0 +1,157 @@
+"""The plots of ``fedsilo report`` (matplotlib, Agg, through ``Figure`` objects: no pyplot,
+no global backend state).  Curves of several runs are overlaid, one colour per run; plots
+that cannot be overlaid (ε per site, time per phase) get one panel per run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from fedsilo.runreport import Run
+
+#: the coordinator's phases of a round, in order; together (with "other") they make up
+#: ``seconds.round``.  ``local_*_max`` are parts of ``local`` and are not stacked.
+PHASES = ("coordination", "broadcast", "local", "aggregate", "server_step", "evaluate",
+          "checkpoint")
+_METRICS = (("acc", "accuracy"), ("auc", "ROC AUC"), ("loss", "loss"))
+_DPI = 100
+_MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*")
+
+
+def draw_plots(runs: Sequence[Run], out: Path) -> dict[str, Path]:
+    """Write the PNGs into ``out``; returns them by name (test, validation, epsilon, time),
+    leaving out plots no run has data for."""
+    written: dict[str, Path] = {}
+    for name, draw in (("test", _test), ("validation", _validation), ("epsilon", _epsilon),
+                       ("time", _time)):
+        figure = draw(runs)
+        if figure is not None:
+            path = out / f"{name}.png"
+            figure.savefig(path, dpi=_DPI)
+            written[name] = path
+    return written
+
+
+def _figure(num_panels: int, *, width: float = 4.0, height: float = 3.2) -> tuple[Any, list[Any]]:
+    from matplotlib.figure import Figure
+
+    columns = min(num_panels, 3)
+    rows = -(-num_panels // columns)
+    figure = Figure(figsize=(width * columns, height * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel().tolist()
+    for extra in axes[num_panels:]:
+        extra.set_visible(False)
+    return figure, axes[:num_panels]
+
+
+def _colour(index: int) -> str:
+    return f"C{index % 10}"
+
+
+def _series(rows: Sequence[dict[str, Any]], get: Any) -> tuple[list[int], list[float]]:
+    """(rounds, values) of the rows where ``get(row)`` is a number."""
+    rounds, values = [], []
+    for row in rows:
+        value = get(row)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            rounds.append(row["round"])
+            values.append(float(value))
+    return rounds, values
+
+
+def _curves(runs: Sequence[Run], get_of: Any, title: str) -> Any:
+    figure, axes = _figure(len(_METRICS))
+    drawn = False
+    for axis, (key, label) in zip(axes, _METRICS):
+        for index, run in enumerate(runs):
+            rounds, values = _series(run.rows, get_of(key))
+            if rounds:
+                axis.plot(rounds, values, marker="o" if len(rounds) <= 30 else None,
+                          markersize=3, color=_colour(index), label=run.name)
+                drawn = True
+        axis.set_title(label)
+        axis.set_xlabel("round")
+        axis.grid(alpha=0.3)
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    if not drawn:
+        return None
+    axes[0].legend(fontsize="small")
+    figure.suptitle(title)
+    return figure
+
+
+def _test(runs: Sequence[Run]) -> Any:
+    return _curves(runs, lambda key: lambda row: row.get(key), "test set")
+
+
+def _validation(runs: Sequence[Run]) -> Any:
+    return _curves(runs, lambda key: lambda row: (row.get("val") or {}).get(key),
+                   "federated validation (the model each round started from)")
+
+
+def _epsilon(runs: Sequence[Run]) -> Any:
+    private = [run for run in runs
+               if any(r.get("epsilon") or r.get("user_epsilon") is not None for r in run.rows)]
+    if not private:
+        return None
+    figure, axes = _figure(len(private), width=5.0, height=3.6)
+    for axis, run in zip(axes, private):
+        sites = sorted({s for r in run.rows for s in r.get("epsilon") or {}}, key=int)
+        for index, site in enumerate(sites):
+            rounds, values = _series(run.rows, lambda r, s=site: (r.get("epsilon") or {}).get(s))
+            # sites of the same size spend the same ε: a marker each keeps them apart
+            axis.plot(rounds, values, color=_colour(index), label=f"site {site}",
+                      marker=_MARKERS[index % len(_MARKERS)] if len(rounds) <= 30 else None,
+                      markersize=7 - index % 4, fillstyle="none")
+            budget = run.budget(site)
+            if isinstance(budget, (int, float)):
+                axis.axhline(budget, color=_colour(index), linestyle="--", linewidth=1)
+        rounds, values = _series(run.rows, lambda r: r.get("user_epsilon"))
+        if rounds:
+            axis.plot(rounds, values, color="black", label="user level")
+        axis.set_title(f"{run.name}: ε spent (dashed: budget)")
+        axis.set_xlabel("round")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.set_ylabel("ε")
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+    return figure
+
+
+def _time(runs: Sequence[Run]) -> Any:
+    timed = [run for run in runs if any(r.get("seconds") for r in run.rows)]
+    if not timed:
+        return None
+    figure, axes = _figure(len(timed), width=5.0, height=3.6)
+    for axis, run in zip(axes, timed):
+        rows = [r for r in run.rows if r.get("seconds")]
+        rounds = [r["round"] for r in rows]
+        bottom = [0.0] * len(rows)
+        stacks = {phase: [float(r["seconds"].get(phase) or 0.0) for r in rows]
+                  for phase in PHASES}
+        # runtime.overlap_eval: these ran during the next round's training, outside
+        # seconds.round; drawn on top, hatched
+        overlapped = {p for r in rows for p in r.get("overlapped", ())}
+        stacks["other"] = [max(0.0, float(r["seconds"].get("round") or 0.0) - sum(
+            float(r["seconds"].get(p) or 0.0) for p in PHASES if p not in overlapped))
+            for r in rows]
+        order = [p for p in stacks if p not in overlapped] + [p for p in stacks
+                                                              if p in overlapped]
+        for index, phase in enumerate(order):
+            values = stacks[phase]
+            if not any(values):
+                continue
+            hidden = phase in overlapped
+            axis.bar(rounds, values, bottom=bottom, color=_colour(index),
+                     label=f"{phase} (overlapped)" if hidden else phase, width=0.8,
+                     hatch="//" if hidden else None, alpha=0.6 if hidden else 1.0)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        axis.set_title(f"{run.name}: seconds per round")
+        axis.set_xlabel("round")
+        axis.set_ylabel("seconds")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return figure

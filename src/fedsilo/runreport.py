@@ -1,0 +1,424 @@
+"""``fedsilo report``: PNG plots and one self-contained HTML page of one or more runs.
+
+It reads only what a run directory holds as text (``config.yaml`` with ``yaml.safe_load``,
+``metrics.jsonl`` and ``summary.json`` as JSON); it never unpickles a checkpoint and imports
+neither torch nor MPI, so it runs on a login node or a laptop beside a copied run.  A run
+may be finished (``summary.json``), stopped, hung, crashed (its last line cut mid-write:
+the complete lines are read and the page says so) or still running.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import fcntl
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from fedsilo import __version__
+from fedsilo.errors import ReportError
+
+REPORT_FILE = "report.html"
+#: the default --out of several runs (one run: RUN_DIR/report)
+SEVERAL_RUNS_OUT = "fedsilo-report"
+
+
+@dataclass
+class Run:
+    """What a run directory says about its run, read without unpickling anything."""
+
+    root: Path
+    name: str
+    config: dict[str, Any]
+    config_text: str
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    #: finished | running | stopped | hung | interrupted
+    status: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def planned_rounds(self) -> int | None:
+        rounds = self.config.get("rounds")
+        return rounds if isinstance(rounds, int) else None
+
+    @property
+    def last_round(self) -> int:
+        return int(self.rows[-1]["round"])
+
+    def final_test(self) -> dict[str, Any]:
+        """The final test metrics: summary.json's when the run finished, else the last row
+        that has them."""
+        if self.summary and isinstance(self.summary.get("test"), dict):
+            return self.summary["test"]
+        tested = [r for r in self.rows if "acc" in r]
+        return {k: tested[-1].get(k) for k in ("acc", "auc", "loss")} if tested else {}
+
+    def best(self) -> tuple[float | None, int | None]:
+        """The best test accuracy over the rounds, and its round."""
+        tested = [r for r in self.rows if isinstance(r.get("acc"), (int, float))]
+        if not tested:
+            return None, None
+        top = max(tested, key=lambda r: r["acc"])
+        return top["acc"], top["round"]
+
+    def final_val(self) -> dict[str, Any]:
+        if self.summary and isinstance(self.summary.get("val"), dict):
+            return self.summary["val"]
+        with_val = [r for r in self.rows if r.get("val")]
+        return with_val[-1]["val"] if with_val else {}
+
+    def epsilon(self) -> dict[str, float]:
+        """Each site's ε spent, as of the last row that reports it."""
+        rows = [r for r in self.rows if r.get("epsilon")]
+        return dict(rows[-1]["epsilon"]) if rows else {}
+
+    def budget(self, site: str) -> float | None:
+        """Site ``site``'s ε budget: summary.json's, else config.yaml's (its dp.sites
+        override first)."""
+        privacy = (self.summary or {}).get("privacy") or {}
+        if isinstance(privacy.get(site), dict) and "target_epsilon" in privacy[site]:
+            return privacy[site]["target_epsilon"]
+        dp = self.config.get("dp") or {}
+        sites = dp.get("sites") or {}
+        override = sites.get(site, sites.get(int(site) if site.isdigit() else site)) or {}
+        if isinstance(override, dict) and "target_epsilon" in override:
+            return override["target_epsilon"]
+        return dp.get("target_epsilon")
+
+    def total(self, section: str, key: str | None = None) -> float:
+        """The sum over the rounds of ``row[section][key]`` (of every value without key)."""
+        total = 0.0
+        for row in self.rows:
+            values = row.get(section) or {}
+            for name, value in values.items():
+                if (key is None or name == key) and isinstance(value, (int, float)):
+                    total += value
+        return total
+
+
+def load_run(path: str | Path, *, name: str | None = None) -> Run:
+    """Read the run directory ``path``; a :class:`ReportError` names what is wrong with it."""
+    root = Path(path)
+    if not root.exists():
+        raise ReportError(f"{root}: no such directory")
+    if not root.is_dir():
+        raise ReportError(f"{root} is not a directory: give a run directory (fedsilo train "
+                          f"--out RUN_DIR)")
+    metrics, config_file = root / "metrics.jsonl", root / "config.yaml"
+    if not metrics.is_file():
+        if config_file.is_file():
+            raise ReportError(f"{root} holds no metrics.jsonl yet: the run has completed no "
+                              f"round, there is nothing to report")
+        raise ReportError(f"{root} is not a fedsilo run directory (it holds neither "
+                          f"metrics.jsonl nor config.yaml)")
+    notes: list[str] = []
+    rows = _read_rows(metrics, notes)
+    config, config_text = _read_config(config_file, notes)
+    summary = _read_json(root / "summary.json", notes)
+    status = _status(root, rows, summary, notes)
+    return Run(root=root, name=name or root.resolve().name, config=config,
+               config_text=config_text, rows=rows, summary=summary, status=status,
+               notes=notes)
+
+
+def _read_rows(metrics: Path, notes: list[str]) -> list[dict[str, Any]]:
+    """The complete rows of ``metrics.jsonl``, up to the first line that is not one (a
+    crash while writing cuts the last line; a row is never half-valid)."""
+    text = metrics.read_bytes().decode("utf-8", errors="replace")
+    if not text.strip():
+        raise ReportError(f"{metrics} is empty: the run has completed no round yet")
+    lines = text.split("\n")
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            rest = sum(1 for later in lines[number:] if later.strip())
+            if rest == 0:
+                notes.append(f"the last line of metrics.jsonl (line {number}) was cut "
+                             f"mid-line (a crash while writing it, or a row being written "
+                             f"now); it is left out")
+            else:
+                notes.append(f"line {number} of metrics.jsonl is not a metrics row; it and the "
+                             f"{rest} line(s) after it are left out")
+            break
+        rows.append(row)
+    if not rows:
+        raise ReportError(f"{metrics} holds no complete row: the run has completed no round "
+                          f"yet ({notes[-1] if notes else 'nothing to read'})")
+    return rows
+
+
+def _read_config(path: Path, notes: list[str]) -> tuple[dict[str, Any], str]:
+    if not path.is_file():
+        notes.append("no config.yaml: the configuration is unknown")
+        return {}, ""
+    text = path.read_text(errors="replace")
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ReportError(f"{path} is not valid YAML ({where}{problem})") from None
+    if not isinstance(config, dict):
+        raise ReportError(f"{path} is not a fedsilo configuration (a YAML mapping)")
+    return config, text
+
+
+def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        notes.append(f"{path.name} cannot be read as JSON; it is left out")
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _status(root: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | None,
+            notes: list[str]) -> str:
+    if _locked(root / ".fedsilo.lock"):
+        notes.append(f"the run is still going (a job holds its lock): this is round "
+                     f"{rows[-1]['round']}")
+        return "running"
+    if summary is not None and summary.get("rounds_completed") == rows[-1]["round"]:
+        return "finished"
+    for marker, status in (("stopped.json", "stopped"), ("hung.json", "hung")):
+        if (root / marker).is_file():
+            notes.append(f"{marker}: the run ended early; 'fedsilo train --resume {root}' "
+                         f"continues it")
+            return status
+    notes.append(f"the run ended after round {rows[-1]['round']} without summary.json (a crash "
+                 f"or a kill); 'fedsilo train --resume {root}' continues it")
+    return "interrupted"
+
+
+def _locked(lock: Path) -> bool:
+    """Whether a fedsilo job holds the run directory's lock (RunDir.lock) now."""
+    if not lock.is_file():
+        return False
+    with lock.open("rb") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return False
+
+
+def load_runs(paths: Sequence[str | Path]) -> list[Run]:
+    """Read every run; runs with the same directory name are named by their parent too."""
+    roots = [Path(p) for p in paths]
+    names = [r.resolve().name for r in roots]
+    return [load_run(root, name=f"{root.resolve().parent.name}/{name}"
+                     if names.count(name) > 1 else name) for root, name in zip(roots, names)]
+
+
+def default_out(paths: Sequence[str | Path]) -> Path:
+    return Path(paths[0]) / "report" if len(paths) == 1 else Path(SEVERAL_RUNS_OUT)
+
+
+def write_report(paths: Sequence[str | Path], *, out: str | Path | None = None) -> Path:
+    """Write the plots and ``report.html`` of the runs at ``paths`` into ``out``; returns the
+    HTML page's path."""
+    from fedsilo.runplots import draw_plots
+
+    runs = load_runs(paths)
+    directory = Path(out) if out is not None else default_out(paths)
+    page = directory / REPORT_FILE
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        plots = draw_plots(runs, directory)
+        page.write_text(render_html(runs, plots))
+    except OSError as exc:
+        raise ReportError(f"cannot write the report to {directory}: {exc.strerror or exc}; "
+                          f"choose another --out") from None
+    return page
+
+
+# -- the page ----------------------------------------------------------------------------
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+td.status, td.run { text-align: left; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f2f2f2; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+.note { color: #a35a00; }
+.status-finished { color: #1a7f37; } .status-running { color: #0550ae; }
+.status-interrupted, .status-hung, .status-stopped { color: #a35a00; }
+"""
+
+_PLOT_TITLES = {"test": "Test metrics per round (the global model on test.h5)",
+                "validation": "Federated validation (each site's own split, sample-weighted)",
+                "epsilon": "Privacy spent: ε per site against its budget",
+                "time": "Where each round's time went (the coordinator's phases)"}
+
+
+def render_html(runs: Sequence[Run], plots: dict[str, Path]) -> str:
+    """The report page: a table of the runs, notes, privacy, the plots (embedded as data
+    URIs) and each run's configuration."""
+    names = ", ".join(run.name for run in runs)
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    parts = [f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+             f"<title>fedsilo report: {_e(names)}</title><style>{_STYLE}</style></head><body>",
+             f"<h1>fedsilo report: {_e(names)}</h1>",
+             f"<p>Written {_e(now)} by fedsilo {_e(__version__)} from "
+             f"{', '.join(f'<code>{_e(str(r.root))}</code>' for r in runs)}.</p>",
+             _runs_table(runs), _notes(runs), _privacy_table(runs)]
+    for key, title in _PLOT_TITLES.items():
+        if key in plots:
+            data = base64.b64encode(plots[key].read_bytes()).decode("ascii")
+            parts.append(f"<h2>{_e(title)}</h2>\n<img id=\"plot-{key}\" alt=\"{_e(title)}\" "
+                         f"src=\"data:image/png;base64,{data}\">")
+    parts.append(_configuration(runs))
+    parts.append("</body></html>\n")
+    return "\n".join(p for p in parts if p)
+
+
+def _runs_table(runs: Sequence[Run]) -> str:
+    head = ("run", "status", "rounds", "test acc", "test AUC", "test loss", "best acc (round)",
+            "val acc", "val AUC", "max ε spent", "time", "bytes moved")
+    lines = ["<h2>Runs</h2>", "<table id=\"runs\"><tr>"
+             + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    for run in runs:
+        test, val = run.final_test(), run.final_val()
+        best, best_round = run.best()
+        eps = run.epsilon()
+        planned = run.planned_rounds
+        rounds = f"{run.last_round}/{planned}" if planned else str(run.last_round)
+        spent = max(eps.values(), default=None) if eps else run.rows[-1].get("user_epsilon")
+        cells = [
+            f"<td class=\"run\">{_e(run.name)}</td>",
+            f"<td class=\"status status-{run.status}\">{run.status}</td>",
+            f"<td class=\"rounds\">{rounds}</td>",
+            _value_cell("final-acc", test.get("acc")),
+            _value_cell("final-auc", test.get("auc")),
+            _value_cell("final-loss", test.get("loss")),
+            _value_cell("best-acc", best, suffix=f" ({best_round})" if best_round else ""),
+            _value_cell("final-val-acc", val.get("acc")),
+            _value_cell("final-val-auc", val.get("auc")),
+            _value_cell("max-epsilon", spent, digits=3),
+            f"<td class=\"time\">{_duration(run.total('seconds', 'round'))}</td>",
+            f"<td class=\"bytes\">{_bytes(run.total('bytes'))}</td>"]
+        lines.append(f"<tr data-run=\"{_e(run.name)}\">" + "".join(cells) + "</tr>")
+    lines.append("</table>")
+    lines.append("<p>Final metrics are summary.json's for a finished run, else the last "
+                 "evaluated round's. Time is the sum of the rounds' wall-clock seconds.</p>")
+    return "\n".join(lines)
+
+
+def _notes(runs: Sequence[Run]) -> str:
+    items = [f"<li class=\"note\"><b>{_e(run.name)}</b>: {_e(note)}</li>"
+             for run in runs for note in run.notes]
+    return "<ul id=\"notes\">\n" + "\n".join(items) + "\n</ul>" if items else ""
+
+
+def _privacy_table(runs: Sequence[Run]) -> str:
+    """Per site, the ε spent (as published in metrics.jsonl) against its budget; user-level
+    ε when the run accounts it."""
+    lines = []
+    for run in runs:
+        eps = run.epsilon()
+        last = run.rows[-1]
+        user = last.get("user_epsilon")
+        if not eps and user is None:
+            continue
+        stopped = (run.summary or {}).get("stopped") or last.get("stopped") or {}
+        delta = last.get("delta") or {}
+        lines.append(f"<h3>{_e(run.name)}</h3><table class=\"privacy\" data-run=\"{_e(run.name)}\">"
+                     "<tr><th>site</th><th>ε spent</th><th>budget ε</th><th>δ</th>"
+                     "<th>stopped in round</th></tr>")
+        for site, value in sorted(eps.items(), key=lambda kv: int(kv[0])):
+            lines.append(f"<tr data-site=\"{_e(site)}\"><td>site {_e(site)}</td>"
+                         f"{_value_cell('epsilon', value, digits=3)}"
+                         f"{_value_cell('budget', run.budget(site), digits=3)}"
+                         f"<td>{_e(_number(delta.get(site), 3, 'g'))}</td>"
+                         f"<td>{_e(str(stopped.get(site, '')))}</td></tr>")
+        if user is not None:
+            lines.append(f"<tr><td>user level (largest over sites)</td>"
+                         f"{_value_cell('user-epsilon', user, digits=3)}<td></td>"
+                         f"<td>{_e(_number(last.get('user_delta'), 3, 'g'))}</td><td></td></tr>")
+        lines.append("</table>")
+    return "<h2>Privacy spent</h2>\n" + "\n".join(lines) if lines else ""
+
+
+def _configuration(runs: Sequence[Run]) -> str:
+    lines = ["<h2>Configuration</h2>"]
+    if len(runs) > 1:
+        flat = [_flatten(run.config) for run in runs]
+        keys = sorted({k for f in flat for k in f if len({repr(g.get(k)) for g in flat}) > 1}
+                      - {"data.dir"})
+        if keys:
+            lines.append("<table id=\"config-diff\"><tr><th>key</th>"
+                         + "".join(f"<th>{_e(r.name)}</th>" for r in runs) + "</tr>")
+            for key in keys:
+                lines.append(f"<tr><td>{_e(key)}</td>"
+                             + "".join(f"<td>{_e(str(f.get(key, '')))}</td>" for f in flat)
+                             + "</tr>")
+            lines.append("</table>")
+    for run in runs:
+        lines.append(f"<details{' open' if len(runs) == 1 else ''}><summary>{_e(run.name)}: "
+                     f"config.yaml</summary><pre>{_e(run.config_text)}</pre></details>")
+    return "\n".join(lines)
+
+
+def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _value_cell(kind: str, value: Any, *, digits: int = 4, suffix: str = "") -> str:
+    """A table cell showing ``value`` rounded, with the exact value in ``data-value``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return f"<td class=\"{kind}\">–</td>"
+    return (f"<td class=\"{kind}\" data-value=\"{value!r}\">"
+            f"{_e(_number(value, digits))}{_e(suffix)}</td>")
+
+
+def _number(value: Any, digits: int, style: str = "f") -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "–"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "–"
+    return f"{value:.{digits}{style}}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    minutes = seconds / 60
+    return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)
