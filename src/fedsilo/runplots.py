@@ -121,6 +121,40 @@ def _epsilon(runs: Sequence[Run]) -> Any:
     return figure
 
 
+def time_stacks(rows: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """Seconds of each round by phase, as stacked in ``time.png``; they add up to
+    ``seconds.round``.
+
+    With ``runtime.overlap_eval`` a round's record (evaluation, checkpoint) runs while the
+    participants train the next round, so it lies inside the next round's wall time: it is
+    counted there, out of what would otherwise be "other".
+
+    >>> rows = [{"seconds": {"local": 1.0, "evaluate": 0.2, "round": 1.0},
+    ...          "overlapped": ["evaluate"]},
+    ...         {"seconds": {"local": 0.7, "evaluate": 0.2, "round": 1.0},
+    ...          "overlapped": ["evaluate"]}]
+    >>> stacks = time_stacks(rows)
+    >>> stacks["local"], stacks["previous round's record (overlapped)"]
+    ([1.0, 0.7], [0.0, 0.2])
+    >>> [round(v, 6) for v in stacks["other"]], stacks["evaluate"]
+    ([0.0, 0.1], [0.0, 0.0])
+    """
+    stacks = {phase: [float(r["seconds"].get(phase) or 0.0) if phase not in
+                      r.get("overlapped", ()) else 0.0 for r in rows] for phase in PHASES}
+    other = [max(0.0, float(r["seconds"].get("round") or 0.0) - sum(
+        stacks[p][i] for p in PHASES)) for i, r in enumerate(rows)]
+    previous = [0.0] * len(rows)
+    for i in range(1, len(rows)):
+        record = sum(float(rows[i - 1]["seconds"].get(p) or 0.0)
+                     for p in rows[i - 1].get("overlapped", ()))
+        previous[i] = min(record, other[i])
+        other[i] -= previous[i]
+    stacks["other"] = other
+    if any(r.get("overlapped") for r in rows):
+        stacks["previous round's record (overlapped)"] = previous
+    return stacks
+
+
 def _time(runs: Sequence[Run]) -> Any:
     timed = [run for run in runs if any(r.get("seconds") for r in run.rows)]
     if not timed:
@@ -130,24 +164,13 @@ def _time(runs: Sequence[Run]) -> Any:
         rows = [r for r in run.rows if r.get("seconds")]
         rounds = [r["round"] for r in rows]
         bottom = [0.0] * len(rows)
-        stacks = {phase: [float(r["seconds"].get(phase) or 0.0) for r in rows]
-                  for phase in PHASES}
-        # runtime.overlap_eval: these ran during the next round's training, outside
-        # seconds.round; drawn on top, hatched
-        overlapped = {p for r in rows for p in r.get("overlapped", ())}
-        stacks["other"] = [max(0.0, float(r["seconds"].get("round") or 0.0) - sum(
-            float(r["seconds"].get(p) or 0.0) for p in PHASES if p not in overlapped))
-            for r in rows]
-        order = [p for p in stacks if p not in overlapped] + [p for p in stacks
-                                                              if p in overlapped]
-        for index, phase in enumerate(order):
-            values = stacks[phase]
+        stacks = time_stacks(rows)
+        for index, (phase, values) in enumerate(stacks.items()):
             if not any(values):
                 continue
-            hidden = phase in overlapped
-            axis.bar(rounds, values, bottom=bottom, color=_colour(index),
-                     label=f"{phase} (overlapped)" if hidden else phase, width=0.8,
-                     hatch="//" if hidden else None, alpha=0.6 if hidden else 1.0)
+            hidden = phase.endswith("(overlapped)")
+            axis.bar(rounds, values, bottom=bottom, color=_colour(index), label=phase,
+                     width=0.8, hatch="//" if hidden else None, alpha=0.6 if hidden else 1.0)
             bottom = [b + v for b, v in zip(bottom, values)]
         axis.set_title(f"{run.name}: seconds per round")
         axis.set_xlabel("round")
