@@ -29,6 +29,8 @@ flags=()
 if "$mpirun" --version 2>&1 | grep -q "Open MPI"; then
   flags=(--oversubscribe --bind-to none)
   [ "$(id -u)" -eq 0 ] && flags+=(--allow-run-as-root)
+  # one machine: skip the libfabric transport's ~1 s probe at every start (docs/hpc.md)
+  export OMPI_MCA_btl=${OMPI_MCA_btl:-^ofi}
 fi
 # shellcheck disable=SC2086
 exec "$mpirun" -n "$ranks" "${flags[@]}" ${MPIRUN_ARGS:-} "$python" -m fedsilo train \

@@ -45,6 +45,9 @@ def rank_environment(num_ranks: int) -> dict[str, str]:
     env = dict(os.environ)
     share = max(1, (os.cpu_count() or 1) // num_ranks)
     env.setdefault("OMP_NUM_THREADS", str(share))
+    # these launches stay on this machine: Open MPI's libfabric transport (btl ofi) only
+    # spends about a second of every start probing for network providers (docs/hpc.md)
+    env.setdefault("OMPI_MCA_btl", "^ofi")
     return env
 
 
