@@ -15,7 +15,7 @@ import numpy as np
 
 from fedsilo.errors import DataError
 from fedsilo.prep.source import SOURCE_SPLITS, SourceData
-from fedsilo.shards import sha256_file
+from fedsilo.shards import file_digest, sha256_file
 
 
 def load_medmnist(npz_path: str | os.PathLike[str]) -> SourceData:
@@ -141,17 +141,8 @@ def load_medmnist_by_name(name: str, *, size: int = 28, root: str | os.PathLike[
     provenance = {**source.provenance, "name": flag, "size": size, "url": url,
                   "license": info.get("license"),
                   "classes": [info["label"][k] for k in sorted(info["label"], key=int)],
-                  "md5_verified": md5 is not None and _md5(path) == md5}
+                  "md5_verified": md5 is not None and file_digest(path, "md5") == md5}
     return SourceData(name=f"{flag}_{size}", num_classes=max(source.num_classes,
                                                              len(info["label"])),
                       splits=source.splits, provenance=provenance)
 
-
-def _md5(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

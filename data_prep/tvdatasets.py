@@ -17,7 +17,6 @@ torch and torchvision are imported when a set is loaded, never by ``fedsilo prep
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 
 from fedsilo.errors import DataError
 from fedsilo.prep.source import SourceData
+from fedsilo.shards import file_digest
 
 #: the sets offered, and the files each needs under --root (relative paths, md5 by file)
 DATASETS = ("MNIST", "FashionMNIST", "CIFAR10", "CIFAR100", "SVHN")
@@ -82,7 +82,7 @@ def load_torchvision(name: str, *, root: str | os.PathLike[str],
                             f"({type(exc).__name__}: {exc})") from None
         splits[split] = (images, labels)
     num_classes = len(classes) if classes else 1 + max(int(s[1].max()) for s in splits.values())
-    verified = all(not md5 or _md5(p) == md5 for p, md5 in files.items())
+    verified = all(not md5 or file_digest(p, "md5") == md5 for p, md5 in files.items())
     return SourceData(name=name.lower(), num_classes=num_classes, splits=splits, provenance={
         "kind": "torchvision", "name": name, "root": str(root.resolve()),
         "classes": list(classes) if classes else None, "md5_verified": verified,
@@ -141,10 +141,3 @@ def _read(name: str, root: Path, split: str) -> tuple[np.ndarray, np.ndarray, An
                         f"{images.shape}")
     return images, np.asarray(labels, dtype=np.int64), getattr(dataset, "classes", None)
 
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

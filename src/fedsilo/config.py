@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -74,6 +75,17 @@ class DataConfig:
         _check(self.memory_limit_mb >= 1, "data.memory_limit_mb", "must be >= 1")
 
 
+def names_torchvision_weights(weights: str) -> bool:
+    """Whether ``model.weights`` names torchvision weights (``DEFAULT``, ``IMAGENET1K_V2``)
+    rather than a file: upper-case letters, digits and ``_``, and no such file exists.
+
+    >>> names_torchvision_weights("IMAGENET1K_V2"), names_torchvision_weights("w/resnet.pth")
+    (True, False)
+    """
+    return weights.replace("_", "").isalnum() and weights.upper() == weights \
+        and not os.path.exists(weights)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The model (docs/models.md): a zoo name, or ``tv:ARCH`` for any torchvision
@@ -101,16 +113,16 @@ class ModelConfig:
         from fedsilo.models import MODELS, TORCHVISION
 
         if self.name.startswith(TORCHVISION):
-            from fedsilo.models.torchvision import check_name, is_weight_enum, weight_enum
+            from fedsilo.models.torchvision import check_name, weight_enum
 
             arch = check_name(self.name)  # fails early with the known names
-            if self.weights is not None and is_weight_enum(self.weights):
+            if self.weights is not None and names_torchvision_weights(self.weights):
                 weight_enum(arch, self.weights)
         else:
             MODELS.get(self.name)  # fails early with the known names
             _check(self.stem == "auto", "model.stem", "applies to tv: models only")
-            _check(self.weights is None or not self.weights.replace("_", "").isalnum()
-                   or not self.weights.isupper(), "model.weights",
+            _check(self.weights is None or not names_torchvision_weights(self.weights),
+                   "model.weights",
                    f"names torchvision weights ({self.weights}), which only tv: models have; "
                    f"give a .pth file for {self.name}")
         _check(self.norm_groups >= 1, "model.norm_groups", "must be >= 1")

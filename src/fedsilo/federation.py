@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fedsilo.comm import World
-from fedsilo.config import Config, dump_config, load_config
+from fedsilo.config import Config, dump_config, load_config, names_torchvision_weights
 from fedsilo.errors import (
     AgreedError,
     CheckpointError,
@@ -430,7 +430,7 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
                      aggregation=replace(config.aggregation, keys=str(
                          Path(config.aggregation.keys).expanduser().resolve())))
     weights = config.model.weights
-    if weights is not None and ("/" in weights or "." in weights):  # a file, not a name
+    if weights is not None and not names_torchvision_weights(weights):  # a file
         config = replace(config, model=replace(config.model, weights=str(
             Path(weights).expanduser().resolve())))
     manifest = load_manifest(data_dir)

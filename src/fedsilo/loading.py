@@ -51,7 +51,8 @@ def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return (x - mean) / std
 
 
-def _stat(values: Any, device: torch.device) -> torch.Tensor:
+def channel_stat(values: Any, device: torch.device) -> torch.Tensor:
+    """Per-channel mean or std as a float32 ``1 x C x 1 x 1`` tensor on ``device``."""
     return torch.as_tensor(np.asarray(values, dtype=np.float32)).view(1, -1, 1, 1).to(device)
 
 
@@ -96,7 +97,7 @@ class TensorSplit:
                     device: torch.device) -> "TensorSplit":
         return cls(torch.from_numpy(np.ascontiguousarray(images)).to(device),
                    torch.from_numpy(labels.astype(np.int64)).to(device),
-                   _stat(mean, device), _stat(std, device))
+                   channel_stat(mean, device), channel_stat(std, device))
 
     def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels if self.mean is None else normalize(pixels, self.mean, self.std)
@@ -124,7 +125,7 @@ class StreamedSplit:
                  window_bytes: int) -> None:
         self.reader, self.device = reader, device
         self.labels = torch.from_numpy(reader.labels()).to(device)
-        self.mean, self.std = _stat(mean, device), _stat(std, device)
+        self.mean, self.std = channel_stat(mean, device), channel_stat(std, device)
         self.window_rows = max(1, int(window_bytes) // reader.row_bytes)
         self.pinned = device.type == "cuda"
 

@@ -14,7 +14,6 @@ anything: the weights go through ``weights_only=True``, the card through ``json`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedsilo.errors import ModelError
+from fedsilo.shards import sha256_file
 
 #: the card format this fedsilo writes and reads
 CARD_FORMAT = 1
@@ -30,14 +30,6 @@ CARD_FORMAT = 1
 def card_path(weights: Path) -> Path:
     """The card beside a weights file: ``model.pt`` -> ``model.json``."""
     return weights.with_suffix(".json")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -71,7 +63,7 @@ def write_model(path: Path, state_dict: Mapping[str, Any], card: Mapping[str, An
 
     atomic_torch_save(path, dict(state_dict))
     full = {"fedsilo_model_card": CARD_FORMAT, "weights": path.name,
-            "weights_sha256": sha256_of(path), **card}
+            "weights_sha256": sha256_file(path), **card}
     atomic_write_text(card_path(path), json.dumps(full, indent=2) + "\n")
 
 
@@ -146,7 +138,7 @@ def load_model(given: str | Path) -> tuple[Any, ModelCard, Path]:
     weights = resolve_model_path(given)
     card = read_card(weights)
     expected = card.raw.get("weights_sha256")
-    if expected and sha256_of(weights) != expected:
+    if expected and sha256_file(weights) != expected:
         raise ModelError(f"{weights} is not the file its card {card_path(weights).name} "
                          f"describes (sha256 differs): the weights were replaced or changed")
     try:

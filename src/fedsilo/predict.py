@@ -135,14 +135,16 @@ def probabilities(model: Any, images: np.ndarray, card: ModelCard) -> np.ndarray
     ``(x / 255 - mean) / std``), the same batch size, softmax in float64."""
     import torch
 
-    mean = torch.as_tensor(np.asarray(card.mean, dtype=np.float32)).view(1, -1, 1, 1)
-    std = torch.as_tensor(np.asarray(card.std, dtype=np.float32)).view(1, -1, 1, 1)
+    from fedsilo.loading import channel_stat, normalize
+
+    cpu = torch.device("cpu")
+    mean, std = channel_stat(card.mean, cpu), channel_stat(card.std, cpu)
     batch_size = int(card.raw.get("eval_batch_size") or 256)
     out = []
     with torch.no_grad():
         for begin in range(0, len(images), batch_size):
             pixels = torch.from_numpy(np.ascontiguousarray(images[begin: begin + batch_size]))
-            logits = model((pixels.to(torch.float32) / 255.0 - mean) / std)
+            logits = model(normalize(pixels, mean, std))
             out.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, card.num_classes))
 

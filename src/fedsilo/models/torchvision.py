@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from fedsilo.config import names_torchvision_weights
 from fedsilo.errors import ConfigError, ModelError
 from fedsilo.models.adapt import head_name, mismatches, set_module
 
@@ -70,12 +71,6 @@ def weight_enum(arch: str, weights: str) -> Any:
         raise ConfigError(f"config key 'model.weights': {arch} has no weights {weights!r}; "
                           f"known: {', '.join(enum.__members__)} (or a path to a .pth file)"
                           ) from None
-
-
-def is_weight_enum(weights: str) -> bool:
-    """Whether ``model.weights`` names torchvision weights rather than a file."""
-    return weights.replace("_", "").isalnum() and weights.upper() == weights \
-        and not os.path.exists(weights)
 
 
 def checkpoint_path(entry: Any) -> Path:
@@ -127,7 +122,7 @@ def build(arch: str, *, in_channels: int, num_classes: int, image_size: tuple[in
                 f"convolutional model")
     pending = None
     pretrained = False
-    if weights is not None and is_weight_enum(weights):
+    if weights is not None and names_torchvision_weights(weights):
         entry = weight_enum(arch, weights)
         fetch(entry)
         model = torchvision.models.get_model(arch, weights=entry)

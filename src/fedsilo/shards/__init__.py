@@ -15,6 +15,7 @@ from fedsilo.shards.hdf5 import (
     read_shard,
     read_shard_attrs,
     read_split_attrs,
+    file_digest,
     sha256_file,
     write_shard,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "read_shard",
     "read_shard_attrs",
     "read_split_attrs",
+    "file_digest",
     "sha256_file",
     "site_file_name",
     "verify_shard_set",

@@ -57,7 +57,13 @@ _HASH_BLOCK = 1 << 20
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+    return file_digest(path, "sha256")
+
+
+def file_digest(path: str | os.PathLike[str], algorithm: str) -> str:
+    """Hex digest (``algorithm``: a hashlib name) of a file, read in 1 MiB blocks; md5 only
+    as a checksum against a published release, never for security."""
+    digest = hashlib.new(algorithm, usedforsecurity=algorithm != "md5")
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_HASH_BLOCK), b""):
             digest.update(block)
