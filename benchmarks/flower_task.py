@@ -87,14 +87,20 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float
 client = ClientApp()
 
 
-@client.train()
-def train(msg: Message, context: Context) -> Message:
+def _site_and_model(msg: Message, context: Context, split: str):
+    """This SuperNode's split and the global model the message carries (what both client
+    functions start with, as in Flower's quickstart)."""
     torch.set_num_threads(1)
-    start = time.perf_counter()
-    site = int(context.node_config["partition-id"])
-    x, y = _load(_site_file(site), "train")
+    x, y = _load(_site_file(int(context.node_config["partition-id"])), split)
     model = _model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return x, y, model
+
+
+@client.train()
+def train(msg: Message, context: Context) -> Message:
+    start = time.perf_counter()
+    x, y, model = _site_and_model(msg, context, "train")
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     order = torch.randperm(len(y))
@@ -111,12 +117,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @client.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    torch.set_num_threads(1)
     start = time.perf_counter()
-    site = int(context.node_config["partition-id"])
-    x, y = _load(_site_file(site), "val")
-    model = _model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    x, y, model = _site_and_model(msg, context, "val")
     loss, acc = _evaluate(model, x, y)
     metrics = {"num-examples": len(y), "val_loss": loss, "val_acc": acc,
                "val_s": time.perf_counter() - start}
