@@ -120,8 +120,8 @@ class Participant(Role):
 
             self.augmenter = Augmenter(config.data.augment, image_shape=manifest.image_shape,
                                        views=config.dp.augmult if config.dp.enabled else 1)
-        # torch builds its first optimizer slowly (it imports torch._dynamo and SymPy, about
-        # 1 s): do it now, before any round's deadline clock runs
+        # whatever the first optimizer still costs (torch._dynamo if something imported it:
+        # runtime.defer_dynamo_import), pay it now, before any round's deadline clock runs
         make_optimizer(self.model, config.train)
         numel = self.layout.numel
         self.local_weights = self.layout.empty(pinned=self.pinned)

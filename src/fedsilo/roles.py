@@ -21,7 +21,7 @@ from fedsilo.config import Config
 from fedsilo.errors import ModelError
 from fedsilo.models import build_for
 from fedsilo.rundir import RunDir
-from fedsilo.runtime import configure_threads, select_device
+from fedsilo.runtime import configure_threads, defer_dynamo_import, select_device
 from fedsilo.shards import Manifest, check_listed_shard
 from fedsilo.transport import Transport
 from fedsilo.weights import WeightLayout
@@ -45,6 +45,7 @@ class Role:
         #: the shard paths this rank already checked against the manifest at start-up
         self.checked = set(checked)
         self.threads = configure_threads(config.runtime.threads, local_size=world.local_size)
+        defer_dynamo_import()  # an optimizer no longer costs an import of torch._dynamo
         self.device = select_device(config.runtime.device, local_rank=world.local_rank,
                                     is_coordinator=world.is_coordinator)
         torch.manual_seed(config.seed)  # identical initial weights on every rank

@@ -27,6 +27,7 @@ from fedsilo import metrics
 from fedsilo.config import TrainConfig
 from fedsilo.loading import Split, Transform, in_order
 from fedsilo.loading import TensorSplit as TensorSplit  # re-exported: tests build it
+from fedsilo.runtime import without_dynamo
 from fedsilo.seeds import derive_seed
 from fedsilo.selection import threshold_counts
 
@@ -48,9 +49,13 @@ def make_optimizer(model: nn.Module, config: TrainConfig, *, round_index: int = 
                    ) -> torch.optim.Optimizer:
     lr = round_lr(config, round_index)
     if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+        return _Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    return _SGD(model.parameters(), lr=lr, momentum=config.momentum,
+                weight_decay=config.weight_decay)
+
+
+#: torch's optimizers, stepping without importing torch._dynamo (runtime.defer_dynamo_import)
+_SGD, _Adam = without_dynamo(torch.optim.SGD), without_dynamo(torch.optim.Adam)
 
 
 def gradient_corrections(params: Sequence[tuple[torch.Tensor, int, int]], *, mu: float = 0.0,
