@@ -23,7 +23,9 @@ Under MPI (rank 0 coordinator, ranks 1..P participants)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import statistics
 import sys
@@ -49,30 +51,68 @@ def codec_bench(args: argparse.Namespace) -> dict:
     n = args.numel
     x = (rng.standard_normal(n) * 1e-3).astype(np.float32)
     cores = available_cores()
-    # TenSEAL's own threads (n_threads of the context) and fedsilo's worker processes
-    # (he.workers), interleaved repeat by repeat; medians
-    variants = {f"threads_{t}": (t, 1) for t in sorted({1, cores})}
+    # one process, fedsilo's worker processes (he.workers), and the codec before #16's
+    # rewrite (TenSEAL CKKSVector), interleaved repeat by repeat; medians
+    variants = {"threads_1": (1, 1)}
     variants.update({f"workers_{w}": (1, w) for w in sorted({2, cores}) if w > 1})
     codecs = {name: CODECS.get("ckks")(keys=load_keys(keys_dir / PARTICIPANT_FILE,
                                                       expect="participant", num_threads=t),
                                        workers=w) for name, (t, w) in variants.items()}
-    for codec in codecs.values():
-        codec.encrypt(x)  # warm-up (and the worker processes started)
-    times: dict[str, list[float]] = {name: [] for name in codecs}
+    import tenseal as ts
+
+    @contextlib.contextmanager
+    def quiet_stdout():  # TenSEAL prints a warning on fd 1 for multi-ciphertext vectors
+        sys.stdout.flush()
+        saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(devnull)
+
+    def tenseal_vector(codec) -> list:
+        """The codec before #16's rewrite: TenSEAL ``CKKSVector``s, one real value per slot
+        (pieces of 64 ciphertexts of N/2 values), serialized by TenSEAL (unseeded)."""
+        step = 64 * codec.per_ciphertext // 2
+        with quiet_stdout():
+            return [ts.ckks_vector(codec.context, x[a:a + step]) for a in range(0, n, step)]
+
+    encrypters = {name: codec.encrypt for name, codec in codecs.items()}
+    encrypters["tenseal_vector_1"] = lambda _x: tenseal_vector(codecs["threads_1"])
+    owner = {**{name: name for name in codecs}, "tenseal_vector_1": "threads_1"}
+    variants["tenseal_vector_1"] = (1, 1)
+    for name, encrypt in encrypters.items():
+        encrypt(x)  # warm-up (and the worker processes started)
+    times: dict[str, list[float]] = {name: [] for name in encrypters}
+    encrypt_only: dict[str, list[float]] = {name: [] for name in encrypters}
+    sizes: dict[str, int] = {}
     for _ in range(args.repeats):
-        for name, codec in codecs.items():
+        for name, encrypt in encrypters.items():
             begin = time.perf_counter()
-            ct = codec.encrypt(x)
-            data = codec.to_bytes(ct)
+            ct = encrypt(x)
+            middle = time.perf_counter()
+            if name == "tenseal_vector_1":
+                data = b"".join(v.serialize() for v in ct)
+            else:
+                data = codecs[owner[name]].to_bytes(ct)
+            sizes[name] = len(data)
             times[name].append(time.perf_counter() - begin)
-    for name, codec in codecs.items():
+            encrypt_only[name].append(middle - begin)
+    for name in encrypters:
         t, w = variants[name]
         enc = statistics.median(times[name])
+        only = statistics.median(encrypt_only[name])
         out[name] = {"threads": t, "workers": w, "encrypt_and_serialize_s": enc,
                      "params_per_s": n / enc, "params_per_s_per_core": n / enc / max(t, w),
+                     "encrypt_only_params_per_s_per_core": n / only / max(t, w),
+                     "uplink_bytes_per_param": sizes[name] / n,
                      "speedup_vs_1": statistics.median(times["threads_1"]) / enc}
+        # (workers serialize in the worker: their "encrypt only" includes serialization)
         print(f"{name:12} {n / enc / 1e6:6.2f} M params/s "
-              f"({n / enc / max(t, w) / 1e6:.2f} M/s per core, "
+              f"({n / enc / max(t, w) / 1e6:.2f} M/s per core; encryption alone "
+              f"{n / only / max(t, w) / 1e6:.2f} M/s per core; "
               f"{out[name]['speedup_vs_1']:.2f}x one process)", flush=True)
     codec = codecs["threads_1"]
     data = codec.to_bytes(codec.encrypt(x))

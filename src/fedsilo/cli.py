@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                            f"keep precise (default {_CKKS_SITES})")
     keys.add_argument("--out", metavar="DIR", required=True, help="directory to write the keys to")
     keys.add_argument("--poly-modulus-degree", type=int, default=8192,
-                      help="ring degree N (N/2 values per ciphertext)")
+                      help="ring degree N (N values per ciphertext: two per slot)")
     keys.add_argument("--data-bits", type=int, default=56,
                       help="bits of the one data prime (128-bit security bounds apply)")
     keys.add_argument("--scale-bits", type=int, default=46, help="log2 of the CKKS scale")

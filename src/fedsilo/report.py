@@ -91,7 +91,8 @@ def metrics_row(coordinator: Coordinator, plan: RoundPlan, ranks: Sequence[RankR
         # every active participant sends its ciphertext to the coordinator, which sends
         # the encrypted total to the aggregator, which returns the float32 sum
         sizes = list(row["he"]["ciphertext_bytes"].values())
-        row["bytes"]["reduce"] = sum(sizes) + max(sizes) + weight_bytes * control
+        row["bytes"]["reduce"] = (sum(sizes) + row["he"]["aggregator_receives_bytes"]
+                                  + weight_bytes * control)
     return row
 
 
@@ -127,7 +128,7 @@ def he_row(ranks: Sequence[RankReport], *, info: dict[str, Any], numel: int,
         # what the coordinator receives: each rank's ciphertext (it cannot decrypt them)
         # and the float32 aggregate; what a participant receives: at most the total
         "coordinator_receives_bytes": sum(sizes.values()) + received_floats * 4,
-        "aggregator_receives_bytes": max(sizes.values()),
+        "aggregator_receives_bytes": info.get("total_bytes", max(sizes.values())),
     }
 
 

@@ -62,7 +62,7 @@ def defer_dynamo_import() -> list[str]:
         fn = getattr(getattr(torch.optim.Optimizer, name, None), "__wrapped__", None)
         if fn is None or getattr(fn, "__dynamo_disable", None) is not None:
             continue
-        fn.__dynamo_disable = _until_dynamo(fn)  # type: ignore[attr-defined]
+        fn.__dynamo_disable = _until_dynamo(fn)
         deferred.append(name)
     return deferred
 

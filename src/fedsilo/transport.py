@@ -218,11 +218,16 @@ class CKKSThroughCoordinator:
         total = team.add_at_coordinator(self.payload, codec=self.codec)
         if team.is_coordinator:
             add_s = time.perf_counter() - begin
-            team.send_to_aggregator(self.codec.to_bytes(total))
+            data = self.codec.to_bytes(total)
             del total
+            team.send_to_aggregator(data)
+            # a sum is larger than a fresh ciphertext (two polynomials, not one and a seed)
+            total_bytes = len(data)
+            del data
             info = team.relay_to_coordinator(contribution.total, None)
             return Aggregate(total=contribution.total, info={
-                **(info or {}), "add_s": add_s, "reduce_s": time.perf_counter() - begin})
+                **(info or {}), "add_s": add_s, "reduce_s": time.perf_counter() - begin,
+                "total_bytes": total_bytes})
         self.payload = None
         data = team.receive_total()
         info = None

@@ -15,6 +15,7 @@ from fedsilo.comm import AGGREGATOR, World
 from fedsilo.crypto import CODECS
 from fedsilo.crypto.ckks import COORDINATOR_FILE, PARTICIPANT_FILE, generate_keys, load_keys
 from fedsilo.crypto.params import CKKSParams
+from fedsilo.errors import KeyFileError
 
 world = World()
 SIZE = 3 * 4096 + 17  # several ciphertexts, the last one partly filled
@@ -72,9 +73,10 @@ def test_encrypted_sum_equals_the_plaintext_sum() -> None:
         if data is not None:
             codec.decrypt_into(codec.from_bytes(data), aggregate)
     world.relay_to_coordinator(aggregate, None)
-    if not world.is_coordinator:  # 32 B per slot at most, slots come in ciphertexts of N/2
-        num_slots = -(-SIZE // keys.params.slots) * keys.params.slots
-        assert len(payload) <= 32 * num_slots, len(payload) / num_slots
+    if not world.is_coordinator:  # a fresh ciphertext: 8 B per value at most (seeded, two
+        # values per slot), values come in ciphertexts of N
+        num_values = -(-SIZE // keys.params.poly_modulus_degree) * keys.params.poly_modulus_degree
+        assert len(payload) <= 8 * num_values, len(payload) / num_values
     if world.is_coordinator:
         exact = np.sum([update_of(r).astype(np.float64) for r in range(1, world.size)], axis=0)
         error = np.abs(aggregate - exact).max()
@@ -90,18 +92,26 @@ def test_the_coordinator_sees_ciphertexts_it_cannot_decrypt() -> None:
         keys = load_keys(KEYS / COORDINATOR_FILE, expect="coordinator")
         codec = CODECS.get("ckks")(keys=keys)
         assert not keys.context.is_private() and not keys.context.has_secret_key()
-        for rank in range(1, world.size):
-            data = world.comm.recv(source=rank, tag=99)
+        received = {rank: world.comm.recv(source=rank, tag=99) for rank in range(1, world.size)}
+        for rank, data in received.items():
             plain = update_of(rank)
             for start in range(0, SIZE - 4, SIZE // 7):  # no 16-byte run of the update
                 assert plain[start:start + 4].tobytes() not in data
             ciphertext = codec.from_bytes(data)
             try:
                 codec.decrypt_into(ciphertext, np.empty(SIZE, dtype=np.float32))
-            except ValueError as exc:
-                assert "secret" in str(exc)
+            except KeyFileError as exc:
+                assert "participant key" in str(exc)
             else:
                 raise AssertionError("the coordinator decrypted an update")
+        # and not only fedsilo's check: its context has no key to decrypt with
+        assert codec.seal.decryptor is None
+        try:
+            keys.context.secret_key()
+        except ValueError as exc:
+            assert "secret key" in str(exc).lower()
+        else:
+            raise AssertionError("the coordinator's context holds a secret key")
     else:
         codec = CODECS.get("ckks")(keys=load_keys(KEYS / PARTICIPANT_FILE, expect="participant"))
         world.comm.send(codec.to_bytes(codec.encrypt(update_of(world.rank))), dest=0, tag=99)

@@ -83,8 +83,12 @@ def test_coordinator_cannot_decrypt(keys, codec):
     x = np.arange(100, dtype=np.float32)
     ct = coordinator.from_bytes(codec.to_bytes(codec.encrypt(x)))
     coordinator.add_into(ct, coordinator.from_bytes(codec.to_bytes(codec.encrypt(x))))  # it can add
-    with pytest.raises(ValueError, match="secret"):
+    with pytest.raises(KeyFileError, match="participant key"):
         coordinator.decrypt_into(ct, np.empty(100, dtype=np.float32))
+    # not only fedsilo's check: there is no key to decrypt with
+    assert coordinator.seal.decryptor is None
+    with pytest.raises(ValueError, match="(?i)secret key"):
+        coordinator.keys.context.secret_key()
     with pytest.raises(KeyFileError, match="participant key"):
         coordinator.encrypt(x)
 
@@ -186,10 +190,12 @@ def test_worker_processes_encrypt_what_one_process_decrypts(keys):
     coordinator = CKKSCodec(load_keys(keys / COORDINATOR_FILE, expect="coordinator"))
     try:
         rng = np.random.default_rng(3)
-        size = PIECE_SLOTS * 4096 * 2 + 1234  # three pieces, the last one short
+        size = PIECE_SLOTS * 8192 * 2 + 1234  # three pieces, the last one short
         a, b = ((rng.standard_normal(size) * 1e-3).astype(np.float32) for _ in range(2))
+        assert len(parallel.pieces(size)) == 3
         pieces = parallel.encrypt(a)
-        assert len(pieces) == 3 and all(isinstance(p, bytes) for p in pieces)  # from workers
+        assert len(pieces) == single.count(size) == 2 * PIECE_SLOTS + 1
+        assert all(isinstance(p, bytes) for p in pieces)  # made in the workers
         total = coordinator.from_bytes(parallel.to_bytes(pieces))
         coordinator.add_into(total, coordinator.from_bytes(single.to_bytes(single.encrypt(b))))
         out = single.decrypt_into(single.from_bytes(coordinator.to_bytes(total)),
@@ -205,3 +211,26 @@ def test_malformed_ciphertext_is_named(codec):
     for bad in (b"junk", data[:-5], data + b"x"):
         with pytest.raises(KeyFileError, match="ciphertext"):
             codec.from_bytes(bad)
+
+
+def test_two_values_per_slot_keep_the_headroom_and_the_bound(codec):
+    """A ciphertext holds N values, the second half of each block in the imaginary parts.
+    A slot whose real and imaginary parts are both just under ``max_abs`` (its modulus is
+    √2 × max_abs, the worst case for the headroom) still decrypts within the bound, and
+    each half lands where it came from (a sum of two, a vector that ends mid-block)."""
+    params = CKKSParams()
+    n = params.poly_modulus_degree
+    assert codec.count(n) == 1 and codec.count(n + 1) == 2
+    high = np.full(n, 0.99 * params.max_abs, dtype=np.float32)
+    high[1::2] *= -1
+    out = codec.decrypt_into(codec.encrypt(high), np.empty(n, dtype=np.float64))
+    assert np.abs(out - high).max() <= params.error_bound(1)
+    rng = np.random.default_rng(5)
+    size = n + n // 2 + 17  # the second ciphertext's imaginary parts hold 17 values
+    a, b = ((rng.standard_normal(size) * 1e-2).astype(np.float32) for _ in range(2))
+    total = codec.from_bytes(codec.to_bytes(codec.encrypt(a)))
+    codec.add_into(total, codec.from_bytes(codec.to_bytes(codec.encrypt(b))))
+    out = codec.decrypt_into(total, np.empty(size, dtype=np.float64))
+    assert np.abs(out - (a.astype(np.float64) + b)).max() <= params.error_bound(2)
+    with pytest.raises(KeyFileError, match="expected 1"):
+        codec.decrypt_into(total, np.empty(n, dtype=np.float64))

@@ -8,10 +8,13 @@ Homomorphic Encryption Security Standard (Albrecht et al., homomorphicencryption
 
 Aggregation only *adds* ciphertexts, so no multiplication, rescaling or relinearisation is
 ever needed: the modulus chain is a single data prime ``q`` (plus the special prime SEAL
-reserves for key switching, which no ciphertext carries).  A fresh ciphertext is then
-2 polynomials × N coefficients of ``data_bits`` bits for N/2 values: 4·data_bits/8 bytes per
-value before zstd, i.e. at most 32 B per float32 parameter (NVIDIA FLARE's default chain
-[60, 40, 40] costs about 57).
+reserves for key switching, which no ciphertext carries).  fedsilo packs two values per
+slot (real and imaginary parts: N values per ciphertext) and sends fresh ciphertexts
+seeded (SEAL's symmetric encryption: one polynomial and the seed of the other), so a
+fresh ciphertext is N coefficients of ``data_bits`` bits for N values: data_bits/8 bytes
+per value before zstd (7 B at 56 bits; 7.6 B measured), and a sum of them (two
+polynomials) 2·data_bits/8 (NVIDIA FLARE's default chain [60, 40, 40], one value per
+slot, costs about 57 B).
 
 Precision guarantee (documented in docs/he.md and tested): with scale Δ = 2^scale_bits,
 each decrypted slot of a sum of ``P`` ciphertexts differs from the exact sum by at most
