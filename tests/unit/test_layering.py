@@ -136,3 +136,18 @@ def test_import_rules(path):
         assert name == "data_prep/dicom.py", f"{name} imports pydicom outside data_prep/dicom.py"
     if "PIL" in imports:
         assert name in ("data_prep/images.py", "data_prep/dicom.py"), f"{name} imports Pillow"
+
+
+def test_checking_a_configuration_imports_no_torch():
+    """Rank 0 checks the configuration (the model's name among them) before anything is
+    checked or agreed; importing torch there kept every other rank waiting ~2 s on 2 cores
+    and put torch before the shard checks (issue #16)."""
+    probe = ("import sys\nfrom fedsilo.config import load_config\n"
+             "for name in ('small_cnn', 'dp_cnn', 'resnet18'):\n"
+             "    load_config(None, overrides=[f'model.name={name}', 'dp.enabled=true'])\n"
+             "    load_config(None, overrides=[f'model.name={name}'])\n"
+             "print(sorted(m for m in ('torch', 'torchvision', 'opacus') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", result.stdout

@@ -7,8 +7,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from fedsilo.models import dp_cnn as _dp_cnn  # noqa: F401  (registers)
-from fedsilo.models import small_cnn as _small_cnn  # noqa: F401  (registers)
 from fedsilo.models.registry import MODELS, build_model
 
 if TYPE_CHECKING:
@@ -20,6 +18,27 @@ log = logging.getLogger("fedsilo")
 
 #: the prefix of torchvision model names (``tv:resnet50``)
 TORCHVISION = "tv:"
+
+
+# The zoo registers by name here and imports each model's module (torch, torchvision) only
+# when it is built: the configuration checks a model's name on rank 0 before the shards are
+# checked, and that must not cost an import of torch (issue #16).
+
+
+@MODELS.register("small_cnn")
+def _small_cnn(**kwargs: Any) -> Any:
+    """The 420,610-parameter CNN of Flower's PneumoniaMNIST task (``models/small_cnn.py``)."""
+    from fedsilo.models.small_cnn import small_cnn
+
+    return small_cnn(**kwargs)
+
+
+@MODELS.register("dp_cnn")
+def _dp_cnn(**kwargs: Any) -> Any:
+    """The DP-SGD CNN (``models/dp_cnn.py``)."""
+    from fedsilo.models.dp_cnn import dp_cnn
+
+    return dp_cnn(**kwargs)
 
 
 @MODELS.register("resnet18")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedsilo.models.registry import MODELS
 
 
 class DPCNN(nn.Module):
@@ -32,7 +31,6 @@ class DPCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-@MODELS.register("dp_cnn")
 def dp_cnn(*, in_channels: int, num_classes: int, image_size: tuple[int, int],
            norm_groups: int = 32) -> nn.Module:
     del norm_groups  # no normalization layers

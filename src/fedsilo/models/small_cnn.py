@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedsilo.models.registry import MODELS
 
 
 class SmallCNN(nn.Module):
@@ -26,7 +25,6 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-@MODELS.register("small_cnn")
 def small_cnn(*, in_channels: int, num_classes: int, image_size: tuple[int, int],
               norm_groups: int = 32) -> nn.Module:
     del norm_groups  # no normalization layers
