@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 
-
 class DPCNN(nn.Module):
     def __init__(self, *, in_channels: int, num_classes: int, image_size: tuple[int, int]) -> None:
         super().__init__()
