@@ -78,9 +78,13 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
                 log.info("--auto-resume: %s holds a run; resuming it with its own config.yaml",
                          out_dir)
                 config_path, resume_dir = None, out_dir
+            if resume_dir is not None and Path(resume_dir).is_dir():
+                # before reading its checkpoints: a job still running there rotates them
+                lock = RunDir(resume_dir).lock()  # held until this process ends
             setup = _prepare(world, config_path=config_path, overrides=overrides,
                              out_dir=out_dir, resume_dir=resume_dir, sites_changed=sites_changed)
-            lock = RunDir(setup.run_dir).lock()  # held until this process ends
+            if lock is None:
+                lock = RunDir(setup.run_dir).lock()
         except FedsiloError as exc:
             error = exc
     setup = world.agree_from_coordinator(setup, error, stage="configuration")
