@@ -157,8 +157,10 @@ class TrainConfig:
     #: the forward pass in fp32, or under autocast in bf16 or fp16 (fp16 with loss scaling;
     #: not under DP-SGD).  Evaluation stays fp32
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    #: train in the channels_last memory format (faster convolutions on tensor cores)
-    channels_last: bool = False
+    #: train in the channels_last memory format: true, false, or auto (on for a model with
+    #: 2-D convolutions trained on a CPU without DP-SGD, where oneDNN's convolutions are
+    #: faster in it: benchmarks/RESULTS.md)
+    channels_last: Literal["auto"] | bool = "auto"
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from fedsilo.strategies import build_strategy
 from fedsilo.training import (
     LocalStats,
     augment_seed,
+    channels_last_for,
     evaluate,
     gradient_corrections,
     make_optimizer,
@@ -111,8 +112,14 @@ class Participant(Role):
                                num_ranks=world.num_participants)[world.rank - 1]
         self.sites = self._load_sites(indexes)
         self._check_model_fits(self.sites[0].train_data.sample(1))
-        if config.train.channels_last:
+        #: the training settings of this rank, train.channels_last resolved (auto: by device)
+        self.train_config = replace(config.train, channels_last=channels_last_for(
+            config.train.channels_last, model=self.model, device=self.device,
+            dp=config.dp.enabled))
+        if self.train_config.channels_last:
             self.model.to(memory_format=torch.channels_last)
+            log.debug("channels_last memory format (train.channels_last=%s)",
+                      config.train.channels_last)
         #: data.augment: the training batches' transform (torchvision only when it is on)
         self.augmenter = None
         if config.data.augment.enabled:
@@ -434,7 +441,7 @@ class Participant(Role):
             augment = self.augmenter.bind(torch.Generator().manual_seed(
                 augment_seed(self.config.seed, round_index, site.index)))
         if site.privacy is None:
-            stats = train_local(self.model, site.train_data, config=self.config.train,
+            stats = train_local(self.model, site.train_data, config=self.train_config,
                                 optimizer=optimizer, generator=generator, deadline=deadline,
                                 augment=augment)
             return stats, planned_steps(len(site.train_data), self.config.train)
