@@ -134,22 +134,31 @@ class RunDir:
     def participant_checkpoint(self, round_index: int, site: int) -> Path:
         return self.round_dir(round_index) / f"site-{site:03d}.pt"
 
-    def lock(self) -> "BinaryIO":
+    def lock(self, *, wait_s: float = 5.0) -> "BinaryIO":
         """Lock the run directory for this process (``.fedsilo.lock``, an exclusive
         ``flock`` released when the returned file is closed or the process ends); a
-        second job on the same directory gets a CheckpointError instead of a shared run."""
+        second job on the same directory gets a CheckpointError instead of a shared run.
+
+        It tries for ``wait_s`` seconds: the ranks of a job that was just killed (a crash,
+        a pre-empted SLURM job requeued at once) can hold the lock for a moment longer."""
         import fcntl
+        import time
 
         self.root.mkdir(parents=True, exist_ok=True)
         handle = open(self.root / ".fedsilo.lock", "a+b")  # noqa: SIM115 - held for the job
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        give_up = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return handle
+            except OSError:
+                if time.monotonic() < give_up:
+                    time.sleep(0.1)
+                    continue
             handle.close()
             raise CheckpointError(f"{self.root} is in use by another fedsilo job (its "
                                   f".fedsilo.lock is held); wait for it to end, or choose "
                                   f"another --out") from None
-        return handle
 
     def remove_temporaries(self) -> list[Path]:
         """Delete the temporary files a crash left mid-write (``.NAME.*.tmp`` from
