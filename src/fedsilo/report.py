@@ -128,7 +128,8 @@ def he_row(ranks: Sequence[RankReport], *, info: dict[str, Any], numel: int,
         # what the coordinator receives: each rank's ciphertext (it cannot decrypt them)
         # and the float32 aggregate; what a participant receives: at most the total
         "coordinator_receives_bytes": sum(sizes.values()) + received_floats * 4,
-        "aggregator_receives_bytes": info.get("total_bytes", max(sizes.values())),
+        # the encrypted total's own size (none sent: no aggregate this round)
+        "aggregator_receives_bytes": info.get("total_bytes", 0),
     }
 
 
