@@ -1,5 +1,5 @@
 """The ``fedsilo`` command: ``train``, ``report``, ``demo``, ``predict``, ``export``,
-``budget``, ``keys`` and ``prep``."""
+``budget``, ``keys``, ``audit`` and ``prep``."""
 
 from __future__ import annotations
 
@@ -175,9 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "keys: give it to every participant); train with --set "
                     "aggregation.secure=masks --set aggregation.keys=DIR.  Without: a CKKS key "
                     "set, DIR/participant.key (secret key, mode 0600: give it to every "
-                    "participant), DIR/coordinator.ctx (no secret key: the coordinator's) and "
-                    "DIR/params.json; train with --set aggregation.secure=ckks "
-                    "--set he.keys=DIR.")
+                    "participant), DIR/coordinator.ctx (no secret key: the coordinator's), "
+                    "DIR/params.json, and one identity key per site (DIR/site-NNN.key, mode "
+                    "0600: give each site its own; DIR/public.json: every participant), with "
+                    "which each site masks what it encrypts; train with --set "
+                    "aggregation.secure=ckks --set he.keys=DIR.")
     keys.add_argument("--identity", action="store_true",
                       help="issue per-site identity keys for masked secure aggregation")
     keys.add_argument("--sites", "--participants", dest="sites", type=int,
@@ -193,8 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--scale-bits", type=int, default=46, help="log2 of the CKKS scale")
     keys.set_defaults(func=_keys)
 
+    from fedsilo.audit_cli import add_parser as add_audit_parser
     from fedsilo.prep.cli import add_parser as add_prep_parser
 
+    add_audit_parser(sub)
     add_prep_parser(sub)
     return parser
 
@@ -329,11 +333,17 @@ def _keys(args: argparse.Namespace) -> int:
 
     params = CKKSParams(poly_modulus_degree=args.poly_modulus_degree, data_bits=args.data_bits,
                         scale_bits=args.scale_bits)
-    paths = generate_keys(args.out, params, num_participants=getattr(args, "sites", _CKKS_SITES))
+    sites = getattr(args, "sites", _CKKS_SITES)
+    paths = generate_keys(args.out, params, num_participants=sites)
+    # what is encrypted is masked first (crypto/ring.py): the sites' identity keys too
+    from fedsilo.crypto.identity import generate_identities
+
+    identities = generate_identities(args.out, num_sites=max(sites, 2))
     print(f"wrote {paths['participant']} (secret key, mode 0600: participants only), "
           f"{paths['coordinator']} (no secret key: the coordinator) and {paths['params']}; "
-          f"parameters {params.to_dict()}, up to {params.max_participants()} sites, "
-          f"|values| < {params.max_abs:g}")
+          f"parameters {params.to_dict()}, up to {params.max_participants()} sites; and "
+          f"{len(identities) - 1} site identity keys site-NNN.key (mode 0600: give each to "
+          f"its site only) with {identities[-1]} (every participant)")
     return 0
 
 

@@ -521,6 +521,13 @@ class Config:
                 f"beside its update, but dp.user (DP-FedAvg) clips and noises only the model "
                 f"update, so the control variates would leak each site's update unprotected; "
                 f"use another linear strategy with dp.user")
+        if self.dp.user.enabled and self.dp.user.noise == "central" \
+                and self.aggregation.secure == "ckks":
+            raise ConfigError(
+                "dp.user.noise=central with aggregation.secure=ckks: the participant that "
+                "decrypts would open the sum before the coordinator adds the noise, so no "
+                "user-level guarantee would hold against it; use dp.user.noise=distributed "
+                "(each site adds its share before encrypting)")
         if getattr(strategy, "control_variates", False) and self.train.optimizer != "sgd":
             raise ConfigError(
                 f"strategy {self.strategy.name!r} estimates control variates from SGD steps "

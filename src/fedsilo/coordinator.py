@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from typing import Any, Callable, Sequence
 
@@ -40,7 +39,7 @@ from fedsilo.messages import (
     SiteReport,
 )
 from fedsilo.modelfile import write_model
-from fedsilo.participation import rank_of_sites, sample_sites
+from fedsilo.participation import rank_of_sites
 from fedsilo.privacy import userlevel
 from fedsilo.privacy.secret import Purpose, SecretStream, check_secret, new_secret
 from fedsilo.progress import RoundProgress
@@ -59,6 +58,7 @@ from fedsilo.shards import SplitReader
 from fedsilo.strategies import build_strategy
 from fedsilo.training import evaluate
 from fedsilo.transport import transport_for
+from fedsilo.verification import planned_sample
 
 log = logging.getLogger("fedsilo")
 
@@ -89,9 +89,6 @@ class Coordinator(Role):
         # key; it can add ciphertexts, not decrypt them
         codec = self._load_ckks("coordinator") if config.he.enabled else None
         self.transport = transport_for(config, self.strategy, codec=codec)
-        #: masked aggregation: this launch's mask nonce (fresh per launch, so a retried
-        #: round never reuses a mask)
-        self.mask_nonce = secrets.token_bytes(8)
         self.last_test: dict[str, Any] | None = None
         #: model selection by federated validation (checkpoint.best_by; docs/model.md)
         metric = resolve_best_by(config.checkpoint.best_by, private=private(config))
@@ -203,13 +200,15 @@ class Coordinator(Role):
             log.warning("every participant has spent its privacy budget; the job ends before "
                         "round %d", round_index)
             return RoundPlan(round=round_index, stop=True)
-        share = self.config.participation
-        participants = sample_sites(available, fraction=share.fraction, minimum=share.min,
-                                    seed=share.seed, round_index=round_index)
+        # the same public computation every participant repeats (verification.check_plan)
+        stopped = tuple(sorted(self.stopped))
+        participants = planned_sample(self.config, num_sites=self.manifest.num_sites,
+                                      round_index=round_index, stopped=stopped)
         return RoundPlan(round=round_index, participants=tuple(participants),
                          weights=plan_weights(self.config, self.strategy, self.manifest,
                                               participants),
-                         ranks=tuple(sorted({self.rank_of_site[k] for k in participants})))
+                         ranks=tuple(sorted({self.rank_of_site[k] for k in participants})),
+                         stopped=stopped)
 
     def local_round(self, plan: RoundPlan) -> tuple[None, None]:
         return None, None  # the coordinator adds nothing to the sum
@@ -225,7 +224,7 @@ class Coordinator(Role):
         contributors = tuple(sorted(r.site for r in sites if r.contributed))
         secure = self.config.aggregation.secure != "none"
         return RoundOutcome(
-            round=plan.round, nonce=self.mask_nonce, ranks=plan.ranks,
+            round=plan.round, ranks=plan.ranks,
             contributors=contributors,
             in_sum=tuple(sorted(r.site for r in sites if r.in_sum)),
             rows_per_rank={rank: sum(r.contributed for r in report.sites)

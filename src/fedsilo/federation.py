@@ -88,6 +88,17 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
         except FedsiloError as exc:
             error = exc
     setup = world.agree_from_coordinator(setup, error, stage="configuration")
+    # participants verify, not trust: the privacy policy and the manifest the coordinator
+    # broadcast must be what each participant reads itself
+    error = None
+    if not world.is_coordinator:
+        try:
+            error = _check_setup(setup, config_path=config_path, overrides=overrides,
+                                 out_dir=out_dir, resume_dir=resume_dir,
+                                 auto_resume=auto_resume)
+        except FedsiloError as exc:
+            error = exc
+    world.agree(error, stage="checking the coordinator's configuration")
     waits = WaitPolicy(hang_timeout_s=setup.config.runtime.hang_timeout_s,
                        first_round_s=setup.config.runtime.first_round_timeout_s,
                        deadline_s=setup.config.train.round_deadline_s)
@@ -122,8 +133,15 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
     world.agree(error, stage="loading data and model")
     if setup.config.he.enabled:
         _agree_on_keys(world, role)
-    elif setup.config.aggregation.secure == "masks":
+    if setup.config.aggregation.secure != "none":
         _agree_on_identities(world, role)
+    # the participants' own communicator: what they compare and draw jointly never passes
+    # through the coordinator (verification.py, crypto/session.py)
+    peers = world.split_participants()
+    assert role is not None  # every rank built its role (agreed above)
+    role.peers = peers
+    if setup.config.aggregation.secure != "none":
+        _draw_session(world, role, peers)
     _commit(world, role, setup)
 
     run = RunDir(setup.run_dir)
@@ -347,6 +365,50 @@ def _agree_on_identities(world: World, role: Any) -> None:
                               f"ranks {r} read public.json {d[:12]}" for d, r in groups.items())
                           + "); give every participant the same public.json from "
                           "'fedsilo keys --identity'")
+
+
+def _check_setup(setup: Setup, *, config_path: str | None, overrides: Sequence[str],
+                 out_dir: str | None, resume_dir: str | None,
+                 auto_resume: bool) -> FedsiloError | None:
+    """A participant's own reading of the configuration and the manifest, against what the
+    coordinator broadcast (``verification.check_policy``)."""
+    from fedsilo.verification import check_policy
+
+    run = resume_dir
+    if run is None and auto_resume and out_dir is not None \
+            and RunDir(out_dir).config.is_file() and RunDir(out_dir).holds_run():
+        run = out_dir
+    own = load_config(RunDir(run).config if run is not None else config_path,
+                      overrides=overrides)
+    data_dir = Path(own.data.dir).expanduser().resolve()
+    manifest = load_manifest(data_dir) if data_dir == Path(setup.config.data.dir) else None
+    if manifest is None:
+        return CommunicationError(
+            f"participant refuses the job: the coordinator's data.dir "
+            f"{setup.config.data.dir} is not the {data_dir} this participant reads")
+    return check_policy(own, setup.config, own_manifest=manifest,
+                        given_manifest=setup.manifest)
+
+
+def _draw_session(world: World, role: Any, peers: Any) -> None:
+    """Secure modes: the participants draw the launch's joint seed by commit-then-reveal
+    among themselves (``crypto/session.py``); the mask nonce and every round's mask graph
+    follow from it, so no single party chooses or repeats them."""
+    from fedsilo.crypto import session
+
+    error = None
+    if not world.is_coordinator:
+        own = session.new_contribution()
+        index = peers.Get_rank()
+        commitments = peers.allgather(session.commitment(own, index=index))
+        reveals = peers.allgather(own)
+        try:
+            seed = session.joint_seed(commitments, reveals, own_index=index, own=own)
+            role.transport.start_session(seed)
+            role.session = session.digest(seed)
+        except FedsiloError as exc:
+            error = exc
+    world.agree(error, stage="drawing the secure aggregation's joint randomness")
 
 
 def _agree_on_keys(world: World, role: Any) -> None:

@@ -42,6 +42,8 @@ class RoundPlan:
     weights: Mapping[int, float] = field(default_factory=dict)
     #: the participant ranks with a sampled site: the others idle this round
     ranks: tuple[int, ...] = ()
+    #: sites out of privacy budget, left out of the sample (each checks its own listing)
+    stopped: tuple[int, ...] = ()
     #: end the job before this round (a signal, or every budget spent)
     stop: bool = False
     #: watchdog: how long the coordinator waits at this round's start and for its local
@@ -134,8 +136,6 @@ class RoundOutcome:
     rows_per_rank: Mapping[int, int]
     #: secure aggregation: fewer than aggregation.min_contributors contributed
     refused: bool
-    #: masked aggregation: this launch's mask nonce
-    nonce: bytes = b""
 
 
 @dataclass

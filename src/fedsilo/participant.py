@@ -13,6 +13,7 @@ and in its own 0600 checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -40,7 +41,6 @@ from fedsilo.privacy.secret import Purpose, SecretStream, check_secret, new_secr
 from fedsilo.roles import (
     Role,
     checkpoint_due,
-    plan_weights,
     private,
     reduce_buffer,
     user_weights,
@@ -64,6 +64,13 @@ from fedsilo.training import (
     train_local,
 )
 from fedsilo.transport import transport_for
+from fedsilo.verification import (
+    check_outcome,
+    check_plan,
+    round_fingerprint,
+    secure_policy,
+    weakened,
+)
 from fedsilo.weights import WeightLayout
 
 log = logging.getLogger("fedsilo")
@@ -165,15 +172,23 @@ class Participant(Role):
 
             codec = self._load_ckks("participant")
             validate(self.keys.params, num_participants=manifest.num_sites)
-        if config.aggregation.secure == "masks":
+        if config.aggregation.secure in ("masks", "ckks"):  # CKKS masks what it encrypts
             from fedsilo.crypto.masks import SiteIdentities
 
-            self.identities = SiteIdentities(config.aggregation.keys, sites=indexes,
+            # CKKS: the identity keys come with the key set (fedsilo keys --out DIR)
+            key_dir = config.he.keys if config.he.enabled else config.aggregation.keys
+            self.identities = SiteIdentities(key_dir, sites=indexes,
                                              num_sites=manifest.num_sites)
         self.transport = transport_for(config, self.strategy, codec=codec,
                                        identities=self.identities)
         #: each site's (contributed, in_sum) last round: checked against the outcome
         self._last_reports: dict[int, tuple[bool, bool]] = {}
+        #: the round this participant expects next, by its own count (verification.py)
+        self.next_round = self.resume_round + 1
+        #: the plan of the round under way (checked against its outcome)
+        self._plan: RoundPlan | None = None
+        #: the fingerprint of the participants' joint session seed (secure modes)
+        self.session = ""
         if self.resume_round:
             for site in self.sites:
                 was = site.index if self.site_map is None else self.site_map[site.index]
@@ -209,7 +224,8 @@ class Participant(Role):
         # The batch order follows (seed, round, site) and the DP draws the site's secret, so
         # no RNG state is needed to continue exactly: accountants, control variates, secret.
         state: dict[str, Any] = {"round": round_index, "site": site.index,
-                                 "rounds_trained": site.rounds_trained}
+                                 "rounds_trained": site.rounds_trained,
+                                 "secure_policy": json.dumps(secure_policy(self.config))}
         if site.privacy is not None:
             state["privacy"] = site.privacy.state_dict()
         if site.control is not None:
@@ -234,6 +250,14 @@ class Participant(Role):
                                   f"{state.get('round')}, expected site {saved_as} round "
                                   f"{round_index}")
         site.rounds_trained = int(state["rounds_trained"])
+        saved = state.get("secure_policy")
+        # config.yaml sits in the shared run directory, which the coordinator writes: the
+        # site's own checkpoint says what it agreed to, and a resume may not weaken it
+        changes = [] if saved is None else weakened(json.loads(saved), secure_policy(self.config))
+        if changes:
+            raise PolicyError(f"participant {site.index} refuses to resume: since it saved "
+                              f"{path}, the run's secure aggregation or sampling was weakened "
+                              f"({'; '.join(changes)}); start a new run to change them")
         if site.privacy is not None:
             if "privacy" not in state:
                 raise CheckpointError(f"checkpoint {path} has no privacy accountant, but this "
@@ -293,23 +317,18 @@ class Participant(Role):
                             sites=tuple(site.index for site in self.sites))
 
     def _check_plan(self, plan: RoundPlan) -> PolicyError | None:
-        """A participant's own check of what the coordinator asks of its sites: each weight
-        must be the one the manifest and the strategy give (so no site is singled out or
-        inflated); under user-level DP, the noise its share adds is computed here, not taken
-        from the plan."""
-        mine = [site.index for site in self.sites if site.index in plan.weights]
-        if not mine:
-            return None
-        expected = plan_weights(self.config, self.strategy, self.manifest, plan.participants)
-        for index in mine:
-            asked, own = plan.weights[index], expected.get(index)
-            if own is None or not np.isclose(asked, own, rtol=1e-9, atol=0.0):
-                return PolicyError(
-                    f"participant {index} (site-{index:03d}) refuses round {plan.round}: the "
-                    f"coordinator asks for weight {asked!r}, but the manifest and strategy "
-                    f"{self.config.strategy.name!r} give {own!r} for the sampled sites "
-                    f"{list(plan.participants)}")
-        return None
+        """A participant's own check of the coordinator's plan (``verification.py``): the
+        round by its own count, the sample from the public participation policy, every
+        sampled site's weight, the team; under user-level DP, the noise its share adds is
+        computed here, not taken from the plan."""
+        expected, self.next_round = self.next_round, plan.round + 1
+        self._plan = plan
+        return check_plan(plan, expected_round=expected, config=self.config,
+                          strategy=self.strategy, manifest=self.manifest,
+                          num_ranks=self.world.num_participants,
+                          out_of_budget={site.index: site.privacy is not None
+                                         and not site.privacy.round_fits()
+                                         for site in self.sites})
 
     def _add_noise_share(self, site: Site, plan: RoundPlan) -> bool:
         """User-level DP, distributed noise: every planned site adds its share, whether or not
@@ -330,10 +349,23 @@ class Participant(Role):
         return True
 
     def check_outcome(self, outcome: RoundOutcome) -> PolicyError | None:
-        """Secure aggregation: the coordinator's account of who contributed must match what
-        this rank's sites did, and a round with fewer than aggregation.min_contributors
-        contributors is refused (this participant sends nothing)."""
+        """Secure aggregation: the outcome must be of the planned round and told alike to
+        every participant, its account of who contributed must match what this rank's sites
+        did, and a round with fewer than aggregation.min_contributors contributors is
+        refused (this participant sends nothing)."""
         floor = self.config.aggregation.min_contributors
+        assert self._plan is not None, "an outcome follows a plan"
+        error = check_outcome(outcome, self._plan)
+        # the coordinator could tell each participant something else: they compare, among
+        # themselves, a fingerprint of what they were told (the coordinator is not on
+        # this communicator, so it cannot relay or alter what they compare)
+        told = round_fingerprint(self._plan, outcome, self.session)
+        if self.peers is not None and len(set(self.peers.allgather(told))) > 1:
+            error = error or PolicyError(
+                f"participant refuses round {outcome.round}: the coordinator told the "
+                f"participants different plans or outcomes for this round")
+        if error is not None:
+            return error
         for site, (contributed, in_sum) in self._last_reports.items():
             if (site in outcome.contributors) != contributed \
                     or (site in outcome.in_sum) != in_sum:
@@ -494,9 +526,12 @@ class Participant(Role):
                            control_scale=weight)
 
     def _check_encryptable(self, site: Site, round_index: int, factor: float) -> None:
-        # The precision guarantee holds while every value stays below max_abs; checking
-        # each weighted update against max_abs · weight bounds every partial sum too.
-        limit = self.keys.params.max_abs
+        # The masked ring holds sums below its value bound (crypto/ring.py); checking each
+        # weighted update against bound / ranks bounds every partial sum too.
+        from fedsilo.crypto.ring import ring_encoding
+
+        ranks = self.world.num_participants
+        limit = ring_encoding(self.keys.params, num_terms=ranks).value_bound / ranks
         peak = float(np.abs(self.delta).max()) * factor if self.delta.size else 0.0
         if peak > limit:
             raise UpdateError(

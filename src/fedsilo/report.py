@@ -98,14 +98,20 @@ def metrics_row(coordinator: Coordinator, plan: RoundPlan, ranks: Sequence[RankR
 
 def user_epsilon_row(accountant: Any, *, delta: float) -> dict[str, Any]:
     """User-level ε: the largest over the sites, against the readers of the released
-    models (``user_epsilon``) and against the coordinator (``user_epsilon_coordinator``,
-    None when it has no guarantee: central noise), and per site."""
+    models (``user_epsilon``), against the coordinator (``user_epsilon_coordinator``, None
+    when it has no guarantee: central noise) and against one other participant
+    (``user_epsilon_participant``: it knows its own share of distributed noise), and per
+    site."""
     eps = accountant.epsilon(delta=delta)
     released, coordinator = eps["released"], eps["coordinator"]
+    participant = eps["participant"]
     return {
         "user_epsilon": max(released.values(), default=0.0),
         "user_epsilon_coordinator": None if any(v is None for v in coordinator.values())
         else max(coordinator.values(), default=0.0),
+        # against one other participant, which knows its own noise share
+        "user_epsilon_participant": None if any(v is None for v in participant.values())
+        else max(participant.values(), default=0.0),
         "user_epsilon_per_site": {str(k): v for k, v in released.items()},
         "user_delta": delta}
 
@@ -146,7 +152,8 @@ def job_summary(coordinator: Coordinator, finals: Sequence[FinalSiteReport]) -> 
         "num_parameters": coordinator.layout.numel,
         "participants": {str(k): {"num_samples": v} for k, v in coordinator.num_samples.items()},
         "test": coordinator.last_test,
-        "best_acc": max((r["acc"] for r in rows if "acc" in r), default=None),
+        "best_acc": max((r["acc"] for r in rows if isinstance(r.get("acc"), (int, float))
+                         and not isinstance(r["acc"], bool)), default=None),
         "seconds_this_process": time.perf_counter() - coordinator.started,
         "resumed_from_round": coordinator.resume_round or None,
         # the model selected on federated validation, and decision thresholds (docs/model.md)
@@ -172,6 +179,7 @@ def job_summary(coordinator: Coordinator, finals: Sequence[FinalSiteReport]) -> 
         summary["user_privacy"] = {
             "epsilon": eps["user_epsilon"],
             "epsilon_coordinator": eps["user_epsilon_coordinator"],
+            "epsilon_participant": eps["user_epsilon_participant"],
             "epsilon_per_site": eps["user_epsilon_per_site"],
             "rounds_per_site": {str(k): v for k, v in accountant.rounds().items()},
             "rounds": max(accountant.rounds().values(), default=0),

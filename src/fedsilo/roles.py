@@ -11,7 +11,7 @@ dataclasses of :mod:`fedsilo.messages`; the metrics rows and the summary are
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Collection, Sequence
+from typing import Any, Collection
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from fedsilo.rundir import RunDir
 from fedsilo.runtime import configure_threads, defer_dynamo_import, select_device
 from fedsilo.shards import Manifest, check_listed_shard
 from fedsilo.transport import Transport
+from fedsilo.verification import plan_weights, user_weights  # noqa: F401 - re-exported
 from fedsilo.weights import WeightLayout
 
 
@@ -60,6 +61,9 @@ class Role:
         self.keys: Any = None
         #: how this rank's contribution is added up (set by the role: it holds the keys)
         self.transport: Transport
+        #: participants: the participants' own communicator, without the coordinator (set by
+        #: the federation); None on the coordinator
+        self.peers: Any = None
 
     def key_summary(self) -> dict[str, Any] | None:
         """What this rank tells the others about its keys: ids and parameters, no key."""
@@ -123,26 +127,6 @@ def private(config: Config) -> bool:
 def uses_secret(config: Config) -> bool:
     """Whether a site's mechanisms draw randomness (DP-SGD, or a user-level noise share)."""
     return config.dp.enabled or (config.dp.user.enabled and config.dp.user.noise == "distributed")
-
-
-def user_weights(strategy: Any, manifest: Manifest) -> dict[int, float]:
-    """User-level DP's fixed weights: n_k / Σn over every site of the federation, whoever is
-    sampled or contributes (renormalizing over a sample would let one site's absence change
-    every other weight, doubling the sensitivity)."""
-    return strategy.client_weights({k: int(site.num_samples["train"])
-                                    for k, site in enumerate(manifest.sites)})
-
-
-def plan_weights(config: Config, strategy: Any, manifest: Manifest,
-                 participants: Sequence[int]) -> dict[int, float]:
-    """The weight of each sampled site's update: the strategy's weights over the sample, or
-    (user-level DP) the fixed federation-wide weights.  The coordinator plans with it and
-    every participant checks its own sites' weights against it."""
-    if config.dp.user.enabled:
-        fixed = user_weights(strategy, manifest)
-        return {k: fixed[k] for k in participants}
-    return strategy.client_weights({k: int(manifest.sites[k].num_samples["train"])
-                                    for k in participants})
 
 
 def checkpoint_due(config: Config, round_index: int) -> bool:

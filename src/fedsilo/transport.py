@@ -19,9 +19,10 @@ Nothing is written back into a role: what a rank sends is its
 - ``gather``: every contributing update gathered at the coordinator (median, trimmed mean).
 - ``masks``: pairwise-masked secure aggregation (Bonawitz et al. 2017; Bell et al. 2020):
   fixed point in Z_2^64, masks that cancel in the sum, one ``MPI_Reduce`` of uint64.
-- ``ckks``: CKKS ciphertexts sent to the key-less coordinator, which adds them as they
-  arrive and hands the encrypted total to one participant to decrypt; no participant ever
-  receives another participant's ciphertext.
+- ``ckks``: CKKS ciphertexts of pairwise-masked fixed point (``crypto/ring.py``) sent to
+  the key-less coordinator, which adds them as they arrive and hands the encrypted total to
+  one participant to decrypt; no participant ever receives another participant's
+  ciphertext, and the one that decrypts can open nothing but the whole sum.
 
 >>> sorted(TRANSPORTS.names())
 ['ckks', 'gather', 'masks', 'plain']
@@ -30,7 +31,7 @@ Nothing is written back into a role: what a rank sends is its
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -70,7 +71,8 @@ def transport_for(config: Any, strategy: Any, *, codec: Any = None,
                                        mask_degree=aggregation.mask_degree,
                                        identities=identities)
     if secure == "ckks":
-        return TRANSPORTS.get("ckks")(codec=codec)
+        return TRANSPORTS.get("ckks")(codec=codec, identities=identities,
+                                      mask_degree=config.aggregation.mask_degree)
     return TRANSPORTS.get("plain" if strategy.linear else "gather")()
 
 
@@ -132,6 +134,8 @@ class MaskedReduce:
     def __init__(self, *, frac_bits: int, mask_degree: int, identities: Any = None) -> None:
         self.frac_bits, self.mask_degree, self.identities = frac_bits, mask_degree, identities
         self.ring: np.ndarray | None = None
+        #: the participants' joint seed of this launch (start_session); None on the coordinator
+        self.session: bytes | None = None
 
     def _ring(self, size: int) -> np.ndarray:
         if self.ring is None or self.ring.size != size:
@@ -169,44 +173,98 @@ class MaskedReduce:
         team.reduce_ring(ring)
         return None
 
+    def start_session(self, seed: bytes) -> None:
+        """The launch's joint seed (``crypto/session.py``): the mask nonce and every round's
+        mask graph follow from it, never from the coordinator."""
+        self.session = seed
+
     def _mask(self, contribution: Contribution, outcome: RoundOutcome, ring: np.ndarray) -> None:
         """Quantize this rank's sum into ``ring`` and add each of its sites' pairwise masks
         with its neighbours in the round's mask graph."""
-        from fedsilo.crypto.masks import add_masks, mask_graph, quantize, sparse_degree
+        from fedsilo.crypto.masks import quantize
 
         quantize(contribution.total, frac_bits=self.frac_bits, out=ring)
-        members = list(outcome.in_sum)
-        degree = None if self.mask_degree == 0 \
-            else sparse_degree(len(members)) if self.mask_degree < 0 else self.mask_degree
-        graph = mask_graph(members, degree=degree,
-                           seed=outcome.nonce + outcome.round.to_bytes(4, "little"))
-        for site in contribution.sites:
-            if site not in graph:
-                continue
-            keys = {peer: self.identities.pair_key(site, peer) for peer in graph[site]}
-            add_masks(ring, site=site, pair_keys=keys, round_index=outcome.round,
-                      nonce=outcome.nonce)
+        add_site_masks(ring, sites=contribution.sites, members=outcome.in_sum,
+                       mask_degree=self.mask_degree, identities=self.identities,
+                       session=self.session, round_index=outcome.round)
+
+
+def add_site_masks(ring: np.ndarray, *, sites: Sequence[int], members: Sequence[int],
+                   mask_degree: int, identities: Any, session: bytes | None,
+                   round_index: int) -> None:
+    """Add, for each of this rank's ``sites`` among ``members``, its pairwise masks with its
+    neighbours in the round's mask graph over ``members`` (dense, or sparse of
+    ``mask_degree``); the nonce and the graph follow from the participants' joint
+    ``session`` seed and the round."""
+    from fedsilo.crypto.masks import add_masks, mask_graph, sparse_degree
+    from fedsilo.crypto.session import graph_seed, mask_nonce
+
+    if session is None:
+        raise UpdateError("masked aggregation without the session's joint seed: the "
+                          "participants have not drawn it (a bug)")
+    members = sorted(members)
+    degree = None if mask_degree == 0 \
+        else sparse_degree(len(members)) if mask_degree < 0 else mask_degree
+    graph = mask_graph(members, degree=degree, seed=graph_seed(session, round_index))
+    nonce = mask_nonce(session)
+    for site in sites:
+        if site not in graph:
+            continue
+        keys = {peer: identities.pair_key(site, peer) for peer in graph[site]}
+        add_masks(ring, site=site, pair_keys=keys, round_index=round_index, nonce=nonce)
 
 
 @TRANSPORTS.register("ckks")
 class CKKSThroughCoordinator:
     """Each team participant sends its ciphertext to the coordinator (which holds no key and
     adds them as they arrive, two at a time); the coordinator sends the encrypted total to
-    the team's first participant, which decrypts it and returns the float sum."""
+    the team's first participant, which decrypts it and returns the float sum.
+
+    What is encrypted is masked first (``crypto/ring.py``): each planned site adds its
+    pairwise masks in a ring Z_M, so the participant that decrypts can open nothing but the
+    sum over every planned site, whatever ciphertext the coordinator hands it.
+    """
 
     name = "ckks"
 
-    def __init__(self, *, codec: Any) -> None:
-        self.codec = codec
+    def __init__(self, *, codec: Any, identities: Any = None, mask_degree: int = 0) -> None:
+        self.codec, self.identities, self.mask_degree = codec, identities, mask_degree
         #: this round's serialized ciphertext (participants, between prepare and aggregate)
         self.payload: bytes | None = None
+        #: the participants' joint seed of this launch (start_session)
+        self.session: bytes | None = None
+        self.ring: np.ndarray | None = None
+
+    def start_session(self, seed: bytes) -> None:
+        self.session = seed
+
+    def encoding(self, num_terms: int) -> Any:
+        from fedsilo.crypto.ring import ring_encoding
+
+        return ring_encoding(self.codec.keys.params, num_terms=num_terms)
 
     def prepare(self, contribution: Contribution, *, plan: RoundPlan,
                 rank: int) -> tuple[dict[str, Any] | None, FedsiloError | None]:
-        """Encrypt this rank's sum (one ciphertext per rank; a rank with nothing to add
-        encrypts zeros, as the coordinator sums one ciphertext per team participant)."""
+        """Mask and encrypt this rank's sum (one ciphertext per rank; a rank with nothing to
+        add encrypts its masks alone, as the coordinator sums one ciphertext per team
+        participant).  The masks are over the round's planned sites, known before anyone
+        reports, so encryption needs no further word from the coordinator."""
+        from fedsilo.crypto.ring import ring_to_slots, to_ring
+
         begin = time.perf_counter()
-        ciphertext = self.codec.encrypt(contribution.total)
+        terms = len(plan.ranks)
+        encoding = self.encoding(terms)
+        if self.ring is None or self.ring.size != contribution.total.size:
+            self.ring = np.empty(contribution.total.size, dtype=np.uint64)
+        try:
+            to_ring(contribution.total, encoding, num_terms=terms, out=self.ring)
+        except UpdateError as exc:
+            return None, UpdateError(f"rank {rank} (sites {list(contribution.sites)}), round "
+                                     f"{plan.round}: {exc}")
+        add_site_masks(self.ring, sites=contribution.sites, members=plan.participants,
+                       mask_degree=self.mask_degree, identities=self.identities,
+                       session=self.session, round_index=plan.round)
+        ciphertext = self.codec.encrypt(ring_to_slots(self.ring, encoding))
         self.payload = self.codec.to_bytes(ciphertext)
         del ciphertext
         return {"encrypt_s": time.perf_counter() - begin,
@@ -233,7 +291,18 @@ class CKKSThroughCoordinator:
         info = None
         if data is not None:  # the aggregator: the only participant that decrypts
             decrypt = time.perf_counter()
-            self.codec.decrypt_into(self.codec.from_bytes(data), contribution.total)
+            self.open_sum(data, len(outcome.ranks), out=contribution.total)
             info = {"decrypt_s": time.perf_counter() - decrypt}
         team.relay_to_coordinator(contribution.total, info)
         return None
+
+    def open_sum(self, data: bytes, num_terms: int, *, out: np.ndarray) -> np.ndarray:
+        """Decrypt an encrypted sum of ``num_terms`` masked ciphertexts into ``out``: the
+        masks cancel only if it is the sum over every planned site; anything else opens to
+        values uniform in the ring."""
+        from fedsilo.crypto.ring import ring_to_float, slots_to_ring
+
+        encoding = self.encoding(num_terms)
+        values = self.codec.decrypt_into(self.codec.from_bytes(data),
+                                         np.empty(out.size, dtype=np.float64))
+        return ring_to_float(slots_to_ring(values, encoding), encoding, out=out)

@@ -8,6 +8,14 @@ FEDSILO_TEST_FAULT=KIND:RANK:CALL makes the CALL-th local training on RANK fail:
   huge   - train, then move one weight by 1e6 (a finite update too large for the ring)
   dpdata - under DP: the CALL-th DP-SGD *step* on RANK raises a DataError, mid-round
   weights - a dishonest coordinator (RANK 0): every plan gives site CALL ten times its weight
+  replay - a deviating coordinator (RANK 0): every plan states round CALL (masks and DP noise
+           would be drawn again for a round already sent)
+  sample - a deviating coordinator (RANK 0): every plan samples only sites 0..CALL-1 (a
+           target and a colluder), with the weights the strategy gives that sample
+  budget - a deviating coordinator (RANK 0): lists site CALL as out of privacy budget, so
+           that the sample shrinks to the sites it wants
+  config - a deviating coordinator (RANK 0): broadcasts the configuration with
+           aggregation.secure=none (CALL is ignored)
   stall  - the process stops (SIGSTOP) without failing: in the CALL-th local training on a
            participant, or at the CALL-th end of a round on the coordinator (RANK 0)
 """
@@ -53,6 +61,37 @@ if MPI.COMM_WORLD.Get_rank() == int(rank):
             return plan
 
         coordinator.Coordinator.plan = inflating_plan
+    elif kind in ("replay", "sample", "budget"):
+        from fedsilo.roles import plan_weights
+
+        original_plan = coordinator.Coordinator.plan
+
+        def deviating_plan(self, round_index):
+            plan = original_plan(self, round_index)
+            if kind == "replay":
+                return dataclasses.replace(plan, round=int(call))
+            chosen = tuple(range(int(call))) if kind == "sample" else \
+                tuple(k for k in plan.participants if k != int(call))
+            stopped = (int(call),) if kind == "budget" else plan.stopped
+            return dataclasses.replace(
+                plan, participants=chosen, stopped=stopped,
+                weights=plan_weights(self.config, self.strategy, self.manifest, chosen),
+                ranks=tuple(sorted({self.rank_of_site[k] for k in chosen})))
+
+        coordinator.Coordinator.plan = deviating_plan
+    elif kind == "config":
+        import fedsilo.federation as federation
+
+        original_prepare = federation._prepare
+
+        def weakened_prepare(*args, **kwargs):
+            setup = original_prepare(*args, **kwargs)
+            config = setup.config
+            plain = dataclasses.replace(config.aggregation, secure="none")
+            return dataclasses.replace(setup, config=dataclasses.replace(config,
+                                                                         aggregation=plain))
+
+        federation._prepare = weakened_prepare
     elif kind == "dpdata":
         from fedsilo.privacy.engine import ParticipantPrivacy
 

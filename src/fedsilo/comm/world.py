@@ -68,6 +68,13 @@ class World:
             self._subsets[key] = World(comm, poll_s=self.poll_s, _dup=False) if member else None
         return self._subsets[key]
 
+    def split_participants(self) -> "MPI.Comm | None":
+        """The participants' own communicator, without the coordinator (collective over this
+        World): what goes over it never passes through rank 0, so the coordinator can
+        neither read nor alter it.  None on the coordinator."""
+        comm = self.comm.Split(MPI.UNDEFINED if self.is_coordinator else 0, key=self.rank)
+        return None if comm == MPI.COMM_NULL else comm
+
     @property
     def is_coordinator(self) -> bool:
         return self.rank == COORDINATOR

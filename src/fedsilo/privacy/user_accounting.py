@@ -16,14 +16,22 @@ Two figures per site:
   a rank's contribution carrying that rank's shares only; per site that is noise
   multiplier σ/√m (m = sites planned in the round); under encrypted aggregation it sees only
   the sum, σ.
+- **participant**: against one other participant, which sees the released sum and knows its
+  own noise share.  With distributed noise, the noise left is σ·√((m−1)/m) (none when m = 1);
+  against a coalition of c participants, σ·√((m−c)/m) (:func:`coalition_sigma`).  With
+  central noise a participant knows none of it: σ.
 
 >>> acc = UserAccounting(noise_multiplier=1.0, noise="distributed", secure=False)
 >>> acc.spend_round(planned=[0, 1, 2, 3])
 >>> eps = acc.epsilon(delta=1e-5)
 >>> eps["released"][0] < eps["coordinator"][0]  # each share alone is σ/2
 True
+>>> eps["released"][0] < eps["participant"][0] < eps["coordinator"][0]
+True
+>>> coalition_sigma(1.0, num_planned=2, coalition=1, noise="distributed")
+0.7071067811865476
 >>> UserAccounting(noise_multiplier=1.0, noise="central", secure=False).epsilon(delta=1e-5)
-{'released': {}, 'coordinator': {}}
+{'released': {}, 'coordinator': {}, 'participant': {}}
 """
 
 from __future__ import annotations
@@ -34,6 +42,16 @@ from typing import Any, Mapping, Sequence
 from fedsilo.privacy.accounting import PrivacyAccountant
 
 
+def coalition_sigma(noise_multiplier: float, *, num_planned: int, coalition: int,
+                    noise: str) -> float | None:
+    """The noise multiplier left on one site's contribution for a coalition of ``coalition``
+    participants that pool their own noise shares (None: no noise left)."""
+    if noise == "central":
+        return noise_multiplier
+    left = num_planned - coalition
+    return None if left < 1 else noise_multiplier * math.sqrt(left / num_planned)
+
+
 class UserAccounting:
     """Per-site user-level accountants (RDP) for the released sum and for the coordinator."""
 
@@ -41,6 +59,10 @@ class UserAccounting:
         self.noise_multiplier, self.noise, self.secure = noise_multiplier, noise, secure
         self.released: dict[int, PrivacyAccountant] = {}
         self.coordinator: dict[int, PrivacyAccountant] = {}
+        self.participant: dict[int, PrivacyAccountant] = {}
+        #: sites that were planned in a round where another participant could strip all of
+        #: the noise (distributed noise with one planned site): no guarantee against them
+        self.exposed: set[int] = set()
 
     def coordinator_sigma(self, num_planned: int) -> float | None:
         """The noise multiplier one site's contribution carries in the coordinator's view."""
@@ -60,6 +82,13 @@ class UserAccounting:
             if sigma_c is not None:
                 self.coordinator.setdefault(site, PrivacyAccountant("rdp")).spend(
                     noise_multiplier=sigma_c, sample_rate=1.0, num_steps=1)
+            sigma_p = coalition_sigma(self.noise_multiplier, num_planned=len(planned),
+                                      coalition=1, noise=self.noise)
+            if sigma_p is None:
+                self.exposed.add(site)
+            else:
+                self.participant.setdefault(site, PrivacyAccountant("rdp")).spend(
+                    noise_multiplier=sigma_p, sample_rate=1.0, num_steps=1)
 
     def epsilon(self, *, delta: float) -> dict[str, dict[int, float | None]]:
         """ε per site against each party (``None``: no guarantee against that party)."""
@@ -70,7 +99,10 @@ class UserAccounting:
         else:
             coordinator = {k: acc.epsilon(delta=delta)
                            for k, acc in sorted(self.coordinator.items())}
-        return {"released": released, "coordinator": coordinator}
+        participant: dict[int, float | None] = {
+            k: None if k in self.exposed or k not in self.participant
+            else self.participant[k].epsilon(delta=delta) for k in released}
+        return {"released": released, "coordinator": coordinator, "participant": participant}
 
     def rounds(self) -> dict[int, int]:
         """Rounds each site was planned in."""
@@ -78,13 +110,18 @@ class UserAccounting:
 
     def state_dict(self) -> dict[str, Any]:
         return {"released": {str(k): a.state_dict() for k, a in self.released.items()},
-                "coordinator": {str(k): a.state_dict() for k, a in self.coordinator.items()}}
+                "coordinator": {str(k): a.state_dict() for k, a in self.coordinator.items()},
+                "participant": {str(k): a.state_dict() for k, a in self.participant.items()},
+                "exposed": sorted(self.exposed)}
 
     def load_state_dict(self, state: Mapping[str, Any], *,
                         renumber: Mapping[int, int] | None = None) -> None:
         """Restore the accountants; ``renumber`` maps a saved site index to its index now
         (a site missing from it has left the federation and its accountant goes)."""
-        for name in ("released", "coordinator"):
+        exposed = (int(k) if renumber is None else renumber.get(int(k))
+                   for k in state.get("exposed", []))
+        self.exposed = {k for k in exposed if k is not None}
+        for name in ("released", "coordinator", "participant"):
             table: dict[int, PrivacyAccountant] = {}
             for key, value in state.get(name, {}).items():
                 site = int(key) if renumber is None else renumber.get(int(key))
@@ -96,8 +133,8 @@ class UserAccounting:
 
     def restore_site(self, site: int, state: Mapping[str, Any]) -> None:
         """Give ``site`` the accountants it had when it left the federation (``state``: its
-        ``released`` and ``coordinator`` entries, either None if it had none)."""
-        for name in ("released", "coordinator"):
+        ``released``, ``coordinator`` and ``participant`` entries, None if it had none)."""
+        for name in ("released", "coordinator", "participant"):
             saved = state.get(name)
             if saved is not None:
                 accountant = PrivacyAccountant("rdp")
