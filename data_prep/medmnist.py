@@ -24,6 +24,13 @@ def load_medmnist(npz_path: str | os.PathLike[str]) -> SourceData:
     if not path.is_file():
         raise DataError(f"MedMNIST file not found: {path}")
     try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    if not is_zip:  # np.load would try it as a .npy or a pickle, and say so
+        raise DataError(f"{path}: not a readable MedMNIST file: not a valid .npz file (a "
+                        f".npz is a zip archive of .npy arrays; this file is not a zip)")
+    try:
         with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
             missing = [k for k in ("train_images", "train_labels") if k not in keys]
@@ -38,9 +45,11 @@ def load_medmnist(npz_path: str | os.PathLike[str]) -> SourceData:
                     raise DataError(f"{path}: has {present[0]!r} but missing keys {absent}")
                 if present:
                     raw[split] = (npz[pair[0]], npz[pair[1]])
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         # ValueError: object arrays refused by allow_pickle=False, or a mangled member
-        raise DataError(f"{path}: not a readable MedMNIST .npz file: {exc}") from exc
+        reason = ("a member holds Python objects (a pickle), which fedsilo never loads"
+                  if "allow_pickle" in str(exc) else " ".join(str(exc).split())[:300])
+        raise DataError(f"{path}: not a readable MedMNIST .npz file: {reason}") from None
 
     splits = {
         split: (_to_nchw(images, path, split), _to_labels(labels, len(images), path, split))

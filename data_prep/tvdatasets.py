@@ -71,6 +71,9 @@ def load_torchvision(name: str, *, root: str | os.PathLike[str],
             f"{name} under {root} is missing or incomplete: {len(missing)} of {len(files)} "
             f"file(s) not found ({', '.join(missing)}); add --download to fetch them with "
             f"torchvision (needs internet), or place the release's files there")
+    if name in ("MNIST", "FashionMNIST"):
+        for path in files:  # torchvision's reader only asserts, with no message
+            check_idx(path)
     splits, classes = {}, None
     for split in ("train", "test"):
         try:
@@ -87,6 +90,43 @@ def load_torchvision(name: str, *, root: str | os.PathLike[str],
         "kind": "torchvision", "name": name, "root": str(root.resolve()),
         "classes": list(classes) if classes else None, "md5_verified": verified,
     })
+
+
+#: IDX type codes (the third byte of the magic number) and their item sizes in bytes
+_IDX_TYPES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
+
+
+def check_idx(path: Path) -> None:
+    """A DataError unless ``path`` is a whole IDX file (MNIST's format: two zero bytes, a
+    type code, the number of dimensions, each dimension as a big-endian uint32, then the
+    items) whose size matches its header.
+
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile() as f:
+    ...     _ = f.write(bytes([0, 0, 8, 1, 0, 0, 0, 2, 7, 9])); f.flush()
+    ...     check_idx(Path(f.name))
+    """
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+            if len(head) == 4 and head[0] == head[1] == 0 and head[2] in _IDX_TYPES \
+                    and 1 <= head[3] <= 4:
+                dims = handle.read(4 * head[3])
+            else:
+                dims = b""
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    if not dims or len(dims) != 4 * head[3]:
+        raise DataError(f"{path} is not an IDX file (MNIST's format): its header "
+                        f"{head.hex() or 'is empty'} is not 00 00 TYPE NDIM; replace it with "
+                        f"the release's file (or use --download)")
+    shape = [int.from_bytes(dims[i:i + 4], "big") for i in range(0, len(dims), 4)]
+    expected = 4 + len(dims) + int(np.prod(shape, dtype=np.float64)) * _IDX_TYPES[head[2]]
+    if size != expected:
+        raise DataError(f"{path}: an IDX file of shape {shape} has {expected} bytes, this one "
+                        f"{size} (truncated or not an IDX file); replace it with the "
+                        f"release's file (or use --download)")
 
 
 def _download(name: str, root: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedsilo.errors import ModelError
+from fedsilo.shards import manifest as manifest_bounds
 from fedsilo.shards import sha256_file
 
 #: the card format this fedsilo writes and reads
@@ -46,6 +47,8 @@ class ModelCard:
     threshold: float | None
     #: everything the card holds, as written (selection, rule, versions...)
     raw: Mapping[str, Any]
+    #: the batch size of the coordinator's test evaluation (predict repeats it)
+    eval_batch_size: int = 256
 
     @property
     def channels(self) -> int:
@@ -82,48 +85,139 @@ def resolve_model_path(given: str | Path) -> Path:
     return path
 
 
+#: bounds on what a card may declare, checked before anything is built from it: images and
+#: classes as a shard set's manifest bounds them (a model fedsilo trained always fits), the
+#: evaluation batch (an int32), and the size of the card file itself
+MAX_CLASSES = manifest_bounds.MAX_CLASSES
+MAX_BATCH = 2**31 - 1
+MAX_CARD_BYTES = 16 << 20
+
+
 def read_card(weights: Path) -> ModelCard:
-    """The card beside ``weights``, checked (ModelError on anything wrong)."""
+    """The card beside ``weights``, checked (ModelError naming the file and the key on
+    anything wrong: types, ranges and sizes, before anything is built from it)."""
     path = card_path(weights)
     if not path.is_file():
         raise ModelError(f"{weights} has no model card {path.name} beside it: it is not a "
                          f"model written by fedsilo train (which writes model.pt with "
                          f"model.json, best.pt with best.json)")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path} is not a readable model card: {exc}") from None
-    if not isinstance(data, dict) or data.get("fedsilo_model_card") != CARD_FORMAT:
+        if path.stat().st_size > MAX_CARD_BYTES:
+            raise ModelError(f"{path} is {path.stat().st_size} bytes, more than a model card "
+                             f"ever is (at most {MAX_CARD_BYTES}); not read")
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise ModelError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError) as exc:  # not UTF-8 or JSON, or nested too deep
+        reason = "nested too deep" if isinstance(exc, RecursionError) else \
+            " ".join(str(exc).split())[:200]
+        raise ModelError(f"{path} is not a readable model card (not JSON: {reason})") from None
+    version = data.get("fedsilo_model_card") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or isinstance(version, bool) or version != CARD_FORMAT:
         raise ModelError(f"{path} is not a fedsilo model card (format "
-                         f"{CARD_FORMAT}): 'fedsilo_model_card' is "
-                         f"{data.get('fedsilo_model_card') if isinstance(data, dict) else None!r}")
+                         f"{CARD_FORMAT}): 'fedsilo_model_card' is {_show(version)}")
+    card = _Card(path, data)
+    model = card.mapping("model")
+    name = model.get("name")
+    if not isinstance(name, str) or not name:
+        raise ModelError(f"{path}: 'model.name' must be a model name; got {_show(name)}")
+    shape = card.image_shape()
+    num_classes = card.integer("num_classes", low=2, high=MAX_CLASSES)
+    names = data.get("class_names")
+    if names is None:
+        names = [str(k) for k in range(num_classes)]
+    elif not isinstance(names, list) or len(names) != num_classes \
+            or not all(isinstance(c, str) for c in names):
+        raise ModelError(f"{path}: 'class_names' must be null or a list of {num_classes} "
+                         f"strings (num_classes); got {_show(names)}")
+    norm = card.mapping("normalization")
+    mean = card.figures(norm.get("mean"), "normalization.mean", count=shape[0])
+    std = card.figures(norm.get("std"), "normalization.std", count=shape[0], positive=True)
+    threshold = data.get("threshold")
+    probability = None
+    if threshold is not None:
+        value = threshold.get("value") if isinstance(threshold, dict) else None
+        probability = _real(value)
+        if probability is None or not 0.0 <= probability <= 1.0:
+            raise ModelError(f"{path}: 'threshold.value' must be a probability in [0, 1]; "
+                             f"got {_show(value)}")
+    round_index = data.get("round")
+    if round_index is not None:
+        round_index = card.integer("round", low=0, high=2**31 - 1)
+    batch = data.get("eval_batch_size")
+    batch_size = 256 if batch is None else card.integer("eval_batch_size", low=1,
+                                                         high=MAX_BATCH)
+    sha = data.get("weights_sha256")
+    if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
+        raise ModelError(f"{path}: 'weights_sha256' must be a sha256 in hex; got {_show(sha)}")
+    return ModelCard(name=name, num_classes=num_classes, image_shape=shape, mean=mean, std=std,
+                     class_names=tuple(names), round=round_index, threshold=probability,
+                     raw=data, eval_batch_size=batch_size)
+
+
+class _Card:
+    """Checked reads of the keys of a card's JSON object, each error naming file and key."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path, self.data = path, data
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value = self.data.get(key)
+        if not isinstance(value, dict):
+            raise ModelError(f"{self.path}: {key!r} must be an object; got {_show(value)}")
+        return value
+
+    def integer(self, key: str, *, low: int, high: int) -> int:
+        value = self.data.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ModelError(f"{self.path}: {key!r} must be an integer in [{low}, {high}]; "
+                             f"got {_show(value)}")
+        return value
+
+    def image_shape(self) -> tuple[int, int, int]:
+        value = self.data.get("image_shape")
+        if not isinstance(value, list) or len(value) != 3 or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ModelError(f"{self.path}: 'image_shape' must be [channels, height, width] "
+                             f"(3 integers); got {_show(value)}")
+        channels, height, width = value
+        if channels not in (1, 3) or min(height, width) < 1:
+            raise ModelError(f"{self.path}: 'image_shape' {_show(value)} is out of range: 1 or "
+                             f"3 channels, sides of at least 1 pixel")
+        problem = manifest_bounds.image_shape_problem(value, 2)
+        if problem is not None:
+            raise ModelError(f"{self.path}: {problem}")
+        return channels, height, width
+
+    def figures(self, value: Any, key: str, *, count: int,
+                positive: bool = False) -> tuple[float, ...]:
+        numbers = [_real(v) for v in value] if isinstance(value, list) else []
+        good = [v for v in numbers if v is not None and math.isfinite(v)
+                and (not positive or v > 0)]
+        if len(good) != count or len(numbers) != count:
+            what = "positive numbers" if positive else "finite numbers"
+            raise ModelError(f"{self.path}: {key!r} must be a list of {count} {what} (one per "
+                             f"channel of 'image_shape'); got {_show(value)}")
+        return tuple(good)
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a float when it is a JSON number a float holds, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
     try:
-        model, norm = data["model"], data["normalization"]
-        shape = tuple(int(v) for v in data["image_shape"])
-        num_classes = int(data["num_classes"])
-        names = data.get("class_names") or [str(k) for k in range(num_classes)]
-        threshold = data.get("threshold")
-        card = ModelCard(
-            name=str(model["name"]), num_classes=num_classes,
-            image_shape=(shape[0], shape[1], shape[2]),
-            mean=tuple(float(v) for v in norm["mean"]),
-            std=tuple(float(v) for v in norm["std"]),
-            class_names=tuple(str(c) for c in names),
-            round=data.get("round"),
-            threshold=None if threshold is None else float(threshold["value"]),
-            raw=data)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise ModelError(f"{path} is not a complete model card: {type(exc).__name__} "
-                         f"{exc}") from None
-    if len(shape) != 3 or card.channels not in (1, 3) or min(shape) < 1 \
-            or len(card.mean) != card.channels or len(card.std) != card.channels \
-            or len(card.class_names) != num_classes or num_classes < 2 \
-            or not all(math.isfinite(v) for v in card.mean + card.std) \
-            or min(card.std) <= 0:
-        raise ModelError(f"{path}: inconsistent model card (image_shape {list(shape)}, "
-                         f"{num_classes} classes, {len(card.class_names)} class names, "
-                         f"mean {list(card.mean)}, std {list(card.std)})")
-    return card
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def _show(value: Any) -> str:
+    """``value`` in an error message, short."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def load_model(given: str | Path) -> tuple[Any, ModelCard, Path]:

@@ -139,7 +139,7 @@ def probabilities(model: Any, images: np.ndarray, card: ModelCard) -> np.ndarray
 
     cpu = torch.device("cpu")
     mean, std = channel_stat(card.mean, cpu), channel_stat(card.std, cpu)
-    batch_size = int(card.raw.get("eval_batch_size") or 256)
+    batch_size = card.eval_batch_size
     out = []
     with torch.no_grad():
         for begin in range(0, len(images), batch_size):
@@ -161,8 +161,23 @@ def decide(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
     return probs.argmax(axis=1)
 
 
+def _write_csv(out: Path, text: str) -> None:
+    """``text`` into ``out`` atomically: on any failure ``out`` is as it was, and the error
+    is one line naming it."""
+    from fedsilo.rundir import atomic_write_text
+
+    if out.is_dir():
+        raise DataError(f"--out {out} is a directory; give the CSV file to write")
+    try:
+        atomic_write_text(out, text, retry="run fedsilo predict again")
+    except OSError as exc:
+        kept = f"{out} is unchanged" if out.exists() else "nothing was written"
+        raise DataError(f"cannot write --out {out}: {exc.strerror or exc}; {kept}: choose "
+                        f"another --out") from None
+
+
 def predict(model_path: str | Path, inputs: Sequence[str | Path], *,
-            out: str | Path | None = None, log: Any = sys.stderr) -> dict[str, Any]:
+            out: str | Path | None = None, log: Any = None) -> dict[str, Any]:
     """Write the CSV (``out``, or stdout) and return what it found: images, and the accuracy
     on labelled inputs (shards).  Bad input raises ModelError or DataError."""
     model, card, weights = load_model(model_path)
@@ -194,9 +209,7 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], *,
     if out is None:
         sys.stdout.write(text)
     else:
-        from fedsilo.rundir import atomic_write_text
-
-        atomic_write_text(Path(out), text)
+        _write_csv(Path(out), text)
     result: dict[str, Any] = {"images": num_images, "model": str(weights),
                               "accuracy": num_correct / num_labelled if num_labelled else None,
                               "labelled": num_labelled, "threshold": threshold}
@@ -205,5 +218,5 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], *,
         line += f"; accuracy {result['accuracy']:.4f} on {num_labelled} labelled"
     if out is not None:
         line += f" -> {out}"
-    print(line, file=log)
+    print(line, file=sys.stderr if log is None else log)  # sys.stderr when called
     return result

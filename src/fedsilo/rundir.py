@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -33,12 +34,14 @@ from fedsilo.errors import CheckpointError
 CHECKPOINTS = "checkpoints"
 COORDINATOR_FILE = "coordinator.pt"
 _ROUND_DIR = re.compile(r"^round-(\d{4,})$")
+log = logging.getLogger("fedsilo")
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
+def atomic_file(path: Path, *, retry: str = "resume the run") -> Iterator[BinaryIO]:
     """Write ``path`` through a temporary file in the same directory, fsynced and renamed
-    into place on success; on an exception the temporary file goes and ``path`` is intact."""
+    into place on success; on an exception the temporary file goes and ``path`` is intact.
+    A full disk is a CheckpointError saying to free space and ``retry``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -51,15 +54,15 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
         Path(tmp).unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CheckpointError(f"no space left on the device (or quota) while writing "
-                                  f"{path}; free space there and resume the run") from None
+                                  f"{path}; free space there and {retry}") from None
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_file(path) as handle:
+def atomic_write_text(path: Path, text: str, *, retry: str = "resume the run") -> None:
+    with atomic_file(path, retry=retry) as handle:
         handle.write(text.encode())
 
 
@@ -203,22 +206,81 @@ class RunDir:
             handle.flush()
             os.fsync(handle.fileno())
 
+    def scan_metrics(self) -> tuple[list[dict[str, Any]], list[tuple[int, bytes]]]:
+        """The rows of ``metrics.jsonl`` and its bad lines as ``(line number, bytes)``.
+
+        A bad line (torn by a crash, edited, not UTF-8 or not JSON, not an object, or its
+        ``round`` not a positive integer) is skipped, never the rows after it."""
+        try:
+            data = self.metrics.read_bytes()
+        except FileNotFoundError:
+            return [], []
+        rows: list[dict[str, Any]] = []
+        bad: list[tuple[int, bytes]] = []
+        for number, line in enumerate(data.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            row = _metrics_row(line)
+            if row is None:
+                bad.append((number, line))
+            else:
+                rows.append(row)
+        return rows, bad
+
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics.exists():
-            return []
-        rows = []
-        for line in self.metrics.read_text().splitlines():
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a line torn by a crash: everything after it is gone too
+        """The rows of ``metrics.jsonl``; bad lines are skipped with a warning naming them."""
+        rows, bad = self.scan_metrics()
+        if bad:
+            log.warning("%s: line(s) %s are not metrics rows (torn by a crash, or edited); "
+                        "they are skipped", self.metrics, _numbers(bad))
         return rows
 
     def truncate_metrics(self, *, last_round: int) -> None:
-        """Keep rows up to ``last_round`` (rows of rounds a crash left without checkpoint go)."""
-        rows = [r for r in self.read_metrics() if r.get("round", 0) <= last_round]
-        atomic_write_text(self.metrics, "".join(json.dumps(finite_json(r)) + "\n" for r in rows))
+        """Keep every row up to ``last_round``, bad lines or not; rows of later rounds (a
+        crash left them without checkpoint) go to ``metrics.jsonl.dropped`` and bad lines to
+        ``metrics.jsonl.corrupt`` (both appended, so nothing a resume removes is lost)."""
+        rows, bad = self.scan_metrics()
+        keep = [r for r in rows if r["round"] <= last_round]
+        later = [r for r in rows if r["round"] > last_round]
+        if bad:
+            _append(self.root / f"{self.metrics.name}.corrupt",
+                    b"".join(f"line {n}: ".encode() + line + b"\n" for n, line in bad))
+            log.warning("%s: line(s) %s are not metrics rows (torn by a crash, or edited); "
+                        "moved to %s.corrupt, the other rows are kept", self.metrics,
+                        _numbers(bad), self.metrics.name)
+        if later:
+            _append(self.root / f"{self.metrics.name}.dropped",
+                    "".join(json.dumps(finite_json(r)) + "\n" for r in later).encode())
+            log.info("%s: rows of rounds %s have no checkpoint to resume from; moved to "
+                     "%s.dropped", self.metrics, ", ".join(str(r["round"]) for r in later),
+                     self.metrics.name)
+        atomic_write_text(self.metrics, "".join(json.dumps(finite_json(r)) + "\n" for r in keep))
+
+
+def _metrics_row(line: bytes) -> dict[str, Any] | None:
+    """``line`` as a metrics row, or None when it is not one."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deep
+        return None
+    if not isinstance(row, dict):
+        return None
+    index = row.get("round")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 1:
+        return None
+    return row
+
+
+def _numbers(bad: list[tuple[int, bytes]], limit: int = 20) -> str:
+    shown = ", ".join(str(n) for n, _ in bad[:limit])
+    return shown + (f" and {len(bad) - limit} more" if len(bad) > limit else "")
+
+
+def _append(path: Path, data: bytes) -> None:
+    with path.open("ab") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def dump_json(path: Path, obj: Any) -> None:

@@ -129,41 +129,118 @@ def load_run(path: str | Path, *, name: str | None = None) -> Run:
 
 
 def _read_rows(metrics: Path, notes: list[str]) -> list[dict[str, Any]]:
-    """The complete rows of ``metrics.jsonl``, up to the first line that is not one (a
-    crash while writing cuts the last line; a row is never half-valid)."""
+    """The rows of ``metrics.jsonl``.  A line that is not a row (cut by a crash, edited) is
+    left out with a note, never the rows after it; a row whose figures have types the report
+    cannot show is a ReportError naming the line and the key."""
     text = metrics.read_bytes().decode("utf-8", errors="replace")
     if not text.strip():
         raise ReportError(f"{metrics} is empty: the run has completed no round yet")
     lines = text.split("\n")
     rows: list[dict[str, Any]] = []
+    bad: list[int] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, an int too long, nested too deep
             row = None
-        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
-            rest = sum(1 for later in lines[number:] if later.strip())
-            if rest == 0:
-                notes.append(f"the last line of metrics.jsonl (line {number}) was cut "
-                             f"mid-line (a crash while writing it, or a row being written "
-                             f"now); it is left out")
-            else:
-                notes.append(f"line {number} of metrics.jsonl is not a metrics row; it and the "
-                             f"{rest} line(s) after it are left out")
-            break
+        index = row.get("round") if isinstance(row, dict) else None
+        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= MAX_ROUND:
+            bad.append(number)
+            continue
+        assert isinstance(row, dict)
+        _check_row(row, where=f"{metrics} line {number}")
         rows.append(row)
+    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
+    if bad and bad[-1] == last:
+        notes.append(f"the last line of metrics.jsonl (line {last}) was cut mid-line (a crash "
+                     f"while writing it, or a row being written now); it is left out")
+        bad.pop()
+    if bad:
+        shown = ", ".join(map(str, bad[:20])) + (f" and {len(bad) - 20} more"
+                                                  if len(bad) > 20 else "")
+        notes.append(f"line(s) {shown} of metrics.jsonl are not metrics rows (edited, or "
+                     f"torn by a crash); they are left out, the other rows are reported")
     if not rows:
         raise ReportError(f"{metrics} holds no complete row: the run has completed no round "
                           f"yet ({notes[-1] if notes else 'nothing to read'})")
     return rows
 
 
+#: the largest round index a row may carry (a plot axis holds it as a float)
+MAX_ROUND = 2**31 - 1
+#: what the report reads of a row: figures (a number or null) ...
+_FIGURES = ("acc", "auc", "loss", "user_epsilon", "user_delta")
+#: ... objects of figures by name ...
+_FIGURE_MAPS = ("val", "seconds", "bytes")
+#: ... and objects of figures by site (a decimal site index)
+_SITE_MAPS = ("epsilon", "delta", "stopped")
+#: config.yaml: the most bytes, levels of nesting and values (aliases counted each time
+#: they are used) the report reads
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_NODES = 100_000
+
+
+def _check_row(row: dict[str, Any], *, where: str) -> None:
+    """ReportError unless every key the report reads of ``row`` has the type it needs."""
+    for key in _FIGURES:
+        if not _is_figure(row.get(key)):
+            raise ReportError(f"{where}: {key!r} must be a number or null; got "
+                              f"{_show(row[key])}")
+    for key in (*_FIGURE_MAPS, *_SITE_MAPS):
+        _check_map(row.get(key), key=key, sites=key in _SITE_MAPS, where=where)
+    overlapped = row.get("overlapped", [])
+    if not isinstance(overlapped, list) or not all(isinstance(v, str) for v in overlapped):
+        raise ReportError(f"{where}: 'overlapped' must be a list of phase names; got "
+                          f"{_show(overlapped)}")
+
+
+def _check_map(value: Any, *, key: str, sites: bool, where: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        what = "site index" if sites else "name"
+        raise ReportError(f"{where}: {key!r} must be an object ({what}: number); got "
+                          f"{_show(value)}")
+    for name, item in value.items():
+        if sites and not (name.isascii() and name.isdigit() and len(name) <= 9):
+            raise ReportError(f"{where}: {key!r} has the site key {_show(name)}; site keys are "
+                              f"decimal site indexes such as \"0\"")
+        if not _is_figure(item):
+            raise ReportError(f"{where}: {key}.{name} must be a number or null; got "
+                              f"{_show(item)}")
+
+
+def _is_figure(value: Any) -> bool:
+    """A number the page and the plots can show (a float: an int beyond float is not), or
+    None."""
+    if value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def _show(value: Any) -> str:
+    """``value`` in an error message, short."""
+    text = repr(value) if isinstance(value, str) else json.dumps(value) \
+        if isinstance(value, (int, float, bool)) or value is None else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _read_config(path: Path, notes: list[str]) -> tuple[dict[str, Any], str]:
     if not path.is_file():
         notes.append("no config.yaml: the configuration is unknown")
         return {}, ""
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ReportError(f"{path} is {path.stat().st_size} bytes, more than a fedsilo "
+                          f"configuration ever is (at most {MAX_CONFIG_BYTES}); not read")
     text = path.read_text(errors="replace")
     try:
         config = yaml.safe_load(text)
@@ -172,9 +249,38 @@ def _read_config(path: Path, notes: list[str]) -> tuple[dict[str, Any], str]:
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise ReportError(f"{path} is not valid YAML ({where}{problem})") from None
+    except RecursionError:
+        raise ReportError(f"{path} is nested deeper than a fedsilo configuration ever is "
+                          f"(at most {MAX_CONFIG_DEPTH} levels); not read") from None
     if not isinstance(config, dict):
         raise ReportError(f"{path} is not a fedsilo configuration (a YAML mapping)")
+    _check_config(config, path=path)
     return config, text
+
+
+def _check_config(config: dict[str, Any], *, path: Path) -> None:
+    """ReportError unless ``config`` is small enough to walk and its keys the report reads
+    have their types (``rounds``, ``dp``, ``dp.sites``, ``dp.target_epsilon``)."""
+    stack: list[tuple[Any, int]] = [(config, 1)]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if depth > MAX_CONFIG_DEPTH or seen > MAX_CONFIG_NODES:
+            what = (f"nested deeper than {MAX_CONFIG_DEPTH} levels" if depth > MAX_CONFIG_DEPTH
+                    else f"more than {MAX_CONFIG_NODES} values (aliases counted each time)")
+            raise ReportError(f"{path} is {what}, more than a fedsilo configuration ever "
+                              f"is; not read")
+        children = node.values() if isinstance(node, dict) else \
+            node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    dp = config.get("dp")
+    if dp is not None and not isinstance(dp, dict):
+        raise ReportError(f"{path}: 'dp' must be a mapping; got {_show(dp)}")
+    sites = (dp or {}).get("sites")
+    if sites is not None and not isinstance(sites, dict):
+        raise ReportError(f"{path}: 'dp.sites' must be a mapping of site indexes; got "
+                          f"{_show(sites)}")
 
 
 def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
@@ -182,10 +288,18 @@ def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON (or UTF-8), nested too deep
         notes.append(f"{path.name} cannot be read as JSON; it is left out")
         return None
-    return value if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        return None
+    for key in ("privacy", "stopped", "test", "val"):
+        if value.get(key) is not None and not isinstance(value[key], dict):
+            raise ReportError(f"{path}: {key!r} must be an object; got {_show(value[key])}")
+    for site, entry in (value.get("privacy") or {}).items():
+        if not isinstance(entry, dict):
+            raise ReportError(f"{path}: privacy.{site} must be an object; got {_show(entry)}")
+    return value
 
 
 def _status(root: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | None,

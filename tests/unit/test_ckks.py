@@ -113,6 +113,7 @@ def test_missing_corrupt_and_tampered_key_files(keys, tmp_path):
         load_keys(tmp_path / "junk.key", expect="participant")
     data = (keys / PARTICIPANT_FILE).read_bytes().replace(b'"scale_bits": 46', b'"scale_bits": 40')
     (tmp_path / "tampered.key").write_bytes(data)
+    (tmp_path / "tampered.key").chmod(0o600)  # a secret key readable by others is refused first
     with pytest.raises(KeyFileError, match="do not match"):
         load_keys(tmp_path / "tampered.key", expect="participant")
 

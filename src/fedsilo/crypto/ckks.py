@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,10 +72,13 @@ def make_context(params: CKKSParams, *, num_threads: int = 1) -> Any:
 
 def generate_keys(out_dir: str | Path, params: CKKSParams, *,
                   num_participants: int) -> dict[str, Path]:
-    """Write a new key set into ``out_dir``; refuses to overwrite an existing one."""
+    """Write a new key set into ``out_dir``; refuses to overwrite an existing one.
+
+    A directory this call creates is made 0700 whatever the umask (a key directory others
+    may write to lets them swap the keys); an existing one is left as it is."""
     validate(params, num_participants=num_participants)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_key_directory(out)
     paths = {"participant": out / PARTICIPANT_FILE, "coordinator": out / COORDINATOR_FILE,
              "params": out / PARAMS_FILE}
     existing = [str(p) for p in paths.values() if p.exists()]
@@ -88,48 +92,102 @@ def generate_keys(out_dir: str | Path, params: CKKSParams, *,
     public = context.serialize(save_public_key=False, save_secret_key=False,
                                save_galois_keys=False, save_relin_keys=False)
     header = {"params": params.to_dict(), "key_id": key_id}
-    _write(paths["participant"], {**header, "kind": "participant"}, secret, mode=0o600)
-    _write(paths["coordinator"], {**header, "kind": "coordinator"}, public, mode=0o644)
     info = {**header, "max_participants": params.max_participants(),
             "error_bound_per_value": {str(p): params.error_bound(p) for p in (2, 4, 16)},
             "max_abs": params.max_abs, "bytes_per_parameter_uplink": params.data_bits / 8,
             "bytes_per_parameter_sum": 2 * params.data_bits / 8,
             "security": "128-bit classical, HE standard 2018",
             "files": {"participant": PARTICIPANT_FILE, "coordinator": COORDINATOR_FILE}}
-    paths["params"].write_text(json.dumps(info, indent=2) + "\n")
+    written: list[Path] = []
+    try:
+        _write(paths["participant"], _MAGIC + _header(header, "participant") + secret,
+               mode=0o600, written=written)
+        _write(paths["coordinator"], _MAGIC + _header(header, "coordinator") + public,
+               mode=0o644, written=written)
+        _write(paths["params"], (json.dumps(info, indent=2) + "\n").encode(), mode=0o644,
+               written=written)
+    except BaseException:
+        for path in written:  # no half-written set left behind to block the next attempt
+            path.unlink(missing_ok=True)
+        raise
     return paths
 
 
-def _write(path: Path, header: dict[str, Any], body: bytes, *, mode: int) -> None:
-    # created with its final mode: the secret key is never readable by others, even briefly
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(_MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + body)
-    os.chmod(path, mode)
-
-
-def _read(path: Path) -> tuple[dict[str, Any], bytes]:
+def make_key_directory(out: Path) -> None:
+    """``out`` as a directory for keys: each directory this call creates (``out`` and any
+    missing parent) is made 0700 whatever the umask; an existing one is left as it is.  A
+    KeyFileError names a file in the way or a directory that cannot be made."""
+    missing = [d for d in [out, *out.parents] if not d.exists()][::-1]
     try:
-        data = path.read_bytes()
+        for directory in missing:
+            directory.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
+    except OSError as exc:
+        raise KeyFileError(f"cannot create the key directory {out}: "
+                           f"{exc.strerror or exc}") from None
+    if not out.is_dir():
+        raise KeyFileError(f"--out {out} exists and is not a directory: give a directory for "
+                           f"the keys (a new one is created)")
+
+
+def _header(header: dict[str, Any], kind: str) -> bytes:
+    return json.dumps({**header, "kind": kind}, sort_keys=True).encode() + b"\n"
+
+
+def _write(path: Path, data: bytes, *, mode: int, written: list[Path]) -> None:
+    # created with its final mode (O_EXCL: never an existing file): the secret key is never
+    # readable by others, even briefly; fchmod undoes a umask stricter or looser than mode
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise KeyFileError(f"{path} appeared while writing the key set; refusing to overwrite "
+                           f"it: choose another --out") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot write {path}: {exc.strerror or exc}") from None
+    written.append(path)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)
+        f.write(data)
+
+
+def _read(path: Path, *, secret: bool = False) -> tuple[dict[str, Any], bytes]:
+    """The header and body of a key file; with ``secret``, refused unless only its owner can
+    read it (as identity keys are: :func:`fedsilo.crypto.identity.load_identity`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise KeyFileError(f"encryption key file {path} does not exist; create a key set with "
                            f"'fedsilo keys --out DIR' and set he.keys=DIR") from None
     except OSError as exc:
         raise KeyFileError(f"cannot read encryption key file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:  # mode checked on the file actually read
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+        try:
+            data = f.read()
+        except OSError as exc:
+            raise KeyFileError(f"cannot read encryption key file {path}: "
+                               f"{exc.strerror}") from None
     line, _, body = data.partition(b"\n")
     if not line.startswith(_MAGIC):
         raise KeyFileError(f"{path} is not a fedsilo key file (written by 'fedsilo keys')")
+    if secret and mode & 0o077:
+        raise KeyFileError(f"encryption key file {path} holds the secret key and is readable "
+                           f"by others (mode {mode:04o}); refusing to use it: run "
+                           f"'chmod 600 {path}'")
     try:
         header = json.loads(line[len(_MAGIC):])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise KeyFileError(f"{path}: corrupt key file header") from None
+    if not isinstance(header, dict):
+        raise KeyFileError(f"{path}: corrupt key file header (not a JSON object)")
     return header, body
 
 
 def load_keys(path: str | Path, *, expect: str, num_threads: int = 1) -> KeySet:
     """Load a key file of kind ``expect`` ("participant" or "coordinator") and check it."""
     path = Path(path)
-    header, body = _read(path)
+    # a participant key file is the secret key whatever its header says
+    header, body = _read(path, secret=expect == "participant")
     if header.get("kind") != expect:
         raise KeyFileError(f"{path} is a {header.get('kind')} key file, expected a {expect} one")
     params = CKKSParams.from_dict(header.get("params", {}))

@@ -64,6 +64,11 @@ def fingerprint(public_key: X25519PublicKey) -> str:
     return hashlib.sha256(_raw(public_key)).hexdigest()
 
 
+#: the most sites ``fedsilo keys --identity`` issues keys for: far beyond any real
+#: federation, and a bound on the files and memory a mistyped --sites costs
+MAX_SITES = 100_000
+
+
 def generate_identities(out_dir: str | Path, *, num_sites: int) -> list[Path]:
     """Write ``site-000.key`` .. ``site-(P-1).key`` and ``public.json``; never overwrites.
 
@@ -71,8 +76,22 @@ def generate_identities(out_dir: str | Path, *, num_sites: int) -> list[Path]:
     """
     if isinstance(num_sites, bool) or not isinstance(num_sites, int) or num_sites < 2:
         raise KeyFileError(f"secure aggregation needs at least 2 sites; got --sites {num_sites!r}")
+    if num_sites > MAX_SITES:
+        raise KeyFileError(f"--sites {num_sites}: an identity set holds at most {MAX_SITES} "
+                           f"sites (one key file each)")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # directories this call creates are 0700 whatever the umask: a key directory others may
+    # write to lets them swap public.json or a site's key; an existing one is left alone
+    try:
+        for directory in [d for d in [out, *out.parents] if not d.exists()][::-1]:
+            directory.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+    except OSError as exc:
+        raise KeyFileError(f"cannot create the key directory {out}: "
+                           f"{exc.strerror or exc}") from None
+    if not out.is_dir():
+        raise KeyFileError(f"--out {out} exists and is not a directory: give a directory for "
+                           f"the keys (a new one is created)")
     key_paths = [out / key_file_name(s) for s in range(num_sites)]
     existing = [str(p) for p in [*key_paths, out / PUBLIC_FILE] if p.exists()]
     if existing:
@@ -92,9 +111,12 @@ def generate_identities(out_dir: str | Path, *, num_sites: int) -> list[Path]:
         document = {"format": FORMAT, "version": VERSION, "sites": sites}
         _create(out / PUBLIC_FILE, (json.dumps(document, indent=2) + "\n").encode(), mode=0o644,
                 written=written)
-    except BaseException:
+    except BaseException as exc:
         for path in written:  # no half-written set left behind to block the next attempt
             path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a full disk, a read-only directory
+            raise KeyFileError(f"cannot write the identity set in {out}: "
+                               f"{exc.strerror or exc}; nothing was written") from None
         raise
     return written
 
