@@ -310,6 +310,8 @@ class Coordinator(Role):
         # the round as the federation waited for it: with the record overlapped, its
         # evaluation and checkpoint ran during the next round's training
         seconds["round"] = critical if overlapped else critical + extra
+        if private(self.config):  # whole seconds: report.metrics_row says why
+            seconds["round"] = float(round(seconds["round"]))
         if overlapped:
             row["overlapped"] = ["evaluate", "checkpoint"]
         self.run_dir.append_metrics(row)

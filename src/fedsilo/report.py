@@ -43,6 +43,11 @@ def metrics_row(coordinator: Coordinator, plan: RoundPlan, ranks: Sequence[RankR
                         if r.contributed) for rank in ranks]
         seconds["local_compute_max"] = max(per_rank, default=0.0)
     seconds["round"] = timer.total()  # provisional: finish_round adds the checkpoint
+    if dp_private:
+        # the wait for the slowest site follows its Poisson batch sizes (a side channel of
+        # its private data): under DP a reader gets the round's time in whole seconds only
+        seconds.pop("local", None)
+        seconds.pop("coordination", None)
     numel = coordinator.layout.numel
     active = len(plan.ranks)
     weight_bytes = numel * 4
@@ -87,11 +92,12 @@ def metrics_row(coordinator: Coordinator, plan: RoundPlan, ranks: Sequence[RankR
                               f" = {config.aggregation.min_contributors}")
     if coordinator.keys is not None and not row.get("refused"):
         row["he"] = he_row([rank for rank in ranks if rank.he is not None], info=info,
-                           numel=numel, received_floats=coordinator.reduce_buffer.size)
+                           numel=numel, received_floats=coordinator.reduce_buffer.size,
+                           private=dp_private)
         # every active participant sends its ciphertext to the coordinator, which sends
         # the encrypted total to the aggregator, which returns the float32 sum
-        sizes = list(row["he"]["ciphertext_bytes"].values())
-        row["bytes"]["reduce"] = (sum(sizes) + row["he"]["aggregator_receives_bytes"]
+        sent = row["he"]["coordinator_receives_bytes"] - coordinator.reduce_buffer.size * 4
+        row["bytes"]["reduce"] = (sent + row["he"]["aggregator_receives_bytes"]
                                   + weight_bytes * control)
     return row
 
@@ -117,12 +123,20 @@ def user_epsilon_row(accountant: Any, *, delta: float) -> dict[str, Any]:
 
 
 def he_row(ranks: Sequence[RankReport], *, info: dict[str, Any], numel: int,
-           received_floats: int) -> dict[str, Any]:
+           received_floats: int, private: bool = False) -> dict[str, Any]:
     """Encrypted aggregation figures: one ciphertext per participant rank, named by the
-    sites it sums ("0", or "0+1")."""
+    sites it sums ("0", or "0+1").  Under DP (``private``) no per-site figure: each site's
+    encryption time and ciphertext size go to the coordinator only, and the row holds the
+    totals."""
     figures = {"+".join(str(r.site) for r in rank.sites): rank.he for rank in ranks
                if rank.he is not None}
     sizes = {name: he["ciphertext_bytes"] for name, he in figures.items()}
+    if private:
+        return {"reduce_s": info.get("reduce_s"), "add_s": info.get("add_s"),
+                "decrypt_s": info.get("decrypt_s"),
+                "ciphertext_bytes_total": sum(sizes.values()),
+                "coordinator_receives_bytes": sum(sizes.values()) + received_floats * 4,
+                "aggregator_receives_bytes": info.get("total_bytes", 0)}
     return {
         "encrypt_s": max(he["encrypt_s"] for he in figures.values()),
         "reduce_s": info.get("reduce_s"),

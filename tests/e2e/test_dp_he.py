@@ -44,8 +44,13 @@ def test_budget_stop_under_encryption_equals_plaintext(shards3: Path, keys: Path
     rows = rows_of(encrypted)
     for row in rows[2:]:  # site 1 sits out from round 3 ...
         assert set(row["participants"]) == {"0", "2"} and row["stopped"] == {"1": 3}
-        # ... and, left out of the plan, its rank idles: no ciphertext, no weights
-        assert set(row["he"]["ciphertext_bytes"]) == {"0", "2"}
+        # ... and, left out of the plan, its rank idles: no ciphertext (two of three; under
+        # DP the row holds no per-site size or time), no weights
+        assert "ciphertext_bytes" not in row["he"] and "encrypt_s_per_site" not in row["he"]
+        ratio = row["he"]["ciphertext_bytes_total"] / rows[0]["he"]["ciphertext_bytes_total"]
+        assert abs(ratio - 2 / 3) < 0.02, ratio
+        assert "local" not in row["seconds"] and row["seconds"]["round"] == \
+            round(row["seconds"]["round"])
         assert row["bytes"]["broadcast"] == 2 * 4 * sum(
             t.numel() for t in torch.load(encrypted / "model.pt", weights_only=True).values())
     assert [r["epsilon"] for r in rows] == [r["epsilon"] for r in rows_of(plain)]

@@ -59,7 +59,9 @@ def test_dp_training_reports_epsilon_with_site_overrides(shards3: Path, tmp_path
         # least metadata: nothing computed on a site's private data without noise (loss,
         # validation metrics, update norm, timings that follow the Poisson batch sizes)
         assert "val" not in row
-        assert not {"local_train_max", "local_val_max", "local_compute_max"} & set(row["seconds"])
+        assert not {"local_train_max", "local_val_max", "local_compute_max", "local",
+                    "coordination"} & set(row["seconds"])
+        assert row["seconds"]["round"] == round(row["seconds"]["round"])  # whole seconds
         for site in row["participants"].values():
             assert set(site) == {"num_samples", "steps", "planned_steps", "epsilon"}, site
     assert all(rows[1]["epsilon"][k] > rows[0]["epsilon"][k] > 0 for k in "012")
