@@ -1,5 +1,5 @@
 """The ``fedsilo`` command: ``train``, ``report``, ``demo``, ``predict``, ``export``,
-``budget``, ``keys``, ``audit`` and ``prep``."""
+``budget``, ``keys``, ``audit``, ``release`` and ``prep``."""
 
 from __future__ import annotations
 
@@ -64,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the PNGs and report.html go (default: RUN_DIR/report for "
                              "one run, ./fedsilo-report for several)")
     report.set_defaults(func=_report)
+
+    release = sub.add_parser(
+        "release", formatter_class=Formatter,
+        help="copy a run directory's released part (no secret) to share it",
+        description="Copy what a run directory releases (config.yaml, metrics.jsonl, "
+                    "summary.json, model.pt/best.pt with their cards, stopped/hung markers, "
+                    "report/ and tensorboard/) into a new directory; never checkpoints/ or "
+                    "departed/, which hold the coordinator's and the sites' private state "
+                    "and secrets (docs/privacy.md, 'Released and private').")
+    release.add_argument("run", metavar="RUN_DIR", help="the run directory")
+    release.add_argument("--out", metavar="DIR", required=True,
+                         help="a new (or empty) directory for the copy")
+    release.set_defaults(func=_release)
 
     demo = sub.add_parser(
         "demo", formatter_class=Formatter, help="run a small federation end to end",
@@ -231,6 +244,33 @@ def _report(args: argparse.Namespace) -> int:
 
     html = write_report(args.runs, out=args.out)
     print(html)
+    return 0
+
+
+def _release(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from fedsilo.rundir import RunDir
+
+    run, out = RunDir(args.run), Path(args.out)
+    if not run.config.is_file():
+        raise ConfigError(f"{run.root} holds no config.yaml: not a fedsilo run directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not an empty directory; the release "
+                          f"goes into a new one (nothing there is overwritten)")
+    if out.resolve().is_relative_to(run.root.resolve()):
+        raise ConfigError(f"--out {out} lies inside the run directory {run.root}")
+    files = run.released_files()
+    try:
+        for path in files:
+            target = out / path.relative_to(run.root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+    except OSError as exc:
+        raise ConfigError(f"cannot copy the release into {out}: {exc.strerror or exc}") from None
+    print(f"copied {len(files)} released file(s) of {run.root} to {out} (no checkpoints, no "
+          f"site state, no secret)")
     return 0
 
 

@@ -229,10 +229,19 @@ class CheckpointConfig:
     #: sites' summed validation confusion counts (none: keep 0.5; youden: max TPR - FPR;
     #: accuracy: max accuracy), stored with model.pt and best.pt
     threshold: Literal["none", "youden", "accuracy"] = "none"
+    #: where each site keeps its private state (its secret, accountant, control variate:
+    #: its checkpoints), outside the shared run directory: a path with ``{site}`` (the site
+    #: index), e.g. ``/hospital-{site}/fedsilo-state`` (docs/privacy.md, 'Released and
+    #: private'); null: RUN_DIR/checkpoints, beside the coordinator's
+    site_dir: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, "checkpoint.every", "must be >= 1")
         _check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+        _check(self.site_dir is None or ("{site}" in self.site_dir
+                                         and self.site_dir.count("{") == 1),
+               "checkpoint.site_dir", "must name each site's own directory with one "
+               "'{site}' (the site index), e.g. /data/hospital-{site}/fedsilo-state")
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,8 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
     try:
         cls = Coordinator if world.is_coordinator else Participant
         role = cls(world=world, config=setup.config, manifest=setup.manifest,
-                   run_dir=RunDir(setup.run_dir), resume_round=setup.resume_round,
+                   run_dir=RunDir(setup.run_dir, site_dir=setup.config.checkpoint.site_dir),
+                   resume_round=setup.resume_round,
                    site_map=setup.site_map, returning=setup.returning, checked=checked)
     except FedsiloError as exc:
         error = exc

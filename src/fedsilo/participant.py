@@ -235,8 +235,11 @@ class Participant(Role):
         return state
 
     def _save(self, site: Site, round_index: int) -> None:
-        atomic_torch_save(self.run_dir.participant_checkpoint(round_index, site.index),
-                          self.state_dict(site, round_index))
+        path = self.run_dir.participant_checkpoint(round_index, site.index)
+        if self.run_dir.site_dir is not None:  # the site's own directory, not the run's
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_torch_save(path, self.state_dict(site, round_index))
+        self.run_dir.prune_site(site.index, keep=self.config.checkpoint.keep)
 
     def _load_checkpoint(self, site: Site, round_index: int, *, saved_as: int,
                          path: Path | None = None) -> None:

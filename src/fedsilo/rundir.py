@@ -113,8 +113,15 @@ def load_torch(path: Path) -> Any:
 
 
 class RunDir:
-    def __init__(self, root: str | Path) -> None:
+    """A run directory.  Its **released** part (:meth:`released_files`: models, cards,
+    metrics, summary, report, TensorBoard, config) carries no secret; its **private**
+    parts are the coordinator's checkpoints and each site's state (secret, accountant),
+    under ``checkpoints/`` or, with ``site_dir``, in a directory of each site's own."""
+
+    def __init__(self, root: str | Path, *, site_dir: str | None = None) -> None:
         self.root = Path(root)
+        #: checkpoint.site_dir: each site's private state directory ({site}: its index)
+        self.site_dir = site_dir
 
     config = property(lambda self: self.root / "config.yaml")
     metrics = property(lambda self: self.root / "metrics.jsonl")
@@ -135,7 +142,41 @@ class RunDir:
         return self.round_dir(round_index) / COORDINATOR_FILE
 
     def participant_checkpoint(self, round_index: int, site: int) -> Path:
+        if self.site_dir is not None:
+            return self.site_state(site) / f"round-{round_index:04d}" / f"site-{site:03d}.pt"
         return self.round_dir(round_index) / f"site-{site:03d}.pt"
+
+    def site_state(self, site: int) -> Path:
+        """A site's own private directory (``checkpoint.site_dir``)."""
+        assert self.site_dir is not None
+        return Path(self.site_dir.replace("{site}", f"{site:03d}")).expanduser()
+
+    def prune_site(self, site: int, *, keep: int) -> None:
+        """With ``site_dir``: keep the site's ``keep + 1`` newest rounds (one more than the
+        coordinator keeps: the site saves a round before the coordinator completes it)."""
+        if self.site_dir is None or not self.site_state(site).is_dir():
+            return
+        rounds = sorted(int(m.group(1)) for e in self.site_state(site).iterdir()
+                        if (m := _ROUND_DIR.match(e.name)))
+        for old in rounds[:-(keep + 1)]:
+            shutil.rmtree(self.site_state(site) / f"round-{old:04d}", ignore_errors=True)
+
+    #: what a run directory releases: files a reader of the run (a party in the threat
+    #: table) may hold; everything else in it is private
+    RELEASED = ("config.yaml", "metrics.jsonl", "summary.json", "model.pt", "model.json",
+                "best.pt", "best.json", "stopped.json", "hung.json", "report", "tensorboard")
+
+    def released_files(self) -> list[Path]:
+        """The files of the released part, in order: nothing under ``checkpoints/`` or
+        ``departed/`` (private state, secrets), no lock or temporary file."""
+        out: list[Path] = []
+        for name in self.RELEASED:
+            path = self.root / name
+            if path.is_file():
+                out.append(path)
+            elif path.is_dir():
+                out += sorted(p for p in path.rglob("*") if p.is_file())
+        return out
 
     def lock(self, *, wait_s: float = 5.0) -> "BinaryIO":
         """Lock the run directory for this process (``.fedsilo.lock``, an exclusive

@@ -143,6 +143,8 @@ def privacy_policy(config: Any) -> dict[str, Any]:
     policy["aggregation"] = {k: v for k, v in policy["aggregation"].items() if k != "keys"}
     policy["he"] = {"enabled": policy["he"]["enabled"]}
     policy["train"] = {k: plain["train"][k] for k in ("normalize_steps",)}
+    # where each site keeps its secret: the site's own setting, not the coordinator's
+    policy["checkpoint"] = {"site_dir": plain["checkpoint"]["site_dir"]}
     return policy
 
 

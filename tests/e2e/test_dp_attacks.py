@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import mpirun
+from helpers import fedsilo_cli, mpirun
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
@@ -272,3 +272,60 @@ def test_participants_refuse_weights_that_single_them_out(shards3: Path, tmp_pat
         assert mine and needle in mine[0] and "PolicyError" in mine[0], job.stderr[-3000:]
     assert "Traceback" not in job.stderr
     assert not (tmp_path / "run" / "checkpoints" / "round-0001" / "coordinator.pt").exists()
+
+
+# -- the released part of a run directory carries no secret -------------------------------
+
+
+def test_the_released_part_carries_no_secret_and_sites_keep_their_own_state(
+        shards3: Path, tmp_path: Path) -> None:
+    """The attack of the privacy issue: central user-level noise was drawn from a secret in
+    ``coordinator.pt``, which the docs listed as readable by a reader of the run directory,
+    and with it the noise came off the released models (cosine 1.0).  Now the run directory
+    has a released part (``fedsilo release``, ``fedsilo report``) and private parts: the
+    coordinator's checkpoints, and each site's state in a directory of its own
+    (``checkpoint.site_dir``).  No secret's bytes are in anything released; the control
+    shows the search would find them where they are.  A resume finds each site's state."""
+    run, sites = tmp_path / "run", tmp_path / "hospital-{site}"
+    argv = ["train", "--set", f"data.dir={shards3}", "--set", "train.max_steps=2",
+            "--set", "dp.enabled=true", "--set", "dp.noise_multiplier=1.0",
+            "--set", "dp.target_epsilon=null", "--set", "dp.user.enabled=true",
+            "--set", "dp.user.noise=central", "--set", "runtime.tensorboard=true",
+            "--set", f"checkpoint.site_dir={sites}", "--set", "runtime.progress=off"]
+    job = mpirun(4, [*argv, "--set", "rounds=2", "--out", str(run)], timeout=300)
+    assert job.returncode == 0, job.output[-3000:]
+    assert not list(run.glob("checkpoints/*/site-*.pt")), "site state in the shared run dir"
+    site_files = sorted(tmp_path.glob("hospital-*/round-*/site-*.pt"))
+    assert len(site_files) == 6 and all(f.stat().st_mode & 0o077 == 0 for f in site_files)
+    secrets = [secret_of(run, 2, "coordinator.pt")] + [
+        bytes(torch.load(f, weights_only=True)["secret"].tolist()) for f in site_files
+        if "round-0002" in str(f)]
+    assert len(secrets) == 4 and all(len(s) == 32 for s in secrets)
+    # the control: the search finds a secret where it is
+    assert secrets[0] in (run / "checkpoints" / "round-0002" / "coordinator.pt").read_bytes()
+    assert all(s in f.read_bytes() for s, f in zip(secrets[1:], site_files[1::2]))
+
+    assert fedsilo_cli(["report", str(run)]).returncode == 0
+    release = tmp_path / "release"
+    job = fedsilo_cli(["release", str(run), "--out", str(release)])
+    assert job.returncode == 0, job.output
+    released = [p for p in release.rglob("*") if p.is_file()]
+    assert {"model.pt", "metrics.jsonl", "summary.json", "config.yaml"} <= \
+        {p.name for p in released}
+    assert not [p for p in released if "checkpoints" in p.parts or p.suffix == ".key"]
+    assert any("tensorboard" in p.parts for p in released) and \
+        any("report" in p.parts for p in released)
+    for path in [*released, *[p for p in (run / "report").rglob("*") if p.is_file()]]:
+        data = path.read_bytes()
+        assert not any(s in data for s in secrets), f"a secret in released {path}"
+    # nothing is overwritten: a second release into the same place is refused
+    again = fedsilo_cli(["release", str(run), "--out", str(release)])
+    assert again.returncode != 0 and "not an empty directory" in again.stderr
+
+    job = mpirun(4, ["train", "--resume", str(run), "--set", "rounds=3"], timeout=300)
+    assert job.returncode == 0, job.output[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    # each site keeps checkpoint.keep + 1 rounds of its own
+    assert sorted(p.name for p in (tmp_path / "hospital-000").iterdir()) == \
+        ["round-0001", "round-0002", "round-0003"]
