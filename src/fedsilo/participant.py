@@ -194,11 +194,26 @@ class Participant(Role):
                 was = site.index if self.site_map is None else self.site_map[site.index]
                 back = self.returning.get(site.index)
                 if was is not None:
+                    self._check_resume_point(site.index if self.site_map is None else was)
                     self._load_checkpoint(site, self.resume_round, saved_as=was)
                 elif back is not None and back["file"] is not None:  # left, now back
                     self._load_checkpoint(site, back["round"], saved_as=back["site"],
                                           path=self.run_dir.root / "departed" / back["file"])
                 # else: the site joins now, with fresh state
+
+    def _check_resume_point(self, saved_as: int) -> None:
+        """A coordinator that rolls a resume back several rounds would have this site train
+        rounds again that it already released (the same DP noise on other weights): refuse
+        when the site itself saved a round beyond what a crash can leave unrecorded (the
+        coordinator records a round up to one round later, ``runtime.overlap_eval``)."""
+        every = self.config.checkpoint.every
+        newest = self.run_dir.newest_site_round(saved_as)
+        if newest is not None and newest > self.resume_round + 2 * every:
+            raise PolicyError(
+                f"participant {saved_as} refuses to resume from round {self.resume_round}: it "
+                f"saved its own state of round {newest} already, so the rounds in between "
+                f"were trained and released (a rolled-back resume would draw their DP noise "
+                f"again for other weights)")
 
     def _load_sites(self, indexes: list[int]) -> list[Site]:
         """This rank's sites' train and val splits, held in memory or streamed from their

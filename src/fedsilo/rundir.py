@@ -146,6 +146,15 @@ class RunDir:
             return self.site_state(site) / f"round-{round_index:04d}" / f"site-{site:03d}.pt"
         return self.round_dir(round_index) / f"site-{site:03d}.pt"
 
+    def newest_site_round(self, site: int) -> int | None:
+        """The newest round of which ``site`` saved its state (None: none)."""
+        base = self.site_state(site) if self.site_dir is not None else self.checkpoints
+        if not base.is_dir():
+            return None
+        rounds = [int(m.group(1)) for e in base.iterdir() if (m := _ROUND_DIR.match(e.name))
+                  and (e / f"site-{site:03d}.pt").is_file()]
+        return max(rounds, default=None)
+
     def site_state(self, site: int) -> Path:
         """A site's own private directory (``checkpoint.site_dir``)."""
         assert self.site_dir is not None

@@ -84,3 +84,27 @@ def test_a_weakened_configuration_is_refused(shards3, ids3, tmp_path):
     assert_agreed_failure(job, "differs from this participant's own",
                           "aggregation.secure ('none' from the coordinator, 'masks' here)")
     assert rounds_recorded(tmp_path / "run") == []
+
+
+def test_a_rolled_back_resume_is_refused(shards3, ids3, tmp_path):
+    """The coordinator keeps its own checkpoints: it can drop the last three and resume from
+    round 1, so that every site trains rounds 2-4 again with the same DP noise on weights of
+    its choosing.  The sites saved their own state of round 4 and refuse; a legitimate
+    crash (the coordinator one round behind) still resumes."""
+    run = tmp_path / "run"
+    argv = ["train", "--set", f"data.dir={shards3}", "--set", "rounds=4",
+            "--set", "train.max_steps=2", "--set", "runtime.progress=off",
+            "--set", "checkpoint.keep=10", "--set", "dp.enabled=true",
+            "--set", "dp.noise_multiplier=1.0", "--set", "dp.target_epsilon=null",
+            "--set", "aggregation.secure=masks", "--set", f"aggregation.keys={ids3}"]
+    job = mpirun(4, [*argv, "--out", str(run)], timeout=240)
+    assert job.returncode == 0, job.output[-3000:]
+    for r in (2, 3, 4):
+        (run / "checkpoints" / f"round-{r:04d}" / "coordinator.pt").unlink()
+    job = mpirun(4, ["train", "--resume", str(run)], timeout=240)
+    assert_agreed_failure(job, "refuses to resume from round 1: it saved its own state of "
+                               "round 4 already")
+    (run / "checkpoints" / "round-0004").rename(tmp_path / "gone")  # the crash: round 4 lost
+    (run / "checkpoints" / "round-0003").rename(tmp_path / "gone3")
+    job = mpirun(4, ["train", "--resume", str(run)], timeout=240)
+    assert job.returncode == 0, job.output[-3000:]
