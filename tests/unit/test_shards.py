@@ -109,7 +109,10 @@ def test_streaming_appends_equal_one_shot_write(tmp_path):
 
 
 def test_same_data_gives_byte_identical_files(tmp_path):
+    import time
+
     a = _site(tmp_path / "a.h5")
+    time.sleep(1.1)  # HDF5 object timestamps have one-second resolution: cross a second
     b = _site(tmp_path / "b.h5")
     assert a.sha256 == b.sha256  # no timestamps in the file: manifests are reproducible
 
