@@ -16,8 +16,15 @@ Methods:
               torch.normal (the DP step before issue #11)
   secret      the engine's own step (ParticipantPrivacy._step, mode "mixed"): the Poisson
               mask and the Gaussian noise drawn from a site secret (privacy/secret.py:
-              ChaCha20, Box-Muller in float64, four normals per value) on the CPU, the
+              ChaCha20, Box-Muller in float64) in place, on the critical path, the
               sampled rows gathered from 20*batch samples (the step after issue #11)
+  before      the engine's step as it was before #27, for a side-by-side before/after: the
+              GhostClipper of an earlier ghost.py (``--before-ghost FILE``, e.g. from
+              ``git show 8b5b998:src/fedsilo/privacy/ghost.py``) and the noise drawn in
+              place, parameter by parameter, on the critical path
+  ahead       the same step with the mask and the noise drawn ahead on worker threads
+              (privacy/lookahead.py, as ParticipantPrivacy.train_round does since #27):
+              step s+1's noise is drawn while step s computes
 
 The secret step draws a Poisson batch, whose size varies; so that it computes on exactly
 ``--batch`` samples like the other methods, it runs only at (round, step) counters whose
@@ -46,6 +53,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -58,10 +66,13 @@ from fedsilo.config import SiteDP, TrainConfig
 from fedsilo.models import build_model
 from fedsilo.privacy.engine import ParticipantPrivacy
 from fedsilo.privacy.ghost import GhostClipper
+from fedsilo.privacy.lookahead import Ahead, fill_noise
 from fedsilo.privacy.secret import Purpose, SecretStream
 from fedsilo.training import TensorSplit
 
-METHODS = ["nonprivate", "hooks", "ghost", "mixed", "secret"]
+METHODS = ["nonprivate", "hooks", "ghost", "mixed", "before", "secret", "ahead"]
+#: --before-ghost: the earlier ghost.py the "before" method clips with
+BEFORE_GHOST: list[str] = []
 #: the secret step samples from this many times --batch samples (q = 1/POOL)
 POOL = 20
 
@@ -129,13 +140,20 @@ def make_step(method: str, model: nn.Module, *, batch: int, name: str, clip: flo
             add_noise()
             optimizer.step()
         return step
-    if method == "secret":
-        return _secret_step(model, optimizer, batch=batch, name=name, clip=clip, sigma=sigma)
+    if method == "before":
+        return _before_step(model, optimizer, batch=batch, clip=clip, sigma=sigma)
+    if method in ("secret", "ahead"):
+        return _secret_step(model, optimizer, batch=batch, name=name, clip=clip, sigma=sigma,
+                            ahead=method == "ahead")
     raise ValueError(method)
 
 
+#: the look-aheads the "ahead" steps started (closed at exit)
+_OPEN: list = []
+
+
 def _secret_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch: int, name: str,
-                 clip: float, sigma: float):
+                 clip: float, sigma: float, ahead: bool = False):
     device = next(model.parameters()).device
     num_samples = POOL * batch
     data = TensorSplit(torch.randn(num_samples, 1, 28, 28, device=device),
@@ -144,20 +162,84 @@ def _secret_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch: i
         model, site=0, settings=SiteDP(target_epsilon=None, noise_multiplier=sigma,
                                        delta=1e-5, max_grad_norm=clip),
         mechanism="rdp", num_samples=num_samples, train=TrainConfig(batch_size=batch),
-        rounds=1, model_name=name, sample=data.images[:2], mode="mixed")
+        rounds=1, model_name=name, sample=data.images[:2], mode="mixed",
+        lookahead=2 if ahead else 0)
     assert engine.sample_rate * num_samples == batch and engine.noise_multiplier == sigma
     secret = bytes(range(32))  # fixed, so the counters below are the same in every run
     counters = _full_batch_counters(secret, num_samples=num_samples, rate=engine.sample_rate,
                                     batch=batch, count=32)
     position = [0]
+    std = sigma * clip
+    if ahead:
+        pool = engine._buffers()
+        stop = threading.Event()
+
+        def produce(k: int):
+            round_index, index = counters[k % len(counters)]
+            return (engine._poisson(secret, round_index, index),
+                    fill_noise(pool.acquire(stop), secret, round_index=round_index,
+                               step=index, std=std))
+
+        draws = Ahead(produce, 1 << 30, depth=1, describe=str, stop=stop,
+                      discard=lambda item: pool.release(item[1]))
+        _OPEN.append(draws)
+
+        def step_ahead(x, y):
+            rows, noise = draws.take()
+            images, labels = next(data.batches([rows]))
+            engine._step(images, labels, optimizer, noise, 0, 0.0)
+        return step_ahead
 
     def step(x, y):
         round_index, index = counters[position[0] % len(counters)]
         position[0] += 1
-        # the Poisson draw and the batch, then the step (the engine draws the masks ahead)
+        # the Poisson draw, the noise and the batch in place, then the step
         rows = engine._poisson(secret, round_index, index)
+        noise = engine._noise_in_place(secret, round_index, index)
         images, labels = next(data.batches([rows]))
-        engine._step(images, labels, optimizer, secret, round_index, index, 0, 0.0)
+        engine._step(images, labels, optimizer, noise, 0, 0.0)
+    return step
+
+
+def _before_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch: int,
+                 clip: float, sigma: float):
+    """The DP step before #27: the earlier GhostClipper, the mask and then the noise drawn in
+    place (one stream, parameter by parameter), added, divided, the optimizer step."""
+    import importlib.util
+
+    if not BEFORE_GHOST:
+        raise SystemExit("method 'before' needs --before-ghost FILE")
+    spec = importlib.util.spec_from_file_location("ghost_before", BEFORE_GHOST[0])
+    assert spec is not None and spec.loader is not None
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    clipper = old.GhostClipper(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    num_samples = POOL * batch
+    data = TensorSplit(torch.randn(num_samples, 1, 28, 28, device=device),
+                       torch.randint(0, 2, (num_samples,), device=device))
+    secret = bytes(range(32))
+    counters = _full_batch_counters(secret, num_samples=num_samples, rate=1 / POOL,
+                                    batch=batch, count=32)
+    buffer = np.empty(max(p.numel() for p in params), dtype=np.float32)
+    position = [0]
+
+    def step(x, y):
+        round_index, index = counters[position[0] % len(counters)]
+        position[0] += 1
+        mask = SecretStream(secret, purpose=Purpose.POISSON, round_index=round_index,
+                            step=index).bernoulli(num_samples, 1 / POOL)
+        images, labels = next(data.batches([np.flatnonzero(mask)]))
+        optimizer.zero_grad(set_to_none=True)
+        clipper.clipped_sum(images, labels, max_grad_norm=clip)
+        noise = SecretStream(secret, purpose=Purpose.NOISE, round_index=round_index, step=index)
+        for p in params:
+            values = buffer[:p.numel()]
+            noise.fill_gaussian(values, std=sigma * clip)
+            p.grad.add_(torch.from_numpy(values).view_as(p).to(device))
+            p.grad.div_(batch)
+        optimizer.step()
     return step
 
 
@@ -204,6 +286,13 @@ def run_timing(name: str, *, methods: list[str], batch: int, steps: int, repeats
                   "ratio_median": statistics.median(a / b for a, b in zip(t, base)),
                   "step_ms": [1000 * v for v in t]}
               for m, t in times.items()}
+    for method in ("secret", "ahead"):
+        if method in times and "before" in times:
+            result[method]["vs_before_median"] = statistics.median(
+                a / b for a, b in zip(times[method], times["before"]))
+    if "secret" in times and "ahead" in times:
+        result["ahead"]["vs_secret_median"] = statistics.median(
+            a / b for a, b in zip(times["ahead"], times["secret"]))
     if "secret" in times and "mixed" in times:
         # the cost of the change: after (secret) / before (mixed), repeat by repeat
         result["secret"]["vs_mixed_median"] = statistics.median(
@@ -218,7 +307,9 @@ def noise_throughput(sizes: list[int], *, repeats: int, std: float = 1.0) -> dic
     out = {}
     for size in sizes:
         buffer = np.empty(size, dtype=np.float32)
-        times: dict[str, list[float]] = {"secret": [], "keystream": [], "torch": []}
+        times: dict[str, list[float]] = {"secret": [], "keystream": [], "torch": [],
+                                         "fill_noise": []}
+        flat = torch.empty(size)
         for repeat in range(repeats + 1):  # the first round is a warm-up
             begin = time.perf_counter()
             SecretStream(secret, purpose=Purpose.NOISE, round_index=0,
@@ -231,7 +322,10 @@ def noise_throughput(sizes: list[int], *, repeats: int, std: float = 1.0) -> dic
             for chunk in range(0, size, 1 << 20):
                 stream.uint64(4 * min(1 << 20, size - chunk))
             last = time.perf_counter()
+            fill_noise(flat, secret, round_index=2, step=repeat, std=std)
+            after = time.perf_counter()
             if repeat:
+                times["fill_noise"].append(after - last)
                 times["secret"].append(middle - begin)
                 times["torch"].append(end - middle)
                 times["keystream"].append(last - end)
@@ -239,11 +333,50 @@ def noise_throughput(sizes: list[int], *, repeats: int, std: float = 1.0) -> dic
             "secret_ms_median": 1000 * statistics.median(times["secret"]),
             "keystream_ms_median": 1000 * statistics.median(times["keystream"]),
             "torch_ms_median": 1000 * statistics.median(times["torch"]),
+            "fill_noise_ms_median": 1000 * statistics.median(times["fill_noise"]),
             "secret_values_per_s": size / statistics.median(times["secret"]),
             "torch_values_per_s": size / statistics.median(times["torch"]),
             "secret_over_torch_median": statistics.median(
                 a / b for a, b in zip(times["secret"], times["torch"]))}
     return out
+
+
+def round_timing(name: str, *, steps: int, batch: int, repeats: int, device: torch.device
+                 ) -> dict:
+    """Seconds of one whole local round of ``steps`` steps, interleaved: non-private
+    (``train_local``) against DP-SGD (``ParticipantPrivacy.train_round``, Poisson batches of
+    mean ``batch`` from 20·batch samples) with the noise drawn in place and drawn ahead."""
+    from fedsilo.training import make_optimizer, train_local
+
+    num_samples = POOL * batch
+    data = TensorSplit(torch.randn(num_samples, 1, 28, 28, device=device),
+                       torch.randint(0, 2, (num_samples,), device=device))
+    config = TrainConfig(batch_size=batch, max_steps=steps, epochs=steps)
+    models = {m: build(name, device) for m in ("nonprivate", "dp-inplace", "dp-ahead")}
+    engines = {m: ParticipantPrivacy(
+        models[m], site=0, settings=SiteDP(None, 1.0, 1e-5, 1.0), mechanism="rdp",
+        num_samples=num_samples, train=config, rounds=repeats + 1, model_name=name,
+        sample=data.images[:2], mode="mixed", lookahead=2 if m == "dp-ahead" else 0)
+        for m in ("dp-inplace", "dp-ahead")}
+    secret = bytes(range(32))
+    times: dict[str, list[float]] = {m: [] for m in models}
+    for repeat in range(repeats + 1):  # the first is a warm-up
+        for method, model in models.items():
+            optimizer = make_optimizer(model, config)
+            begin = time.perf_counter()
+            if method == "nonprivate":
+                train_local(model, data, config=config, optimizer=optimizer,
+                            generator=torch.Generator().manual_seed(repeat))
+            else:
+                engines[method].train_round(data, optimizer=optimizer, secret=secret,
+                                            round_index=repeat + 1)
+            _sync(device)
+            if repeat:
+                times[method].append(time.perf_counter() - begin)
+    base = times["nonprivate"]
+    return {m: {"round_s_median": statistics.median(t),
+                "ratio_median": statistics.median(a / b for a, b in zip(t, base))}
+            for m, t in times.items()}
 
 
 def _sync(device: torch.device) -> None:
@@ -254,7 +387,8 @@ def _sync(device: torch.device) -> None:
 def peak_memory(name: str, method: str, *, batch: int, device: torch.device) -> float:
     """MB of peak memory of ``method`` alone (child process)."""
     out = subprocess.run([sys.executable, __file__, "--child", name, method, str(batch),
-                          str(device)], capture_output=True, text=True, check=True)
+                          str(device), *BEFORE_GHOST], capture_output=True, text=True,
+                         check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -311,7 +445,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-memory", action="store_true", default=False)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--round-steps", type=int, default=0,
+                        help="also time whole local rounds of this many steps (0: not)")
+    parser.add_argument("--before-ghost", default=None,
+                        help="an earlier privacy/ghost.py, for the method 'before'")
     args = parser.parse_args(argv)
+    if args.before_ghost:
+        BEFORE_GHOST[:] = [args.before_ghost]
     methods = ["nonprivate"] + [m for m in METHODS if m in args.methods and m != "nonprivate"]
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
@@ -335,7 +475,18 @@ def main(argv=None) -> int:
                   f"x{row['ratio_median']:.2f}" +
                   (f"  peak {row['peak_mb']:.0f} MB" if "peak_mb" in row else "") +
                   (f"  x{row['vs_mixed_median']:.3f} of mixed" if "vs_mixed_median" in row
+                   else "") +
+                  (f"  x{row['vs_secret_median']:.3f} of secret" if "vs_secret_median" in row
+                   else "") +
+                  (f"  x{row['vs_before_median']:.3f} of before" if "vs_before_median" in row
                    else ""), flush=True)
+        if args.round_steps:
+            rounds = round_timing(name, steps=args.round_steps, batch=args.batch,
+                                  repeats=args.repeats, device=device)
+            results.setdefault("rounds", {})[name] = rounds
+            for method, row in rounds.items():
+                print(f"{name:10s} round of {args.round_steps} steps {method:11s} "
+                      f"{row['round_s_median']:8.2f} s  x{row['ratio_median']:.2f}", flush=True)
     if args.noise_sizes:
         results["noise"] = noise_throughput(args.noise_sizes, repeats=args.repeats)
         for size, row in results["noise"].items():
@@ -343,16 +494,20 @@ def main(argv=None) -> int:
                   f"({row['secret_values_per_s'] / 1e6:6.1f} M/s)  torch.normal "
                   f"{row['torch_ms_median']:7.1f} ms ({row['torch_values_per_s'] / 1e6:6.1f} M/s)"
                   f"  secret/torch x{row['secret_over_torch_median']:.1f}  (of the secret time, "
-                  f"ChaCha20 alone {row['keystream_ms_median']:.1f} ms)", flush=True)
+                  f"ChaCha20 alone {row['keystream_ms_median']:.1f} ms)  the engine's fill_noise "
+                  f"{row['fill_noise_ms_median']:.1f} ms", flush=True)
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=2)
+    for draws in _OPEN:
+        draws.close()
     return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         torch.set_num_threads(1)
+        BEFORE_GHOST[:] = sys.argv[6:7]
         print(_child_peak(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]))
         sys.exit(0)
     sys.exit(main())

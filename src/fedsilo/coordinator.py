@@ -101,6 +101,9 @@ class Coordinator(Role):
         #: each participant's latest privacy report, and the round a site stopped in
         self.privacy: dict[int, dict[str, Any]] = {}
         self.stopped: dict[int, int] = {}
+        #: the round the final model is of: config.rounds, or the last round before every
+        #: site had spent its privacy budget (the job then ends there, cleanly)
+        self.final_round = config.rounds
         user_dp = config.dp.user
         self.user_accountant: Any = None
         if user_dp.enabled:  # Opacus's accountants: imported only by runs that account
@@ -199,7 +202,9 @@ class Coordinator(Role):
         if not available:
             log.warning("every participant has spent its privacy budget; the job ends before "
                         "round %d", round_index)
-            return RoundPlan(round=round_index, stop=True)
+            self.final_round = round_index - 1
+            # every site listed as stopped: the federation tells this end from a signal's
+            return RoundPlan(round=round_index, stop=True, stopped=tuple(sorted(self.stopped)))
         # the same public computation every participant repeats (verification.check_plan)
         stopped = tuple(sorted(self.stopped))
         participants = planned_sample(self.config, num_sites=self.manifest.num_sites,
@@ -478,14 +483,14 @@ class Coordinator(Role):
         self.final_val, self.final_counts = val or None, counts
         final_threshold = choose_threshold(counts, rule=rule)
         write_model(self.run_dir.model, self.layout.to_state_dict(self.global_weights),
-                    self._model_card(self.config.rounds, selected_by=None,
+                    self._model_card(self.final_round, selected_by=None,
                                      threshold=final_threshold))
         self.model_records = {}
         if rule != "none":
             self.model_records["threshold"] = {"rule": rule, "value": final_threshold}
         best = self.best
         if best is not None:
-            best.offer(self.config.rounds, val, self.global_weights, counts=counts)
+            best.offer(self.final_round, val, self.global_weights, counts=counts)
         if best is None or best.weights is None or best.round is None:
             for stale in (self.run_dir.best, self.run_dir.best.with_suffix(".json")):
                 stale.unlink(missing_ok=True)  # from an earlier launch that selected
@@ -512,12 +517,23 @@ class Coordinator(Role):
         self.progress.close()
         if self.board is not None:
             self.board.close()
-        if self.last_test is None or self.resume_round == self.config.rounds:
+        if self.last_test is None or self.resume_round == self.final_round \
+                or self.final_round < self.config.rounds:  # (the round may not be evaluated)
             self.layout.load(self.model, self.global_weights)
             self.last_test = evaluate(self.model, self.test_data,
                                       batch_size=self.config.eval.batch_size)
         finals: list[FinalSiteReport] = [r for rank in reports[1:] for r in rank]
         self._save_models(finals)
-        dump_json(self.run_dir.summary, job_summary(self, finals))
+        summary = job_summary(self, finals)
+        # the one marker of this ending: summary.json, also when the budgets ended the job
+        summary["ending"] = "finished" if self.final_round == self.config.rounds \
+            else "budget spent"
+        if self.final_round < self.config.rounds:
+            summary["budget_spent"] = {
+                "before_round": self.final_round + 1,
+                "message": f"every site had spent its privacy budget before round "
+                           f"{self.final_round + 1} of {self.config.rounds}; the model is "
+                           f"round {self.final_round}'s"}
+        dump_json(self.run_dir.summary, summary)
         log.info("finished: test acc %.4f auc %.4f loss %.4f -> %s", self.last_test["acc"],
                  self.last_test["auc"], self.last_test["loss"], self.run_dir.root)

@@ -58,6 +58,8 @@ class Setup:
     #: sites that left earlier and come back with the same data: their archived state
     #: (``departed/index.json`` entries), by their index now
     returning: dict[int, dict[str, Any]] | None = None
+    #: later complete rounds whose coordinator.pt does not load: set aside at the commit
+    unreadable: tuple[int, ...] = ()
 
 
 def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
@@ -70,6 +72,7 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
             f"participants), but it was started with {world.size}; launch it as "
             f"'mpirun -n P+1 fedsilo train ...' (or srun under SLURM), P = number of shards")
 
+    _end_with_launcher(world.rank)
     setup, error, lock = None, None, None
     if world.is_coordinator:
         try:
@@ -99,11 +102,16 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
         except FedsiloError as exc:
             error = exc
     world.agree(error, stage="checking the coordinator's configuration")
-    waits = WaitPolicy(hang_timeout_s=setup.config.runtime.hang_timeout_s,
-                       first_round_s=setup.config.runtime.first_round_timeout_s,
+    runtime = setup.config.runtime
+    waits = WaitPolicy(hang_timeout_s=runtime.hang_timeout_s,
+                       first_round_s=first_round_wait(runtime.hang_timeout_s,
+                                                      runtime.first_round_timeout_s),
                        deadline_s=setup.config.train.round_deadline_s)
-    if world.is_coordinator:
-        world.on_hang = _hang_handler(RunDir(setup.run_dir))
+    startup_wait = runtime.first_round_timeout_s  # loading data and model: not a round
+    # one verdict per hang, by the first rank that gives up: the coordinator if it can, a
+    # participant naming the coordinator if it cannot (stopped, swapped out)
+    world.on_hang = _first_verdict(RunDir(setup.run_dir), _hang_handler(RunDir(setup.run_dir))) \
+        if world.is_coordinator else _silent_coordinator(RunDir(setup.run_dir), world.rank)
 
     # torch-free first: each rank checks the shards it will open (format, shapes, labels,
     # pixels, hashes, the manifest's counts), so bad data is reported before anyone pays
@@ -113,7 +121,7 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
         checked = _check_own_shards(world, setup)
     except FedsiloError as exc:
         error = exc
-    world.quiet_barrier(stage="checking the shards", timeout=_mine(world, waits.round_timeout()))
+    world.quiet_barrier(stage="checking the shards", timeout=_mine(world, startup_wait))
     world.agree(error, stage="checking the shards")
 
     # torch is imported from here on
@@ -130,7 +138,7 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
     except FedsiloError as exc:
         error = exc
     world.quiet_barrier(stage="loading the data and the model",
-                        timeout=_mine(world, waits.round_timeout()))
+                        timeout=_mine(world, startup_wait))
     world.agree(error, stage="loading data and model")
     if setup.config.he.enabled:
         _agree_on_keys(world, role)
@@ -203,12 +211,12 @@ def _rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag, waits: Wai
                                            local_wait_s=waits.local_timeout())
                 if not plan.stop and (stop_seen or stop.requested):
                     plan = plan.stopping()
-                if plan.stop:
+                if plan.stop and not _budget_spent(plan, setup):
                     flush()  # the last round's checkpoint first: --resume continues there
                     # before any rank learns of the stop, so before any rank exits: a batch
                     # script reads this marker even if the launcher kills slow ranks and
                     # reports their status instead of ours
-                    dump_json(RunDir(setup.run_dir).stopped, {
+                    _record_stop(RunDir(setup.run_dir), {
                         "signal": stop.signal_name or "received by a participant",
                         "before_round": round_index, "exit_status": EXIT_PREEMPTED})
             if world.is_coordinator:
@@ -216,6 +224,12 @@ def _rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag, waits: Wai
             world.quiet_barrier(stage=f"the start of round {round_index}",
                                 timeout=_mine(world, start_wait))
             plan = world.bcast_obj(plan)
+        if plan.stop and _budget_spent(plan, setup):
+            # a clean end, not a pre-emption: the final validation, model.pt and
+            # summary.json follow as after the last round, and the status is 0
+            log.warning("every site has spent its privacy budget: the job ends after round "
+                        "%d of %d", round_index - 1, config.rounds)
+            break
         if plan.stop:
             log.warning("stopping before round %d on a signal; --resume continues from the "
                         "last complete checkpoint (exit status %d asks for a requeue)",
@@ -295,6 +309,110 @@ def _mine(world: World, timeout: float | None) -> float | None:
     return WaitPolicy.for_participant(timeout)
 
 
+#: with only runtime.hang_timeout_s set: the first round may take this much longer than
+#: the others (warm-up: first batches, allocator, thread pools), and at least this factor
+FIRST_ROUND_EXTRA_S, FIRST_ROUND_FACTOR = 10.0, 2.0
+
+
+def first_round_wait(hang_timeout_s: float | None, first_round_timeout_s: float) -> float:
+    """The watchdog's wait for the first round after a (re)start.
+
+    ``runtime.first_round_timeout_s`` when it is set, or when the watchdog is automatic;
+    with only ``hang_timeout_s`` set (first_round_timeout_s left at its default), the first
+    round follows it: twice as long, and at least 10 s more.  Loading the data and the
+    model is not a round: it keeps first_round_timeout_s either way.
+
+    >>> first_round_wait(None, 1800.0), first_round_wait(5.0, 1800.0)
+    (1800.0, 15.0)
+    >>> first_round_wait(300.0, 1800.0), first_round_wait(5.0, 60.0)
+    (600.0, 60.0)
+    """
+    from fedsilo.config import RuntimeConfig
+
+    if hang_timeout_s is None or first_round_timeout_s != RuntimeConfig.first_round_timeout_s:
+        return first_round_timeout_s
+    return max(FIRST_ROUND_FACTOR * hang_timeout_s, hang_timeout_s + FIRST_ROUND_EXTRA_S)
+
+
+def _budget_spent(plan: RoundPlan, setup: Setup) -> bool:
+    """Whether ``plan`` ends the job because every site has spent its privacy budget (the
+    coordinator lists them all as stopped), not on a signal."""
+    return plan.stop and len(set(plan.stopped)) >= setup.manifest.num_sites
+
+
+def _record_stop(run: RunDir, record: dict[str, Any]) -> bool:
+    """Leave ``stopped.json`` unless the job already ended as hung: the SIGCONT and SIGTERM
+    of a teardown reach a coordinator that was stopped, and its stop is no requeue."""
+    if run.hung.exists():
+        log.warning("a signal arrived after the watchdog ended the job (%s); no stopped.json",
+                    run.hung)
+        return False
+    dump_json(run.stopped, record)
+    return True
+
+
+def _first_verdict(run: RunDir, handler: Callable[..., None]) -> Callable[..., None]:
+    """The coordinator's watchdog handler, unless a rank that gave up earlier has already
+    left ``hung.json``: a coordinator continued after a stop would otherwise name the ranks
+    that waited for it."""
+
+    def handle(*args: Any, **kwargs: Any) -> None:
+        if run.hung.exists():
+            log.error("watchdog: %s already holds the verdict of the rank that gave up "
+                      "first; it stays", run.hung)
+            return
+        handler(*args, **kwargs)
+
+    return handle
+
+
+def _silent_coordinator(run: RunDir, rank: int) -> Callable[..., None]:
+    """A participant's watchdog handler.  A participant waits longer than the coordinator
+    (``WaitPolicy.for_participant``), so when its watchdog fires the coordinator has not
+    ended the job itself: it is the silent one.  The first participant to give up leaves
+    ``hung.json`` naming rank 0; the file is created exclusively, so no later verdict (of
+    another participant, or of the coordinator once continued) replaces it.  The
+    checkpoint is named, not loaded: coordinator.pt is the coordinator's private state."""
+
+    def handle(stage: str, silent: list[int], message: str, **_: Any) -> None:
+        complete = run.complete_rounds()
+        last = complete[-1] if complete else 0
+        named = list(silent) or [0]  # (a barrier's watchdog on a participant names none)
+        record = {"stage": stage, "silent_ranks": named,
+                  "message": f"{message} (rank {rank} gave up first: the coordinator, which "
+                             f"waits less, did not end the job itself)",
+                  "written_by": rank, "last_checkpoint_round": last,
+                  "exit_status": EXIT_HUNG, "resume": f"fedsilo train --resume {run.root}"}
+        if dump_json(run.hung, record, exclusive=True):
+            log.error("watchdog: rank(s) %s silent; %s names them, and '--resume %s' "
+                      "continues from round %d", named, run.hung, run.root, last)
+
+    return handle
+
+
+def _end_with_launcher(rank: int, *, poll_s: float = 0.5) -> None:
+    """A rank ends within ``poll_s`` of its launcher (``prterun``/``orted``, ``slurmstepd``)
+    dying: an orphaned rank would otherwise wait in a barrier, or train, until its own
+    watchdog fires, long after ``mpirun`` was killed.  A daemon thread watches the parent
+    process id; the process exits at once (nobody is left to read its status)."""
+    import os
+    import sys
+    import threading
+
+    parent = os.getppid()
+    if parent <= 1:  # started without a launcher (or already orphaned): nothing to watch
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f"[rank {rank}] fedsilo: the launcher (process {parent}) is gone; ending this "
+              f"rank", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fedsilo-launcher-watch", daemon=True).start()
+
+
 def _stop_marker(run: RunDir) -> Any:
     """The coordinator's first act on a stop signal: ``stopped.json`` at once, naming the
     last complete checkpoint, in case the launcher kills the ranks before the round
@@ -303,8 +421,10 @@ def _stop_marker(run: RunDir) -> Any:
     def mark(signal_name: str) -> None:
         complete = run.complete_rounds()
         last = complete[-1] if complete else 0
-        dump_json(run.stopped, {"signal": signal_name, "before_round": None,
-                                "last_checkpoint_round": last, "exit_status": EXIT_PREEMPTED})
+        if not _record_stop(run, {"signal": signal_name, "before_round": None,
+                                  "last_checkpoint_round": last,
+                                  "exit_status": EXIT_PREEMPTED}):
+            return
         log.warning("if the ranks are killed before this round ends, '--resume %s' continues "
                     "from round %d", run.root, last)
 
@@ -315,16 +435,20 @@ def _hang_handler(run: RunDir) -> Any:
     """The coordinator's last act when the watchdog fires: check that the last complete
     checkpoint loads, and leave ``hung.json`` saying who fell silent where."""
 
-    def handle(stage: str, silent: list[int], message: str) -> None:
+    def handle(stage: str, silent: list[int], message: str,
+               hosts: dict[int, str] | None = None) -> None:
         from fedsilo.rundir import load_torch
 
         complete = run.complete_rounds()
         last = complete[-1] if complete else 0
         if last:
             load_torch(run.coordinator_checkpoint(last))  # raises if it does not load
-        dump_json(run.hung, {"stage": stage, "silent_ranks": silent, "message": message,
-                             "last_checkpoint_round": last, "exit_status": EXIT_HUNG,
-                             "resume": f"fedsilo train --resume {run.root}"})
+        record = {"stage": stage, "silent_ranks": silent, "message": message,
+                  "last_checkpoint_round": last, "exit_status": EXIT_HUNG,
+                  "resume": f"fedsilo train --resume {run.root}"}
+        if hosts:  # where each silent rank ran: a cut wire silences a whole node
+            record["silent_hosts"] = {str(rank): hosts[rank] for rank in silent if rank in hosts}
+        dump_json(run.hung, record)
         log.error("watchdog: the last complete checkpoint is round %d (it loads); "
                   "'--resume %s' continues from it", last, run.root)
 
@@ -401,8 +525,9 @@ def _draw_session(world: World, role: Any, peers: Any) -> None:
     if not world.is_coordinator:
         own = session.new_contribution()
         index = peers.Get_rank()
-        commitments = peers.allgather(session.commitment(own, index=index))
-        reveals = peers.allgather(own)
+        with world.watched("drawing the joint randomness"):
+            commitments = peers.allgather(session.commitment(own, index=index))
+            reveals = peers.allgather(own)
         try:
             seed = session.joint_seed(commitments, reveals, own_index=index, own=own)
             role.transport.start_session(seed)
@@ -466,8 +591,7 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
             raise CheckpointError(f"--resume {resume_dir}: no config.yaml there, so it is not a "
                                   f"fedsilo run directory")
         config = load_config(run.config, overrides=overrides)
-        complete = run.complete_rounds()
-        resume_round = complete[-1] if complete else 0
+        resume_round, unreadable = _loadable_round(run)
         if resume_round:
             log.info("resuming %s from the checkpoint of round %d", run.root, resume_round)
         else:
@@ -487,7 +611,7 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
         if run.holds_run():
             raise ConfigError(f"{run.root} already holds a run (metrics or checkpoints); continue "
                               f"it with --resume {run.root}, or choose another --out")
-        resume_round = 0
+        resume_round, unreadable = 0, ()
 
     # Pin the data directory so the saved config means the same thing from any directory.
     data_dir = Path(config.data.dir).expanduser().resolve()
@@ -531,12 +655,39 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
                 log.info("site %d left in round %d and comes back with the same data: it "
                          "resumes its archived state (DP budget spent so far included)", k,
                          archived[sha]["round"])
+            elif was is None:
+                log.info("site %d joins the federation: a fresh DP budget and state", k)
     run.root.mkdir(parents=True, exist_ok=True)
     # config.yaml, metrics.jsonl and stopped.json change only once every rank has checked
     # its data, model, checkpoint and keys (_commit): a refused resume changes nothing
     return Setup(config=config, run_dir=str(run.root.resolve()), manifest=manifest,
                  resume_round=resume_round, site_map=site_map, departed=departed,
-                 returning=returning)
+                 returning=returning, unreadable=unreadable)
+
+
+def _loadable_round(run: RunDir) -> tuple[int, tuple[int, ...]]:
+    """The last complete round whose ``coordinator.pt`` loads (0: none), and the later
+    complete rounds whose file does not (a truncated copy, a disk that lied about a sync).
+    A resume falls back round by round, saying so; if no checkpoint loads, the last one's
+    error stands."""
+    from fedsilo.rundir import load_torch
+
+    complete = run.complete_rounds()
+    unreadable: list[int] = []
+    for round_index in reversed(complete):
+        try:
+            load_torch(run.coordinator_checkpoint(round_index))
+        except CheckpointError as exc:
+            if round_index == complete[0]:
+                raise
+            unreadable.append(round_index)
+            earlier = max(r for r in complete if r < round_index)
+            log.warning("%s; resuming from round %d, the previous complete checkpoint (round "
+                        "%d is set aside as %s.unreadable)", exc, earlier, round_index,
+                        run.round_dir(round_index).name)
+            continue
+        return round_index, tuple(unreadable)
+    return 0, ()
 
 
 def _saved_shard_set(run: RunDir, round_index: int) -> dict[str, Any] | None:
@@ -587,11 +738,8 @@ def match_sites(saved: dict[str, Any] | None, manifest: Manifest, *, changed_ok:
     index_of = {sha: k for k, sha in enumerate(old)}
     site_map = {k: index_of.get(sha) for k, sha in enumerate(new)}
     departed = tuple(k for k, sha in enumerate(old) if sha not in set(new))
-    for k, was in site_map.items():
-        if was is None:
-            log.info("site %d joins the federation (unless it left earlier with the same "
-                     "data): a fresh DP budget and state", k)
-        elif was != k:
+    for k, was in site_map.items():  # a joining site is told by the caller: it may be back
+        if was is not None and was != k:
             log.info("site %d was site %d of the checkpoint (same data)", k, was)
     for k in departed:
         log.info("site %d of the checkpoint left the federation: its state is archived in "
@@ -649,6 +797,8 @@ def _commit(world: World, role: Any, setup: Setup) -> None:
         try:
             for tmp in run.remove_temporaries():  # left by a crash mid-write
                 log.info("removed %s, left by an interrupted write", tmp)
+            for round_index in setup.unreadable:  # kept aside, never deleted
+                log.warning("set aside %s", run.set_aside(round_index))
             run.truncate_metrics(last_round=setup.resume_round)
             saved = _saved_shard_set(run, setup.resume_round) if setup.departed else None
             for site in setup.departed:

@@ -378,7 +378,10 @@ class Participant(Role):
         # themselves, a fingerprint of what they were told (the coordinator is not on
         # this communicator, so it cannot relay or alter what they compare)
         told = round_fingerprint(self._plan, outcome, self.session)
-        if self.peers is not None and len(set(self.peers.allgather(told))) > 1:
+        if self.peers is not None:
+            with self.world.watched(f"the participants' comparison of round {outcome.round}"):
+                everyone = self.peers.allgather(told)
+        if self.peers is not None and len(set(everyone)) > 1:
             error = error or PolicyError(
                 f"participant refuses round {outcome.round}: the coordinator told the "
                 f"participants different plans or outcomes for this round")

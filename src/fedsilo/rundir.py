@@ -13,6 +13,10 @@ Layout::
 A round's checkpoint is *complete* when ``coordinator.pt`` exists: participants write theirs
 before the round's aggregation, the coordinator writes its file last.  Every file is written
 to a temporary name and renamed, so a crash never leaves a half-written checkpoint.
+
+File modes (docs/decisions.md, "file modes"): private state (checkpoints, a site's state,
+``departed/``) is 0600 whatever the umask; the released files (config, metrics, summary,
+models and their cards, markers, report) follow the umask, like any file a tool writes.
 """
 
 from __future__ import annotations
@@ -37,19 +41,69 @@ _ROUND_DIR = re.compile(r"^round-(\d{4,})$")
 log = logging.getLogger("fedsilo")
 
 
+#: directories whose files are private state whatever their names
+PRIVATE_DIRS = (CHECKPOINTS, "departed")
+
+
+def is_private(path: Path) -> bool:
+    """Whether ``path`` is private state, written 0600 whatever the umask: a checkpoint
+    (``*.pt`` other than the released ``model.pt``/``best.pt``), or anything under
+    ``checkpoints/`` or ``departed/``.
+
+    >>> is_private(Path("run/checkpoints/round-0001/site-000.pt")), is_private(Path("run/model.pt"))
+    (True, False)
+    >>> is_private(Path("site-dir/round-0003/site-001.pt")), is_private(Path("run/summary.json"))
+    (True, False)
+    """
+    if path.suffix == ".pt" and path.name not in ("model.pt", "best.pt"):
+        return True
+    return any(part in PRIVATE_DIRS for part in path.parent.parts)
+
+
+def _make_parents(path: Path, *, private: bool) -> None:
+    """Create ``path``'s missing directories; for a private file, those of the private
+    part (its own directory, ``checkpoints/``, ``departed/`` and below) are 0700."""
+    missing = []
+    directory = path.parent
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for directory in reversed(missing):
+        inside = directory == path.parent or any(p in PRIVATE_DIRS for p in directory.parts)
+        directory.mkdir(mode=0o700 if private and inside else 0o777, exist_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_file(path: Path, *, retry: str = "resume the run") -> Iterator[BinaryIO]:
+def atomic_file(path: Path, *, retry: str = "resume the run", private: bool | None = None,
+                exclusive: bool = False) -> Iterator[BinaryIO]:
     """Write ``path`` through a temporary file in the same directory, fsynced and renamed
     into place on success; on an exception the temporary file goes and ``path`` is intact.
-    A full disk is a CheckpointError saying to free space and ``retry``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    A full disk is a CheckpointError saying to free space and ``retry``.
+
+    ``private`` (default: :func:`is_private`): mode 0600 and, for directories this call
+    creates, 0700; otherwise the mode follows the umask (0666 & ~umask).  ``exclusive``:
+    the file is linked into place only if nothing is there yet (FileExistsError otherwise),
+    so that a first verdict is never overwritten by a later one."""
+    private = is_private(path) if private is None else private
+    _make_parents(path, private=private)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o600 if private else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # atomic, and fails where a file already is
+            Path(tmp).unlink()
+        else:
+            os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -61,8 +115,9 @@ def atomic_file(path: Path, *, retry: str = "resume the run") -> Iterator[Binary
         raise
 
 
-def atomic_write_text(path: Path, text: str, *, retry: str = "resume the run") -> None:
-    with atomic_file(path, retry=retry) as handle:
+def atomic_write_text(path: Path, text: str, *, retry: str = "resume the run",
+                      private: bool | None = None, exclusive: bool = False) -> None:
+    with atomic_file(path, retry=retry, private=private, exclusive=exclusive) as handle:
         handle.write(text.encode())
 
 
@@ -85,12 +140,12 @@ class _Writes:
         self.handle.flush()
 
 
-def atomic_torch_save(path: Path, obj: Any) -> None:
+def atomic_torch_save(path: Path, obj: Any, *, private: bool | None = None) -> None:
     """``torch.save`` through :func:`atomic_file`; a full disk is named as such (ENOSPC
     from the file, not torch's zip-writer error, where the cause is lost)."""
     import torch  # the run directory's other files need no torch
 
-    with atomic_file(path) as handle:
+    with atomic_file(path, private=private) as handle:
         writes = _Writes(handle)
         try:
             torch.save(obj, writes)
@@ -236,6 +291,18 @@ class RunDir:
                 rounds.append(int(match.group(1)))
         return sorted(rounds)
 
+    def set_aside(self, round_index: int) -> Path:
+        """Rename round ``round_index``'s directory to ``round-NNNN.unreadable`` (then
+        ``.unreadable.2``, ...): out of the complete rounds and of pruning, kept for a look."""
+        source = self.round_dir(round_index)
+        target = source.with_name(f"{source.name}.unreadable")
+        number = 1
+        while target.exists():
+            number += 1
+            target = source.with_name(f"{source.name}.unreadable.{number}")
+        source.rename(target)
+        return target
+
     def prune(self, *, keep: int, current: int) -> None:
         """Delete round directories older than the last ``keep`` complete ones, and any
         incomplete directory older than ``current`` (left by a crash)."""
@@ -333,8 +400,17 @@ def _append(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def dump_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(finite_json(obj), indent=2, sort_keys=False) + "\n")
+def dump_json(path: Path, obj: Any, *, exclusive: bool = False) -> bool:
+    """Write ``obj`` to ``path`` atomically; with ``exclusive``, only if no file is there
+    yet.  Returns whether it was written."""
+    text = json.dumps(finite_json(obj), indent=2, sort_keys=False) + "\n"
+    try:
+        atomic_write_text(path, text, exclusive=exclusive)
+    except FileExistsError:
+        if not exclusive:
+            raise
+        return False
+    return True
 
 
 def finite_json(obj: Any) -> Any:

@@ -401,7 +401,8 @@ def test_model_zoo_is_dp_ready(name, mode):
 
 
 def test_auto_mode_falls_back_to_hooks_for_uncovered_layers():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LayerNorm(72), nn.Linear(72, 2))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2, affine=True), nn.Flatten(),
+                          nn.Linear(72, 2))
     assert make_engine(model, mode="auto", sample=torch.randn(4, 1, 8, 8)).mode == "hooks"
     with pytest.raises(ModelError, match="does not cover"):
         make_engine(model, mode="mixed", sample=torch.randn(4, 1, 8, 8))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
+import threading
+import time
 import traceback
-from typing import Callable
+from typing import Any, Callable
 
 from mpi4py import MPI
 
@@ -40,14 +43,21 @@ def run_guarded(body: Callable[[], int]) -> int:
 
 
 def abort_hung(comm: "MPI.Comm", message: str, *, stage: str, silent: list[int],
-               handler: Callable[[str, list[int], str], None] | None) -> None:
+               handler: Callable[..., None] | None,
+               hosts: dict[int, str] | None = None) -> None:
     """The watchdog's end of the job: let ``handler`` check the last checkpoint and leave a
-    marker, say why, and abort every rank with :data:`~fedsilo.stopping.EXIT_HUNG`."""
+    marker, say why, and abort every rank with :data:`~fedsilo.stopping.EXIT_HUNG`.
+
+    ``hosts`` (rank -> hostname of each silent rank) reaches the handler as a keyword, so a
+    marker can say on which machines the silent ranks ran (a cut wire silences a node)."""
     from fedsilo.stopping import EXIT_HUNG
 
     if handler is not None:
         try:
-            handler(stage, silent, message)
+            if hosts is None:
+                handler(stage, silent, message)
+            else:
+                handler(stage, silent, message, hosts=hosts)
         except Exception as exc:  # noqa: BLE001 - the job must end whatever the handler did
             _emit(f"watchdog: while checking the run directory: {type(exc).__name__}: {exc}")
     _emit(f"[rank {comm.Get_rank()}/{comm.Get_size()}] fedsilo: error: {message}")
@@ -62,3 +72,62 @@ def _abort(comm: "MPI.Comm", code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     comm.Abort(code)
+
+
+class Deadline:
+    """Bounds the blocking MPI calls of one rank: a daemon thread that ends the job when the
+    rank has been inside one longer than its bound.
+
+    Open MPI's blocking collectives (its tuned Bcast and Reduce) are about twice as fast for
+    large buffers as the non-blocking ones polled with ``Test`` (benchmarks/RESULTS.md,
+    "Bounded waits"), and a wire cut between nodes leaves them waiting for the kernel's
+    TCP retries (about 15 minutes).  So the calls stay blocking and this thread watches
+    them: the caller arms the deadline (:meth:`arm`) before the call and disarms it
+    (:meth:`disarm`) after (two attribute writes; mpi4py releases the GIL inside MPI, so
+    the thread runs while the caller waits).  Every ``tick_s`` the thread also calls
+    ``tick`` (the World answers the coordinator's pings there), and once an armed deadline
+    has passed it calls ``fire(stage, waited)`` once, which must end the process
+    (``MPI_Abort``).
+    """
+
+    def __init__(self, *, tick: Callable[[], None], fire: Callable[[str, float], Any],
+                 tick_s: float = 0.2) -> None:
+        self._tick, self._fire, self.tick_s = tick, fire, tick_s
+        self._armed: tuple[int, str, float, float] | None = None  # (token, stage, start, bound)
+        self._token = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fedsilo-deadline", daemon=True)
+        self._thread.start()
+        # before mpi4py's MPI_Finalize (it runs after the atexit handlers): no MPI call from
+        # this thread may overlap it
+        atexit.register(self.stop)
+
+    def arm(self, stage: str, bound: float | None) -> int:
+        self._token += 1
+        self._armed = None if bound is None else (self._token, stage, time.monotonic(), bound)
+        return self._token
+
+    def disarm(self, token: int) -> None:
+        armed = self._armed
+        if armed is not None and armed[0] == token:
+            self._armed = None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            try:
+                self._tick()
+            except Exception as exc:  # noqa: BLE001 - the watch must go on
+                log.debug("deadline tick: %s: %s", type(exc).__name__, exc)
+            armed = self._armed
+            if armed is None:
+                continue
+            token, stage, start, bound = armed
+            waited = time.monotonic() - start
+            if waited > bound and self._armed is armed:
+                self._fire(stage, waited)
+                return

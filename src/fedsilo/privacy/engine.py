@@ -16,22 +16,25 @@ Each step: Poisson sampling (every sample independently with rate q), per-sample
 gradients g_i, clipping to norm C (factor min(1, C / (‖g_i‖ + 1e-6)), as Opacus),
 Σ clipped + N(0, σ²C²), divided by the expected batch size qN.
 
-The steps' Poisson masks are drawn ahead of the steps (they depend on the secret, the round
-and the step only), so a streamed split reads a window of upcoming batches at once
-(``loading.py``).  With augmentation multiplicity (``dp.augmult`` K, De et al. 2022) each
-sampled image comes as K augmented views and g_i is the mean of their gradients, formed
-*before* clipping: one sample still moves the clipped sum by at most C.  Under
-``train.precision: bf16`` the forward pass runs under autocast and the per-sample norms and
-clipped sums are computed in fp32 from the same bf16 activations (so the bound is exact);
-fp16 is refused (config.py).
+The steps' Poisson masks and Gaussian noise depend on the secret, the round and the step
+only, so both are drawn ahead of the steps on worker threads (``lookahead.py``): the noise of
+step s+1 while step s computes, into a bounded pool of (pinned, on a GPU) host buffers,
+bit-identical to drawing it in place (``lookahead=0``); and a streamed split reads a
+window of upcoming batches at once (``loading.py``).  With augmentation multiplicity
+(``dp.augmult`` K, De et al. 2022) each sampled image comes as K augmented views and g_i
+is the mean of their gradients, formed *before* clipping: one sample still moves the
+clipped sum by at most C.  Under ``train.precision: bf16`` the forward pass runs under
+autocast and the per-sample norms and clipped sums are computed in fp32 from the same bf16
+activations (so the bound is exact); fp16 is refused (config.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
-from contextlib import closing
+from contextlib import ExitStack, closing
 from typing import Any, Mapping
 
 import numpy as np
@@ -48,8 +51,10 @@ from fedsilo.privacy.accounting import (
     noise_multiplier_for_remaining,
     plan_steps,
 )
+from fedsilo.privacy.lookahead import Ahead, BufferPool, fill_noise, noise_ahead
 from fedsilo.privacy.secret import Purpose, SecretStream
 from fedsilo.privacy.validate import check_model, check_trainable
+from fedsilo.runtime import available_cores
 from fedsilo.training import Precision
 
 log = logging.getLogger("fedsilo")
@@ -58,13 +63,27 @@ log = logging.getLogger("fedsilo")
 _NO_INPUT_GRAD = "Full backward hook is firing when gradients are computed with respect to"
 
 
+def lookahead_for(device: torch.device) -> int:
+    """Noise buffers of the look-ahead by default: 2 (one in use, one being drawn) where a
+    core is free for the worker thread: beside a GPU (the host waits for the device anyway),
+    or on a CPU where this node's ranks leave a core to spare
+    (``OMPI_COMM_WORLD_LOCAL_SIZE`` × torch's threads < the cores); else 0, in place: a
+    worker on a core that torch's threads already fill only takes time from them
+    (benchmarks/RESULTS.md, #27).  Either way the draws are the same, bit for bit."""
+    if device.type != "cpu":
+        return 2
+    local_size = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1") or 1)
+    return 2 if available_cores() > torch.get_num_threads() * local_size else 0
+
+
 class ParticipantPrivacy:
     """One participant's DP-SGD engine and accountant for the whole job."""
 
     def __init__(self, model: nn.Module, *, site: int, settings: SiteDP, mechanism: str,
                  num_samples: int, train: TrainConfig, rounds: int, model_name: str,
                  sample: torch.Tensor, mode: str = "auto",
-                 shared: "ParticipantPrivacy | None" = None, augmult: int = 1) -> None:
+                 shared: "ParticipantPrivacy | None" = None, augmult: int = 1,
+                 lookahead: int | None = None) -> None:
         check_model(model, name=model_name)
         self.site, self.settings, self.train_config = site, settings, train
         #: views per sample (dp.augmult): the rows of one sample are consecutive
@@ -85,7 +104,9 @@ class ParticipantPrivacy:
         self.accountant = PrivacyAccountant(mechanism)
         self.stopped_round: int | None = None
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self._noise: np.ndarray | None = None  # host buffer for one parameter's noise
+        #: noise buffers of the look-ahead (0: the noise is drawn in place, step by step)
+        self.lookahead = lookahead_for(sample.device) if lookahead is None else lookahead
+        self._pool: BufferPool | None = None  # made on first use, kept for the whole job
         self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
         self.mode: str
         self.clipper: Any
@@ -94,6 +115,8 @@ class ParticipantPrivacy:
             # another site on this rank trains the same model object: share its per-sample
             # machinery (hooks are attached once per model, never stacked)
             self.mode, self.clipper, self.module = shared.mode, shared.clipper, shared.module
+            if self.lookahead == shared.lookahead:  # the sites train in turn: one pool
+                self._pool = shared._buffers()
             return
         self.clipper, why = None, f"dp.grad_sample_mode={mode}"
         if mode == "auto" and not ghost.supports(model):
@@ -113,8 +136,15 @@ class ParticipantPrivacy:
                     raise ModelError(f"model {model_name!r} cannot use dp.grad_sample_mode=mixed: "
                                      f"{exc}") from None
                 mode, why = "hooks", f"{why}: {exc.reason}, which mixed ghost clipping cannot clip"
+        log.info("DP-SGD noise and Poisson masks drawn %s",
+                 f"ahead on a worker thread ({self.lookahead} noise buffers)"
+                 if self.lookahead else "in place (no core to spare for a worker thread)")
         log.info("model %r: per-sample clipping by %s (%s)", model_name,
                  "mixed ghost clipping" if mode == "mixed" else "Opacus's hooks", why)
+        if self.clipper is not None:
+            log.info("model %r: per layer at the expected batch of %d: %s", model_name,
+                     round(self.sample_rate * num_samples),
+                     self.clipper.describe(rows=round(self.sample_rate * num_samples) * augmult))
         self.mode = mode
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum") \
             if mode == "hooks" else model
@@ -166,21 +196,58 @@ class ParticipantPrivacy:
         start = time.perf_counter()
         self.module.train()
         samples, loss_sum, steps = 0, 0.0, 0
-        masks = (self._poisson(secret, round_index, step) for step in range(self.steps_per_round))
         try:
-            with warnings.catch_warnings(), \
-                    closing(data.batches(masks, transform=augment)) as batches:
+            with warnings.catch_warnings(), ExitStack() as stack:
+                masks, noise = self._draws(stack, secret, round_index)
+                batches = stack.enter_context(closing(data.batches(masks, transform=augment)))
                 warnings.filterwarnings("ignore", message=_NO_INPUT_GRAD)
                 for step, (images, labels) in enumerate(batches):
                     if deadline is not None and time.perf_counter() >= deadline:
                         break
                     steps += 1  # counted before the step: a step that fails was still taken
-                    samples, loss_sum = self._step(images, labels, optimizer, secret,
-                                                   round_index, step, samples, loss_sum)
+                    values = noise.take() if noise is not None \
+                        else self._noise_in_place(secret, round_index, step)
+                    samples, loss_sum = self._step(images, labels, optimizer, values,
+                                                   samples, loss_sum)
         finally:
             self.accountant.spend(noise_multiplier=self.noise_multiplier,
                                   sample_rate=self.sample_rate, num_steps=steps)
         return steps, samples, loss_sum / max(samples, 1), time.perf_counter() - start
+
+    def _draws(self, stack: ExitStack, secret: bytes, round_index: int
+               ) -> tuple[Any, "Ahead[torch.Tensor] | None"]:
+        """The round's Poisson masks (indexes) and noise look-ahead (None: in place), both
+        closed with ``stack``."""
+        count = self.steps_per_round
+        if not self.lookahead:
+            return (self._poisson(secret, round_index, k) for k in range(count)), None
+        masks = stack.enter_context(Ahead(
+            lambda k: self._poisson(secret, round_index, k), count, depth=2,
+            name="fedsilo-masks",
+            describe=lambda k: f"the Poisson mask of site {self.site}, round {round_index}, "
+                               f"step {k}"))
+        noise = stack.enter_context(noise_ahead(
+            self._buffers(), secret, round_index=round_index, steps=count,
+            std=self.noise_multiplier * self.settings.max_grad_norm,
+            depth=max(1, self.lookahead - 1), site=self.site))
+        return masks, noise
+
+    def _buffers(self) -> BufferPool:
+        if self._pool is None:
+            device = self.params[0].device
+            self._pool = BufferPool(sum(p.numel() for p in self.params),
+                                    capacity=max(1, self.lookahead),
+                                    pin=device.type == "cuda")
+        return self._pool
+
+    def _noise_in_place(self, secret: bytes, round_index: int, step: int) -> torch.Tensor:
+        buffer = self._buffers().acquire()
+        try:
+            return fill_noise(buffer, secret, round_index=round_index, step=step,
+                              std=self.noise_multiplier * self.settings.max_grad_norm)
+        except BaseException:
+            self._buffers().release(buffer)
+            raise
 
     def _poisson(self, secret: bytes, round_index: int, step: int) -> np.ndarray:
         """The indexes Poisson sampling draws for one step (from the site's secret)."""
@@ -189,33 +256,39 @@ class ParticipantPrivacy:
         return np.flatnonzero(mask)
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor,
-              optimizer: torch.optim.Optimizer, secret: bytes, round_index: int, step: int,
-              samples: int, loss_sum: float) -> tuple[int, float]:
-        """One DP-SGD step on a Poisson batch (``augmult`` rows a sample); returns the
-        running (samples, loss sum)."""
+              optimizer: torch.optim.Optimizer, noise: torch.Tensor, samples: int,
+              loss_sum: float) -> tuple[int, float]:
+        """One DP-SGD step on a Poisson batch (``augmult`` rows a sample) with ``noise`` (the
+        step's flat host buffer, from the pool: handed back here); returns the running
+        (samples, loss sum)."""
         device = labels.device
-        clip, sigma = self.settings.max_grad_norm, self.noise_multiplier
         optimizer.zero_grad(set_to_none=True)
-        if labels.numel():  # Poisson sampling may draw an empty batch: then noise only
-            loss = self.clipped_sum(images, labels, group=self.augmult)
-            samples += int(labels.numel()) // self.augmult
-            loss_sum += float(loss.detach())
-        expected_batch = self.sample_rate * self.num_samples
-        noise = SecretStream(secret, purpose=Purpose.NOISE, round_index=round_index, step=step)
-        for p in self.params:  # one stream, read in parameter order
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            values = self._noise_buffer(p.numel())
-            noise.fill_gaussian(values, std=sigma * clip)
-            p.grad.add_(torch.from_numpy(values).view_as(p).to(device))
-            p.grad.div_(expected_batch)
+        event = None
+        try:  # the buffer goes back to the pool whatever happens (a leak would stall the next)
+            if labels.numel():  # Poisson sampling may draw an empty batch: then noise only
+                loss = self.clipped_sum(images, labels, group=self.augmult)
+                samples += int(labels.numel()) // self.augmult
+                loss_sum += float(loss.detach())
+            values = noise
+            if device.type == "cuda":  # one asynchronous copy out of pinned memory
+                values = noise.to(device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            elif device.type != "cpu":
+                values = noise.to(device)
+            expected_batch = self.sample_rate * self.num_samples
+            offset = 0
+            for p in self.params:  # one stream, read in parameter order
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                numel = p.numel()
+                p.grad.add_(values[offset: offset + numel].view_as(p))
+                p.grad.div_(expected_batch)
+                offset += numel
+        finally:
+            self._buffers().release(noise, event)
         optimizer.step()
         return samples, loss_sum
-
-    def _noise_buffer(self, numel: int) -> np.ndarray:
-        if self._noise is None or self._noise.size < numel:
-            self._noise = np.empty(max(p.numel() for p in self.params), dtype=np.float32)
-        return self._noise[:numel]
 
     def clipped_sum(self, images: torch.Tensor, labels: torch.Tensor, *, group: int = 1
                     ) -> torch.Tensor:
