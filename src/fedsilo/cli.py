@@ -1,5 +1,5 @@
-"""The ``fedsilo`` command: ``train``, ``report``, ``demo``, ``predict``, ``export``,
-``budget``, ``keys``, ``audit``, ``release`` and ``prep``."""
+"""The ``fedsilo`` command: ``train``, ``baseline``, ``personalize``, ``report``, ``demo``,
+``predict``, ``export``, ``budget``, ``keys``, ``audit``, ``release`` and ``prep``."""
 
 from __future__ import annotations
 
@@ -64,6 +64,52 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the PNGs and report.html go (default: RUN_DIR/report for "
                              "one run, ./fedsilo-report for several)")
     report.set_defaults(func=_report)
+
+    baseline = sub.add_parser(
+        "baseline", formatter_class=Formatter,
+        help="the centralized baseline: the same recipe on the pooled data (no MPI)",
+        description="Train the model of a training config on the union of every site's "
+                    "training split, in one process, as if one site held every image: the "
+                    "same model, optimizer, lr schedule, batch size, augmentation and DP "
+                    "settings (DP-SGD on the pooled set as one site), one round = one pass "
+                    "of the recipe, tested on test.h5 as the federation is. The run "
+                    "directory is read by 'fedsilo report FEDERATED_RUN BASELINE_RUN', which "
+                    "shows the gap. A simulation for whoever may pool the data: it reads "
+                    "every shard (docs/baseline.md).")
+    baseline.add_argument("--config", metavar="CFG.yaml", default=None,
+                          help="the federated run's configuration file (YAML)")
+    baseline.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append",
+                          default=[], help="override a config key (repeatable), as for train")
+    baseline.add_argument("--out", metavar="RUN_DIR", required=True,
+                          help="run directory to create (config, metrics, model, summary)")
+    baseline.add_argument("--verbose", action="store_true", default=False,
+                          help="debug logging")
+    baseline.set_defaults(func=_baseline)
+
+    personalize = sub.add_parser(
+        "personalize", formatter_class=Formatter,
+        help="a site's personal model: the global model fine-tuned on its own data",
+        description="Run by one site alone: fine-tune RUN_DIR/model.pt on site K's own "
+                    "training split (reading only site K's shard), report the global and "
+                    "the personal model's accuracy and AUC on site K's validation split, "
+                    "and write the personal model with its card (mode 0600; an existing "
+                    "file is never overwritten). The personal model stays with the site "
+                    "(docs/baseline.md).")
+    personalize.add_argument("run", metavar="RUN_DIR", help="a finished run directory")
+    personalize.add_argument("--site", type=int, required=True, metavar="K",
+                             help="the site (site-00K.h5 of the run's shard set)")
+    personalize.add_argument("--layers", choices=["head", "all"], default="head",
+                             help="fine-tune the classifier only, or every layer")
+    personalize.add_argument("--epochs", type=int, default=1, metavar="E",
+                             help="epochs over the site's training split")
+    personalize.add_argument("--lr", type=float, default=None,
+                             help="learning rate (default: the run's last round's)")
+    personalize.add_argument("--data", metavar="DIR", default=None,
+                             help="where the site's shard and manifest.json are (default: "
+                                  "the run's data.dir)")
+    personalize.add_argument("--out", metavar="FILE.pt", required=True,
+                             help="the personal model to write (a new file)")
+    personalize.set_defaults(func=_personalize)
 
     release = sub.add_parser(
         "release", formatter_class=Formatter,
@@ -244,6 +290,27 @@ def _report(args: argparse.Namespace) -> int:
 
     html = write_report(args.runs, out=args.out)
     print(html)
+    return 0
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    from fedsilo.baseline import run_baseline
+    from fedsilo.log import setup_logging
+
+    setup_logging(0, 1, verbose=args.verbose)
+    root = run_baseline(config_path=args.config, overrides=args.overrides, out_dir=args.out)
+    print(root)
+    return 0
+
+
+def _personalize(args: argparse.Namespace) -> int:
+    from fedsilo.log import setup_logging
+    from fedsilo.personalize import format_result, personalize
+
+    setup_logging(0, 1)
+    result = personalize(args.run, site=args.site, out=args.out, layers=args.layers,
+                         epochs=args.epochs, lr=args.lr, data_dir=args.data)
+    print(format_result(result))
     return 0
 
 

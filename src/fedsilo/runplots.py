@@ -21,11 +21,12 @@ _MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*")
 
 
 def draw_plots(runs: Sequence[Run], out: Path) -> dict[str, Path]:
-    """Write the PNGs into ``out``; returns them by name (test, validation, epsilon, time),
-    leaving out plots no run has data for."""
+    """Write the PNGs into ``out``; returns them by name (test, gap, validation, epsilon,
+    time), leaving out plots no run has data for (gap: a federated run and a centralized
+    baseline)."""
     written: dict[str, Path] = {}
-    for name, draw in (("test", _test), ("validation", _validation), ("epsilon", _epsilon),
-                       ("time", _time)):
+    for name, draw in (("test", _test), ("gap", _gap), ("validation", _validation),
+                       ("epsilon", _epsilon), ("time", _time)):
         figure = draw(runs)
         if figure is not None:
             path = out / f"{name}.png"
@@ -68,8 +69,11 @@ def _curves(runs: Sequence[Run], get_of: Any, title: str) -> Any:
         for index, run in enumerate(runs):
             rounds, values = _series(run.rows, get_of(key))
             if rounds:
+                # a centralized baseline is the reference line: dashed, and named so
                 axis.plot(rounds, values, marker="o" if len(rounds) <= 30 else None,
-                          markersize=3, color=_colour(index), label=run.name)
+                          markersize=3, color=_colour(index),
+                          linestyle="--" if run.centralized else "-",
+                          label=f"{run.name} (centralized)" if run.centralized else run.name)
                 drawn = True
         axis.set_title(label)
         axis.set_xlabel("round")
@@ -84,6 +88,32 @@ def _curves(runs: Sequence[Run], get_of: Any, title: str) -> Any:
 
 def _test(runs: Sequence[Run]) -> Any:
     return _curves(runs, lambda key: lambda row: row.get(key), "test set")
+
+
+def _gap(runs: Sequence[Run]) -> Any:
+    """Centralized − federated test accuracy and AUC per round, one line per federated
+    run (``runreport.baseline_gaps``), with zero marked: above it, federating costs."""
+    from fedsilo.runreport import baseline_gaps
+
+    gaps = [gap for gap in baseline_gaps(runs) if gap.rounds]
+    if not gaps:
+        return None
+    figure, axes = _figure(2)
+    for axis, (key, label) in zip(axes, (("acc", "accuracy"), ("auc", "ROC AUC"))):
+        for index, gap in enumerate(gaps):
+            pairs = [(r, v) for r, v in zip(gap.rounds, getattr(gap, key)) if v is not None]
+            if pairs:
+                axis.plot([r for r, _ in pairs], [v for _, v in pairs],
+                          marker="o" if len(pairs) <= 30 else None, markersize=3,
+                          color=_colour(index), label=gap.run)
+        axis.axhline(0.0, color="black", linewidth=0.8)
+        axis.set_title(f"{label}: centralized − federated")
+        axis.set_xlabel("round")
+        axis.grid(alpha=0.3)
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].legend(fontsize="small")
+    figure.suptitle(f"gap to the centralized baseline {gaps[0].baseline}")
+    return figure
 
 
 def _validation(runs: Sequence[Run]) -> Any:

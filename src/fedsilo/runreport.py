@@ -92,6 +92,13 @@ class Run:
             return override["target_epsilon"]
         return dp.get("target_epsilon")
 
+    @property
+    def centralized(self) -> bool:
+        """Whether this is a centralized baseline (``fedsilo baseline``: every row and the
+        summary say so), not a federation."""
+        return bool((self.summary or {}).get("centralized") is True
+                    or any(r.get("centralized") is True for r in self.rows))
+
     def total(self, section: str, key: str | None = None) -> float:
         """The sum over the rounds of ``row[section][key]`` (of every value without key)."""
         total = 0.0
@@ -333,6 +340,58 @@ def _locked(lock: Path) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Gap:
+    """How far a federated run is from the centralized baseline: per round both tested,
+    ``baseline − federated`` in test accuracy and AUC (positive: federating costs that
+    much), and the same of their final models."""
+
+    run: str
+    baseline: str
+    rounds: list[int]
+    acc: list[float]
+    auc: list[float | None]
+    final_acc: float | None
+    final_auc: float | None
+
+
+def baseline_gaps(runs: Sequence[Run]) -> list[Gap]:
+    """The gap of every federated run to the first centralized baseline among ``runs``
+    (none without one, or without a federated run)."""
+    baseline = next((run for run in runs if run.centralized), None)
+    if baseline is None:
+        return []
+    reference = {r["round"]: r for r in baseline.rows if _is_number(r.get("acc"))}
+    base_final = baseline.final_test()
+    gaps = []
+    for run in runs:
+        if run.centralized:
+            continue
+        rounds, acc, auc = [], [], []
+        for row in run.rows:
+            other = reference.get(row["round"])
+            if other is None or not _is_number(row.get("acc")):
+                continue
+            rounds.append(row["round"])
+            acc.append(other["acc"] - row["acc"])
+            auc.append(other["auc"] - row["auc"]
+                       if _is_number(other.get("auc")) and _is_number(row.get("auc")) else None)
+        final = run.final_test()
+        gaps.append(Gap(run=run.name, baseline=baseline.name, rounds=rounds, acc=acc, auc=auc,
+                        final_acc=_difference(base_final.get("acc"), final.get("acc")),
+                        final_auc=_difference(base_final.get("auc"), final.get("auc"))))
+    return gaps
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _difference(a: Any, b: Any) -> float | None:
+    return float(a) - float(b) if _is_number(a) and _is_number(b) else None
+
+
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
     """Read every run; runs with the same directory name are named by their parent too."""
     roots = [Path(p) for p in paths]
@@ -380,6 +439,7 @@ pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; 
 """
 
 _PLOT_TITLES = {"test": "Test metrics per round (the global model on test.h5)",
+                "gap": "Gap to the centralized baseline (centralized − federated, per round)",
                 "validation": "Federated validation (each site's own split, sample-weighted)",
                 "epsilon": "Privacy spent: ε per site against its budget",
                 "time": "Where each round's time went (the coordinator's phases)"}
@@ -395,7 +455,7 @@ def render_html(runs: Sequence[Run], plots: dict[str, Path]) -> str:
              f"<h1>fedsilo report: {_e(names)}</h1>",
              f"<p>Written {_e(now)} by fedsilo {_e(__version__)} from "
              f"{', '.join(f'<code>{_e(str(r.root))}</code>' for r in runs)}.</p>",
-             _runs_table(runs), _notes(runs), _privacy_table(runs)]
+             _runs_table(runs), _gap_table(runs), _notes(runs), _privacy_table(runs)]
     for key, title in _PLOT_TITLES.items():
         if key in plots:
             data = base64.b64encode(plots[key].read_bytes()).decode("ascii")
@@ -419,7 +479,8 @@ def _runs_table(runs: Sequence[Run]) -> str:
         rounds = f"{run.last_round}/{planned}" if planned else str(run.last_round)
         spent = max(eps.values(), default=None) if eps else run.rows[-1].get("user_epsilon")
         cells = [
-            f"<td class=\"run\">{_e(run.name)}</td>",
+            f"<td class=\"run\">{_e(run.name)}"
+            f"{' (centralized baseline)' if run.centralized else ''}</td>",
             f"<td class=\"status status-{run.status}\">{run.status}</td>",
             f"<td class=\"rounds\">{rounds}</td>",
             _value_cell("final-acc", test.get("acc")),
@@ -432,9 +493,40 @@ def _runs_table(runs: Sequence[Run]) -> str:
             f"<td class=\"time\">{_duration(run.total('seconds', 'round'))}</td>",
             f"<td class=\"bytes\">{_bytes(run.total('bytes'))}</td>"]
         lines.append(f"<tr data-run=\"{_e(run.name)}\">" + "".join(cells) + "</tr>")
+    for gap in baseline_gaps(runs):
+        # the same columns as the runs: the difference sits under test acc and AUC
+        cells = [f"<td class=\"run\">gap to the centralized baseline ({_e(gap.run)} vs "
+                 f"{_e(gap.baseline)})</td>", "<td></td><td></td>",
+                 _value_cell("gap-acc", gap.final_acc), _value_cell("gap-auc", gap.final_auc)]
+        lines.append(f"<tr class=\"gap\" data-run=\"{_e(gap.run)}\">" + "".join(cells)
+                     + "<td></td>" * (len(head) - 5) + "</tr>")
     lines.append("</table>")
     lines.append("<p>Final metrics are summary.json's for a finished run, else the last "
-                 "evaluated round's. Time is the sum of the rounds' wall-clock seconds.</p>")
+                 "evaluated round's. Time is the sum of the rounds' wall-clock seconds."
+                 + (" A centralized baseline (<code>fedsilo baseline</code>) is the same "
+                    "recipe on the pooled data; its gap row is centralized − federated "
+                    "(positive: what federating costs)." if any(r.centralized for r in runs)
+                    else "") + "</p>")
+    return "\n".join(lines)
+
+
+def _gap_table(runs: Sequence[Run]) -> str:
+    """Per round, each federated run's gap to the centralized baseline."""
+    gaps = [gap for gap in baseline_gaps(runs) if gap.rounds]
+    if not gaps:
+        return ""
+    lines = ["<h2>Gap to the centralized baseline</h2>",
+             f"<p>Test accuracy and AUC of the centralized baseline <b>{_e(gaps[0].baseline)}"
+             f"</b> minus the federated run's, in each round both evaluated (a baseline "
+             f"round is one pass of the recipe over the pooled data).</p>"]
+    for gap in gaps:
+        lines.append(f"<details><summary>{_e(gap.run)}: per round</summary>"
+                     f"<table class=\"gap-rounds\" data-run=\"{_e(gap.run)}\"><tr>"
+                     f"<th>round</th><th>acc gap</th><th>AUC gap</th></tr>")
+        for index, acc, auc in zip(gap.rounds, gap.acc, gap.auc):
+            lines.append(f"<tr data-round=\"{index}\"><td>{index}</td>"
+                         f"{_value_cell('gap-acc', acc)}{_value_cell('gap-auc', auc)}</tr>")
+        lines.append("</table></details>")
     return "\n".join(lines)
 
 
