@@ -253,8 +253,9 @@ def test_user_level_noise_is_calibrated_to_the_released_sum(shards3: Path, tmp_p
 
 def test_participants_refuse_weights_that_single_them_out(shards3: Path, tmp_path: Path) -> None:
     """A coordinator that inflates one site's weight (to read its update out of the sum, or
-    to let it dominate the model) is refused by that site, and every rank stops with the
-    same message naming the site, the weight asked and the weight expected."""
+    to let it dominate the model) is refused, and every rank stops with the same message
+    naming the weights asked and the weights expected.  Every participant checks every
+    sampled site's weight now, not only its own, so all three refuse."""
     import os
 
     os.environ["FEDSILO_TEST_FAULT"] = "weights:0:2"
@@ -265,7 +266,13 @@ def test_participants_refuse_weights_that_single_them_out(shards3: Path, tmp_pat
     finally:
         os.environ.pop("FEDSILO_TEST_FAULT")
     assert job.returncode == 2, job.output[-3000:]
-    needle = "participant 2 (site-002) refuses round 1: the coordinator asks for weight"
+    import re
+
+    needle = "participant refuses round 1: the coordinator asks for weights"
+    assert "failed on 3 of 4 ranks" in job.stderr  # the three participants
+    asked, expected = re.search(r"asks for weights \{.*2: ([0-9.]+)\}, but the manifest and "
+                                r"strategy 'fedavg' give \{.*2: ([0-9.]+)\}", job.stderr).groups()
+    assert float(asked) == pytest.approx(10 * float(expected))  # site 2's, inflated
     for rank in range(4):
         mine = [line for line in job.stderr.splitlines()
                 if line.startswith(f"[rank {rank}/4]") and " ERROR " in line]
