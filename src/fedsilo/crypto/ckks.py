@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
+from fedsilo.crypto.identity import make_key_directory
 from fedsilo.crypto.params import CKKSParams, validate
 from fedsilo.errors import KeyFileError
 
@@ -111,23 +112,6 @@ def generate_keys(out_dir: str | Path, params: CKKSParams, *,
             path.unlink(missing_ok=True)
         raise
     return paths
-
-
-def make_key_directory(out: Path) -> None:
-    """``out`` as a directory for keys: each directory this call creates (``out`` and any
-    missing parent) is made 0700 whatever the umask; an existing one is left as it is.  A
-    KeyFileError names a file in the way or a directory that cannot be made."""
-    missing = [d for d in [out, *out.parents] if not d.exists()][::-1]
-    try:
-        for directory in missing:
-            directory.mkdir(mode=0o700, exist_ok=True)
-            os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
-    except OSError as exc:
-        raise KeyFileError(f"cannot create the key directory {out}: "
-                           f"{exc.strerror or exc}") from None
-    if not out.is_dir():
-        raise KeyFileError(f"--out {out} exists and is not a directory: give a directory for "
-                           f"the keys (a new one is created)")
 
 
 def _header(header: dict[str, Any], kind: str) -> bytes:

@@ -69,6 +69,23 @@ def fingerprint(public_key: X25519PublicKey) -> str:
 MAX_SITES = 100_000
 
 
+def make_key_directory(out: Path) -> None:
+    """``out`` as a directory for keys: each directory this call creates (``out`` and any
+    missing parent) is made 0700 whatever the umask; an existing one is left as it is.  A
+    KeyFileError names a file in the way or a directory that cannot be made."""
+    missing = [d for d in [out, *out.parents] if not d.exists()][::-1]
+    try:
+        for directory in missing:
+            directory.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
+    except OSError as exc:
+        raise KeyFileError(f"cannot create the key directory {out}: "
+                           f"{exc.strerror or exc}") from None
+    if not out.is_dir():
+        raise KeyFileError(f"--out {out} exists and is not a directory: give a directory for "
+                           f"the keys (a new one is created)")
+
+
 def generate_identities(out_dir: str | Path, *, num_sites: int) -> list[Path]:
     """Write ``site-000.key`` .. ``site-(P-1).key`` and ``public.json``; never overwrites.
 
@@ -82,16 +99,7 @@ def generate_identities(out_dir: str | Path, *, num_sites: int) -> list[Path]:
     out = Path(out_dir)
     # directories this call creates are 0700 whatever the umask: a key directory others may
     # write to lets them swap public.json or a site's key; an existing one is left alone
-    try:
-        for directory in [d for d in [out, *out.parents] if not d.exists()][::-1]:
-            directory.mkdir(mode=0o700, exist_ok=True)
-            os.chmod(directory, 0o700)
-    except OSError as exc:
-        raise KeyFileError(f"cannot create the key directory {out}: "
-                           f"{exc.strerror or exc}") from None
-    if not out.is_dir():
-        raise KeyFileError(f"--out {out} exists and is not a directory: give a directory for "
-                           f"the keys (a new one is created)")
+    make_key_directory(out)
     key_paths = [out / key_file_name(s) for s in range(num_sites)]
     existing = [str(p) for p in [*key_paths, out / PUBLIC_FILE] if p.exists()]
     if existing:
