@@ -207,8 +207,14 @@ class ParticipantPrivacy:
                     steps += 1  # counted before the step: a step that fails was still taken
                     values = noise.take() if noise is not None \
                         else self._noise_in_place(secret, round_index, step)
-                    samples, loss_sum = self._step(images, labels, optimizer, values,
-                                                   samples, loss_sum)
+                    try:
+                        samples, loss_sum = self._step(images, labels, optimizer, values,
+                                                       samples, loss_sum)
+                    except BaseException:
+                        # whatever failed, the buffer goes back (twice is a no-op): a
+                        # buffer lost here would stall the next site's first step forever
+                        self._buffers().release(values)
+                        raise
         finally:
             self.accountant.spend(noise_multiplier=self.noise_multiplier,
                                   sample_rate=self.sample_rate, num_steps=steps)

@@ -70,6 +70,8 @@ class BufferPool:
         self.allocated = 0
         self._free: queue.Queue[tuple[torch.Tensor, Any]] = queue.Queue()
         self._lock = threading.Lock()
+        #: buffers handed out and not yet back (by id): a release is taken once
+        self._out: set[int] = set()
 
     def acquire(self, stop: threading.Event | None = None) -> torch.Tensor:
         while True:
@@ -81,7 +83,9 @@ class BufferPool:
             with self._lock:
                 if self.allocated < self.capacity:
                     self.allocated += 1
-                    return torch.empty(self.numel, dtype=torch.float32, pin_memory=self.pin)
+                    fresh = torch.empty(self.numel, dtype=torch.float32, pin_memory=self.pin)
+                    self._out.add(id(fresh))
+                    return fresh
             try:
                 buffer, event = self._free.get(timeout=_POLL_S)
                 break
@@ -90,9 +94,17 @@ class BufferPool:
                     raise _Stopped from None
         if event is not None:
             event.synchronize()
+        with self._lock:
+            self._out.add(id(buffer))
         return buffer
 
     def release(self, buffer: torch.Tensor, event: Any = None) -> None:
+        """Hand ``buffer`` back; a second release of the same buffer is a no-op (a step
+        that failed before or after its own release must not stall the next site)."""
+        with self._lock:
+            if id(buffer) not in self._out:
+                return
+            self._out.discard(id(buffer))
         self._free.put((buffer, event))
 
 
