@@ -77,7 +77,11 @@ class Run:
     def epsilon(self) -> dict[str, float]:
         """Each site's ε spent, as of the last row that reports it."""
         rows = [r for r in self.rows if r.get("epsilon")]
-        return dict(rows[-1]["epsilon"]) if rows else {}
+        if not rows:
+            return {}
+        # a value that is not a number (a hand-edited or foreign row) is no ε spent
+        return {k: v for k, v in dict(rows[-1]["epsilon"]).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def budget(self, site: str) -> float | None:
         """Site ``site``'s ε budget: summary.json's, else config.yaml's (its dp.sites
