@@ -162,8 +162,9 @@ class NetBed:
                 except (ProcessLookupError, ValueError):
                     pass
 
-    def processes(self, node: int, *, containing: str) -> list[int]:
-        """The processes running on node ``node`` whose command line holds ``containing``."""
+    def processes(self, node: int, *, containing: str, launcher: bool = False) -> list[int]:
+        """The processes running on node ``node`` whose command line holds ``containing``
+        (the MPI launcher, whose arguments hold the ranks' command, only with ``launcher``)."""
         pids = subprocess.run(["ip", "netns", "pids", self.ns(node)], capture_output=True,
                               text=True).stdout.split()
         found = []
@@ -171,6 +172,9 @@ class NetBed:
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
             except OSError:
+                continue
+            program = Path(cmdline.split(b" ", 1)[0].decode(errors="replace")).name
+            if not launcher and program in ("prterun", "mpirun", "mpiexec", "prted"):
                 continue
             if containing.encode() in cmdline:
                 found.append(int(pid))

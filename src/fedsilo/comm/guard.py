@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import sys
 import threading
 import time
@@ -68,9 +69,19 @@ def _emit(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+#: seconds MPI_Abort gets before the process ends itself with the same status
+ABORT_GRACE_S = 5.0
+
+
 def _abort(comm: "MPI.Comm", code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
+    # MPI_Abort asks the launcher to end the job; with a node cut off the launcher may wait
+    # on it and the call never returns: the rank then ends itself with the same status, and
+    # the launcher, seeing a rank exit non-zero, ends the others it can reach
+    timer = threading.Timer(ABORT_GRACE_S, os._exit, args=(code,))
+    timer.daemon = True
+    timer.start()
     comm.Abort(code)
 
 
