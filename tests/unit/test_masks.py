@@ -439,11 +439,14 @@ def test_identity_refuses_to_overwrite(tmp_path):
 def test_identity_never_overwrites_even_in_a_race(tmp_path, monkeypatch):
     generate_identities(tmp_path, num_sites=2)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    modes = {d: d.stat().st_mode for d in (tmp_path, tmp_path.parent, Path("/"))}
     (tmp_path / "site-000.key").unlink()
     monkeypatch.setattr(Path, "exists", lambda self: False)  # as if created after the check
     with pytest.raises(KeyFileError, match="site-001.key appeared while writing"):
         generate_identities(tmp_path, num_sites=2)
     monkeypatch.undo()
+    # directories it did not create keep their mode (it once made / and /tmp 0700 here)
+    assert {d: d.stat().st_mode for d in modes} == modes
     assert not (tmp_path / "site-000.key").exists()  # the half-written set was removed
     assert (tmp_path / "site-001.key").read_bytes() == before["site-001.key"]
     assert (tmp_path / "public.json").read_bytes() == before["public.json"]

@@ -123,8 +123,8 @@ class World:
         """Bound the blocking MPI calls inside by the rank's deadline (the last watched
         barrier's timeout): past it, the job ends with EXIT_HUNG instead of waiting forever.
 
-        >>> with world.watched("the participants' comparison"):  # doctest: +SKIP
-        ...     peers.allgather(told)
+        For example ``with world.watched("the participants' comparison"):
+        peers.allgather(told)`` (participant.py).
         """
         root = self._root
         deadline = root._deadline

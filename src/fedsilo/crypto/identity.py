@@ -76,7 +76,10 @@ def make_key_directory(out: Path) -> None:
     missing = [d for d in [out, *out.parents] if not d.exists()][::-1]
     try:
         for directory in missing:
-            directory.mkdir(mode=0o700, exist_ok=True)
+            try:
+                directory.mkdir(mode=0o700)
+            except FileExistsError:  # there after all (made meanwhile): not ours to change
+                continue
             os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
     except OSError as exc:
         raise KeyFileError(f"cannot create the key directory {out}: "
