@@ -71,3 +71,19 @@ def fedsilo_cli(argv: Sequence[str], *, timeout: float = 120, cwd: Path | None =
     result = subprocess.run([sys.executable, "-m", "fedsilo", *argv], cwd=cwd, text=True,
                             capture_output=True, timeout=timeout)
     return Job(result.returncode, result.stdout, result.stderr, time.monotonic() - start)
+
+
+class InProcess:
+    """``fedsilo ARGV`` through ``cli.main`` in this process (no torch start-up per call;
+    an exception that escapes fails the test, as a traceback would)."""
+
+    def __init__(self, capsys) -> None:
+        self.capsys = capsys
+
+    def __call__(self, argv: list[str]) -> Job:
+        from fedsilo.cli import main
+
+        self.capsys.readouterr()
+        status = main(argv)
+        captured = self.capsys.readouterr()
+        return Job(status, captured.out, captured.err, 0.0)

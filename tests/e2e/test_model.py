@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import Job, fedsilo_cli, mpirun
+from helpers import InProcess, Job, fedsilo_cli, mpirun
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
@@ -246,20 +246,6 @@ def read_csv_from_shard_best(run: Path, shards2: Path, tmp_path: Path) -> list[d
 # -- bad input -----------------------------------------------------------------------------
 
 
-class InProcess:
-    """``fedsilo ARGV`` through ``cli.main`` in this process (no torch start-up per call; an
-    exception that escapes would fail the test, as a traceback would)."""
-
-    def __init__(self, capsys) -> None:
-        self.capsys = capsys
-
-    def __call__(self, argv: list[str]) -> Job:
-        from fedsilo.cli import main
-
-        self.capsys.readouterr()
-        status = main(argv)
-        captured = self.capsys.readouterr()
-        return Job(status, captured.out, captured.err, 0.0)
 
 
 def one_line_error(job: Job, *words: str) -> None:

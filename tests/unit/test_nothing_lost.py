@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import Job, fedsilo_cli
+from helpers import InProcess, Job, fedsilo_cli
 
 from fedsilo.rundir import RunDir
 
@@ -295,20 +295,6 @@ def image(tmp_path_factory) -> Path:
     return path
 
 
-class InProcess:
-    """``fedsilo ARGV`` through ``cli.main`` in this process (no torch start-up per call;
-    an exception that escapes fails the test, as a traceback would)."""
-
-    def __init__(self, capsys) -> None:
-        self.capsys = capsys
-
-    def __call__(self, argv: list[str]) -> Job:
-        from fedsilo.cli import main
-
-        self.capsys.readouterr()
-        status = main(argv)
-        captured = self.capsys.readouterr()
-        return Job(status, captured.out, captured.err, 0.0)
 
 
 def test_predict_with_an_absurd_image_shape_is_one_line(model_dir, image, tmp_path):
