@@ -53,7 +53,7 @@ def test_a_job_across_nodes_equals_the_single_node_run(bed, shards, single_node,
 
 def test_a_cut_wire_ends_the_job_with_hung_json_and_it_resumes(bed, shards, tmp_path):
     """node1 (ranks 2, 3) is cut off during round 3: the coordinator's watchdog names the
-    ranks it can no longer reach and their host in hung.json well before TCP would give
+    ranks of node1 it still waits on and their host in hung.json well before TCP would give
     up, and the launcher ends (its keep-alive, tuned above the watchdog, reports the lost
     node); with the wire back, --resume finishes the run."""
     netbed = bed(2)
@@ -93,8 +93,11 @@ def test_a_cut_wire_ends_the_job_with_hung_json_and_it_resumes(bed, shards, tmp_
     # the bound: the coordinator's wait, its pings' grace, the watchdog's tick
     assert written_after < timeout_s + 6.0, (written_after, record)
     assert not left and ended_after < timeout_s + 10.0, (left, ended_after)
-    assert record["silent_ranks"] == [2, 3], record
-    assert record["silent_hosts"] == {"2": "node1", "3": "node1"}, record
+    # node1's ranks, and only they: a rank whose arrival crossed the wire just before the
+    # cut (seen once in CI: rank 2 had delivered round 3's work) is rightly not named
+    silent = record["silent_ranks"]
+    assert silent and set(silent) <= {2, 3}, record
+    assert record["silent_hosts"] == {str(rank): "node1" for rank in silent}, record
     assert record["exit_status"] == 76 and record["last_checkpoint_round"] >= 2, record
     assert "round 3" in record["stage"], record
     netbed.kill_all()  # the ranks beyond the cut (a real node's own watchdog ends them)
