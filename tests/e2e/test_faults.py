@@ -208,13 +208,16 @@ def run_with_fault(fault: str, shards: Path, out: Path, *extra: str):
 
 
 def test_unexpected_exception_aborts_the_job(shards, tmp_path):
-    job = run_with_fault("raise:2:2", shards, tmp_path / "run")
+    job = run_with_fault("raise:2:3", shards, tmp_path / "run")
     assert job.returncode != 0 and job.seconds < LIMIT_S, job.output[-3000:]
     assert "[rank 2/4] fedsilo: unexpected RuntimeError, aborting the job" in job.stderr
     assert "injected failure in local training" in job.stderr  # with its traceback
-    # round 1 completed and its checkpoint survives the abort intact
+    # round 1's checkpoint survives the abort intact.  Round 2's record (evaluation, then
+    # checkpoint) runs while the participants train round 3 (runtime.overlap_eval), so the
+    # abort may come before it is written: on a loaded machine it did.  It is joined before
+    # round 3's outcome, so round 1's is always complete here.
     from fedsilo.rundir import RunDir
-    assert RunDir(tmp_path / "run").complete_rounds() == [1]
+    assert RunDir(tmp_path / "run").complete_rounds() in ([1], [1, 2])
 
 
 def test_a_rank_that_dies_ends_the_job(shards, tmp_path):
