@@ -670,13 +670,13 @@ def _loadable_round(run: RunDir) -> tuple[int, tuple[int, ...]]:
     complete rounds whose file does not (a truncated copy, a disk that lied about a sync).
     A resume falls back round by round, saying so; if no checkpoint loads, the last one's
     error stands."""
-    from fedsilo.rundir import load_torch
+    from fedsilo.checkpointfile import read_coordinator_state
 
     complete = run.complete_rounds()
     unreadable: list[int] = []
     for round_index in reversed(complete):
         try:
-            load_torch(run.coordinator_checkpoint(round_index))
+            read_coordinator_state(run.coordinator_checkpoint(round_index))
         except CheckpointError as exc:
             if round_index == complete[0]:
                 raise
@@ -691,9 +691,9 @@ def _loadable_round(run: RunDir) -> tuple[int, tuple[int, ...]]:
 
 
 def _saved_shard_set(run: RunDir, round_index: int) -> dict[str, Any] | None:
-    from fedsilo.rundir import load_torch
+    from fedsilo.checkpointfile import read_coordinator_state
 
-    saved = load_torch(run.coordinator_checkpoint(round_index)).get("shard_set")
+    saved = read_coordinator_state(run.coordinator_checkpoint(round_index)).get("shard_set")
     return saved if isinstance(saved, dict) else None
 
 

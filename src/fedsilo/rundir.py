@@ -164,7 +164,10 @@ def load_torch(path: Path) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} is missing") from None
     except Exception as exc:  # corrupt or not a checkpoint
-        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
+        # torch's first line says what (its weights-only refusal goes on for a page)
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()),
+                     type(exc).__name__)
+        raise CheckpointError(f"checkpoint {path} cannot be read: {first}") from None
 
 
 class RunDir:

@@ -74,7 +74,8 @@ def test_the_first_verdict_stays(tmp_path):
 def test_a_resume_falls_back_to_the_last_checkpoint_that_loads(tmp_path, caplog):
     run = RunDir(tmp_path)
     for r in (1, 2, 3):
-        atomic_torch_save(run.coordinator_checkpoint(r), {"round": r})
+        atomic_torch_save(run.coordinator_checkpoint(r), {"round": r, "weights": torch.zeros(2),
+                                                          "layout": [], "strategy": {}})
     data = run.coordinator_checkpoint(3).read_bytes()
     run.coordinator_checkpoint(3).write_bytes(data[: len(data) // 2])
     with caplog.at_level(logging.WARNING, logger="fedsilo"):
