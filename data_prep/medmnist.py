@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,6 +104,27 @@ def _to_labels(labels: np.ndarray, num_images: int, path: Path, split: str) -> n
     return labels.astype(np.int64)
 
 
+def _check_is_the_set(source: SourceData, info: dict[str, Any], *, flag: str, size: int,
+                      path: Path) -> None:
+    """A file whose md5 is not the release's may still be the set (re-saved); one whose
+    channels, image side, split sizes or classes differ from the set's is another set's
+    file under this name, and is refused."""
+    images, labels = source.splits["train"]
+    counts = {split: len(data[1]) for split, data in source.splits.items()}
+    expected = {k: int(v) for k, v in info.get("n_samples", {}).items()}
+    differs = [f"{what} {got}, the set has {want}" for what, got, want in (
+        ("channels", images.shape[1], int(info["n_channels"])),
+        ("image side", images.shape[2], size),
+        ("samples per split", counts, expected),
+    ) if got != want]
+    if labels.size and int(labels.max()) >= len(info["label"]):
+        differs.append(f"label {int(labels.max())}, the set has {len(info['label'])} classes")
+    if differs:
+        raise DataError(f"{path} is not MedMNIST {flag} at {size} px (its md5 differs from "
+                        f"the release's, and so does its content: {'; '.join(differs)}); "
+                        f"give the set's own file, or --source for a file of your own")
+
+
 #: the image sides MedMNIST+ publishes (28 is the original ``NAME.npz``)
 MEDMNIST_SIZES = (28, 64, 128, 224)
 
@@ -147,6 +169,8 @@ def load_medmnist_by_name(name: str, *, size: int = 28, root: str | os.PathLike[
                         f"file from {url} there")
     source = load_medmnist(path)
     md5 = info.get("MD5" if size == 28 else f"MD5_{size}")
+    if md5 is None or file_digest(path, "md5") != md5:
+        _check_is_the_set(source, info, flag=flag, size=size, path=path)
     provenance = {**source.provenance, "name": flag, "size": size, "url": url,
                   "license": info.get("license"),
                   "classes": [info["label"][k] for k in sorted(info["label"], key=int)],

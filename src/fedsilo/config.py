@@ -593,13 +593,16 @@ def load_config(path: str | Path | None, *, overrides: Sequence[str] = ()) -> Co
     if path is not None:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): not "
+                              f"a configuration") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_one_line(exc)}") from None
         except RecursionError:
             raise ConfigError(f"config file {path} nests deeper than a configuration can "
                               f"(a YAML bomb or a generated file gone wrong)") from None
@@ -612,7 +615,12 @@ def load_config(path: str | Path | None, *, overrides: Sequence[str] = ()) -> Co
         data = loaded or {}
     for item in overrides:
         apply_override(data, item)
-    return config_from_dict(data)
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:  # named with its file: a key is wrong in there (or in --set)
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
@@ -628,7 +636,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
+        raise ConfigError(f"override {item!r}: value is not valid YAML: "
+                          f"{_one_line(exc)}") from None
     except RecursionError:
         raise ConfigError(f"override {item[:60]!r}...: value nests too deeply") from None
     except ValueError as exc:  # e.g. an integer of more than 4300 digits
@@ -641,6 +650,12 @@ def apply_override(data: dict[str, Any], item: str) -> None:
             raise ConfigError(f"override {item!r}: '{'.'.join(parts[: i + 1])}' is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _one_line(exc: Exception) -> str:
+    """A YAML error's message on one line (PyYAML spreads it over several, with a caret)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()
+                    and line.strip() != "^")
 
 
 def dump_config(config: Config) -> str:

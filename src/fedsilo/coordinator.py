@@ -27,6 +27,7 @@ from fedsilo.aggregate import (
     weighted_validation,
 )
 from fedsilo.boardlog import BoardLog
+from fedsilo.checkpointfile import read_coordinator_state
 from fedsilo.errors import CheckpointError, UpdateError
 from fedsilo.loading import load_splits
 from fedsilo.messages import (
@@ -52,7 +53,7 @@ from fedsilo.roles import (
     reduce_buffer,
     user_weights,
 )
-from fedsilo.rundir import atomic_torch_save, dump_json, finite_json, load_torch
+from fedsilo.rundir import atomic_torch_save, dump_json, finite_json
 from fedsilo.selection import BestModel, choose_threshold, resolve_best_by, sum_counts
 from fedsilo.shards import SplitReader
 from fedsilo.strategies import build_strategy
@@ -143,7 +144,7 @@ class Coordinator(Role):
 
     def _load_checkpoint(self, round_index: int) -> None:
         path = self.run_dir.coordinator_checkpoint(round_index)
-        state = load_torch(path)
+        state = read_coordinator_state(path)
         if list(state.get("layout", [])) != list(self.layout.names):
             raise CheckpointError(f"checkpoint {path} holds a different model than "
                                   f"{self.config.model.name!r}")

@@ -83,9 +83,12 @@ class AgreedError(FedsiloError):
     is left waiting in a collective.
     """
 
-    def __init__(self, message: str, *, exit_code: int = 2) -> None:
+    def __init__(self, message: str, *, exit_code: int = 2,
+                 failures: tuple[tuple[int, str], ...] = ()) -> None:
         super().__init__(shorten(message, 4 * MAX_MESSAGE))
         self.exit_code = exit_code
+        #: (rank, error class) of each rank that failed (what ``failed.json`` names)
+        self.failures = failures
 
 
 class KeyFileError(FedsiloError):

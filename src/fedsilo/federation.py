@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fedsilo.comm import World
+from fedsilo.comm import COORDINATOR, World
 from fedsilo.config import Config, dump_config, load_config, names_torchvision_weights
 from fedsilo.errors import (
     AgreedError,
@@ -33,6 +33,7 @@ from fedsilo.errors import (
     CommunicationError,
     ConfigError,
     FedsiloError,
+    shorten,
 )
 from fedsilo.messages import RoundPlan
 from fedsilo.rundir import RunDir, atomic_write_text, dump_json
@@ -154,13 +155,49 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
     _commit(world, role, setup)
 
     run = RunDir(setup.run_dir)
-    stop = StopFlag(on_signal=_stop_marker(run) if world.is_coordinator else None).install()
-    if not _run_rounds(world, role, setup, stop=stop, waits=waits):
-        return EXIT_PREEMPTED
+    try:
+        stop = StopFlag(on_signal=_stop_marker(run) if world.is_coordinator else None).install()
+        if not _run_rounds(world, role, setup, stop=stop, waits=waits):
+            return EXIT_PREEMPTED
+    except BaseException as exc:  # the job fails: say so in the run directory, then end it
+        _record_failure(run, exc, rank=world.rank)
+        raise
     if world.is_coordinator and stop.requested:  # finished after all: nothing to requeue
-        run.stopped.unlink(missing_ok=True)
+        run.stopped.unlink(missing_ok=True)  # written by this job, at the signal
     del lock  # released with the file, at the end of the job
     return 0
+
+
+def _record_failure(run: RunDir, exc: BaseException, *, rank: int) -> bool:
+    """Leave ``failed.json`` for a job that fails once it has committed its run directory:
+    an error every rank agreed on is recorded by the coordinator (it knows the ranks and
+    their causes); an exception on one rank alone by that rank, before run_guarded aborts
+    the job.  Created exclusively: the first party to know stays, and no teardown after a
+    hang (``hung.json``) adds a second ending.  Returns whether it was written."""
+    agreed = isinstance(exc, AgreedError)
+    if agreed and rank != COORDINATOR or run.hung.exists():
+        return False
+    failures = list(exc.failures) if isinstance(exc, AgreedError) else []
+    failures = failures or [(rank, type(exc).__name__)]
+    complete = run.complete_rounds()
+    last = complete[-1] if complete else None
+    status = exc.exit_code if isinstance(exc, FedsiloError) else 1
+    record = {"ending": "failed", "written_by": rank,
+              "ranks": [r for r, _ in failures], "errors": [name for _, name in failures],
+              "agreed": agreed, "message": shorten(str(exc) or type(exc).__name__),
+              "last_checkpoint_round": last, "exit_status": status,
+              "resumable": last is not None,
+              "resume": f"fedsilo train --resume {run.root}" if last is not None else None,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        written = dump_json(run.failed, record, exclusive=True)
+    except OSError as exc_write:  # a full or read-only disk: the message on stderr stays
+        log.error("cannot write %s: %s", run.failed, exc_write)
+        return False
+    if written:
+        log.warning("the job failed; %s says how%s", run.failed,
+                  f", and '--resume {run.root}' continues from round {last}" if last else "")
+    return written
 
 
 def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag,
@@ -670,13 +707,13 @@ def _loadable_round(run: RunDir) -> tuple[int, tuple[int, ...]]:
     complete rounds whose file does not (a truncated copy, a disk that lied about a sync).
     A resume falls back round by round, saying so; if no checkpoint loads, the last one's
     error stands."""
-    from fedsilo.rundir import load_torch
+    from fedsilo.checkpointfile import read_coordinator_state
 
     complete = run.complete_rounds()
     unreadable: list[int] = []
     for round_index in reversed(complete):
         try:
-            load_torch(run.coordinator_checkpoint(round_index))
+            read_coordinator_state(run.coordinator_checkpoint(round_index))
         except CheckpointError as exc:
             if round_index == complete[0]:
                 raise
@@ -691,9 +728,9 @@ def _loadable_round(run: RunDir) -> tuple[int, tuple[int, ...]]:
 
 
 def _saved_shard_set(run: RunDir, round_index: int) -> dict[str, Any] | None:
-    from fedsilo.rundir import load_torch
+    from fedsilo.checkpointfile import read_coordinator_state
 
-    saved = load_torch(run.coordinator_checkpoint(round_index)).get("shard_set")
+    saved = read_coordinator_state(run.coordinator_checkpoint(round_index)).get("shard_set")
     return saved if isinstance(saved, dict) else None
 
 
@@ -805,8 +842,8 @@ def _commit(world: World, role: Any, setup: Setup) -> None:
                 assert saved is not None  # a departure is only known from the record
                 _archive(run, setup.resume_round, site, saved["sites"][site])
             role.restore_metrics_row()
-            run.stopped.unlink(missing_ok=True)  # this run goes on
-            run.hung.unlink(missing_ok=True)
+            for kept in run.keep_markers():  # this run goes on; how it ended stays on record
+                log.info("the previous ending's marker is kept as %s", kept)
             atomic_write_text(run.config, dump_config(setup.config))
         except OSError as exc:
             error = CheckpointError(f"cannot write the run directory {run.root}: "

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fedsilo.aggregate import contribution_factor, count_nonfinite
+from fedsilo.checkpointfile import read_site_state
 from fedsilo.errors import CheckpointError, DataError, FedsiloError, PolicyError, UpdateError
 from fedsilo.loading import Split, load_splits
 from fedsilo.messages import (
@@ -46,7 +47,7 @@ from fedsilo.roles import (
     user_weights,
     uses_secret,
 )
-from fedsilo.rundir import atomic_torch_save, load_torch
+from fedsilo.rundir import atomic_torch_save
 from fedsilo.selection import threshold_grid
 from fedsilo.shards import SplitReader
 from fedsilo.strategies import build_strategy
@@ -262,7 +263,7 @@ class Participant(Role):
         site ``saved_as`` (its own index unless the federation changed); ``path``: an
         archived one (a site that left and came back)."""
         path = path or self.run_dir.participant_checkpoint(round_index, saved_as)
-        state = load_torch(path)
+        state = read_site_state(path)
         if state.get("site") != saved_as or state.get("round") != round_index:
             raise CheckpointError(f"checkpoint {path} belongs to site {state.get('site')} round "
                                   f"{state.get('round')}, expected site {saved_as} round "

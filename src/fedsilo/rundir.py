@@ -164,7 +164,10 @@ def load_torch(path: Path) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} is missing") from None
     except Exception as exc:  # corrupt or not a checkpoint
-        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
+        # torch's first line says what (its weights-only refusal goes on for a page)
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()),
+                     type(exc).__name__)
+        raise CheckpointError(f"checkpoint {path} cannot be read: {first}") from None
 
 
 class RunDir:
@@ -189,6 +192,34 @@ class RunDir:
     stopped = property(lambda self: self.root / "stopped.json")
     #: written by the watchdog when a rank fell silent (fedsilo.comm.World.quiet_barrier)
     hung = property(lambda self: self.root / "hung.json")
+    #: written by the party that saw the job fail (an agreed error, a rank's exception)
+    failed = property(lambda self: self.root / "failed.json")
+    #: the markers of earlier endings, kept once a resume continued the run
+    endings = property(lambda self: self.root / "endings")
+    MARKERS = ("stopped.json", "hung.json", "failed.json")
+
+    def keep_markers(self) -> list[Path]:
+        """Move the previous job's ending markers to ``endings/NNN-NAME`` (a resume goes
+        on, so they no longer describe the run, but they stay as its record: never deleted,
+        never over an earlier one); the paths they now have."""
+        kept: list[Path] = []
+        for name in self.MARKERS:
+            source = self.root / name
+            if not source.is_file():
+                continue
+            self.endings.mkdir(exist_ok=True)
+            number = 1 + len(list(self.endings.iterdir()))
+            while True:
+                target = self.endings / f"{number:03d}-{name}"
+                try:
+                    os.link(source, target)  # exclusive: an earlier record stays
+                except FileExistsError:
+                    number += 1
+                    continue
+                break
+            source.unlink()
+            kept.append(target)
+        return kept
 
     def round_dir(self, round_index: int) -> Path:
         return self.checkpoints / f"round-{round_index:04d}"
@@ -228,7 +259,8 @@ class RunDir:
     #: what a run directory releases: files a reader of the run (a party in the threat
     #: table) may hold; everything else in it is private
     RELEASED = ("config.yaml", "metrics.jsonl", "summary.json", "model.pt", "model.json",
-                "best.pt", "best.json", "stopped.json", "hung.json", "report", "tensorboard")
+                "best.pt", "best.json", "stopped.json", "hung.json", "failed.json", "endings",
+                "report", "tensorboard")
 
     def released_files(self) -> list[Path]:
         """The files of the released part, in order: nothing under ``checkpoints/`` or

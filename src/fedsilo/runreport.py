@@ -321,6 +321,10 @@ def _status(root: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | No
         return "running"
     if summary is not None and summary.get("rounds_completed") == rows[-1]["round"]:
         return "finished"
+    failed = root / "failed.json"
+    if failed.is_file():
+        notes.append(_failure_note(failed, root))
+        return "failed"
     for marker, status in (("stopped.json", "stopped"), ("hung.json", "hung")):
         if (root / marker).is_file():
             notes.append(f"{marker}: the run ended early; 'fedsilo train --resume {root}' "
@@ -329,6 +333,35 @@ def _status(root: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | No
     notes.append(f"the run ended after round {rows[-1]['round']} without summary.json (a crash "
                  f"or a kill); 'fedsilo train --resume {root}' continues it")
     return "interrupted"
+
+
+#: the most of a marker the report reads (a marker is a few hundred bytes)
+MAX_MARKER_BYTES = 1 << 20
+
+
+def _failure_note(path: Path, root: Path) -> str:
+    """What ``failed.json`` says, in one line; any field of the wrong type is left out."""
+    try:
+        with path.open("rb") as handle:
+            value = json.loads(handle.read(MAX_MARKER_BYTES + 1)[:MAX_MARKER_BYTES])
+    except (OSError, ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        return f"{path.name}: the job failed (the file cannot be read as a marker)"
+    ranks, errors = value.get("ranks"), value.get("errors")
+    who = (f" on rank(s) {', '.join(str(r) for r in ranks[:8])}"
+           if isinstance(ranks, list) and all(isinstance(r, int) for r in ranks) and ranks
+           else "")
+    what = (f" ({', '.join(sorted(set(errors)))[:200]})"
+            if isinstance(errors, list) and errors and all(isinstance(e, str) for e in errors)
+            else "")
+    message = value.get("message")
+    text = f": {message[:500]}" if isinstance(message, str) else ""
+    last = value.get("last_checkpoint_round")
+    after = (f"; 'fedsilo train --resume {root}' continues from round {last}"
+             if isinstance(last, int) and not isinstance(last, bool) and last > 0
+             else "; no complete checkpoint to resume from")
+    return " ".join(f"{path.name}: the job failed{who}{what}{text}{after}".split())
 
 
 def _locked(lock: Path) -> bool:

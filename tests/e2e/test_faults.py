@@ -3,6 +3,7 @@ anything else aborts the whole job.  Never a hang (helpers.mpirun fails a test o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -190,6 +191,12 @@ def test_nan_update_is_rejected_naming_the_participant(shards, tmp_path):
     job = train(shards, tmp_path / "run", "--set", "train.lr=1e30", "--set", "train.momentum=0")
     assert_agreed_failure(job, "round 1 failed", "non-finite values (NaN/Inf)", "participant 0")
     assert not (tmp_path / "run" / "model.pt").exists()
+    # the ending's marker, by the coordinator: the failing rank(s), the cause, no checkpoint
+    failed = json.loads((tmp_path / "run" / "failed.json").read_text())
+    assert failed["ending"] == "failed" and failed["written_by"] == 0 and failed["agreed"]
+    assert 1 in failed["ranks"] and "UpdateError" in failed["errors"], failed
+    assert "non-finite values" in failed["message"] and failed["exit_status"] == job.returncode
+    assert failed["last_checkpoint_round"] is None and not failed["resumable"]
 
 
 def run_with_fault(fault: str, shards: Path, out: Path, *extra: str):
@@ -217,7 +224,16 @@ def test_unexpected_exception_aborts_the_job(shards, tmp_path):
     # abort may come before it is written: on a loaded machine it did.  It is joined before
     # round 3's outcome, so round 1's is always complete here.
     from fedsilo.rundir import RunDir
-    assert RunDir(tmp_path / "run").complete_rounds() in ([1], [1, 2])
+    complete = RunDir(tmp_path / "run").complete_rounds()
+    assert complete in ([1], [1, 2]), (
+        sorted(str(p) for p in (tmp_path / "run").rglob("*")), job.stderr[-4000:])
+    # the rank that failed says so before the abort: its rank, the class, where to resume
+    failed = json.loads((tmp_path / "run" / "failed.json").read_text())
+    assert failed["written_by"] == 2 and failed["ranks"] == [2], failed
+    assert failed["errors"] == ["RuntimeError"] and not failed["agreed"]
+    assert "injected failure" in failed["message"] and failed["exit_status"] == 1
+    # the last complete checkpoint the failing rank saw: round 1 at least
+    assert failed["last_checkpoint_round"] in (1, 2) and failed["resumable"], failed
 
 
 def test_a_rank_that_dies_ends_the_job(shards, tmp_path):

@@ -74,7 +74,8 @@ def test_the_first_verdict_stays(tmp_path):
 def test_a_resume_falls_back_to_the_last_checkpoint_that_loads(tmp_path, caplog):
     run = RunDir(tmp_path)
     for r in (1, 2, 3):
-        atomic_torch_save(run.coordinator_checkpoint(r), {"round": r})
+        atomic_torch_save(run.coordinator_checkpoint(r), {"round": r, "weights": torch.zeros(2),
+                                                          "layout": [], "strategy": {}})
     data = run.coordinator_checkpoint(3).read_bytes()
     run.coordinator_checkpoint(3).write_bytes(data[: len(data) // 2])
     with caplog.at_level(logging.WARNING, logger="fedsilo"):
@@ -103,3 +104,83 @@ def test_a_changed_federation_does_not_promise_a_fresh_budget(caplog):
                                          data_dir=Path("d"))
     assert site_map == {0: 0, 1: 1, 2: None} and departed == ()
     assert "fresh DP budget" not in caplog.text
+
+
+def _round(run: RunDir, r: int) -> None:
+    atomic_torch_save(run.coordinator_checkpoint(r), {"round": r, "weights": torch.zeros(2),
+                                                      "layout": [], "strategy": {}})
+
+
+def test_an_agreed_failure_is_recorded_once_by_the_coordinator(tmp_path):
+    from fedsilo.errors import AgreedError
+    from fedsilo.federation import _record_failure
+
+    run = RunDir(tmp_path)
+    _round(run, 1)
+    _round(run, 2)
+    exc = AgreedError("round 3 failed on rank 2/4 (participant 1): UpdateError: NaN",
+                      exit_code=2, failures=((2, "UpdateError"),))
+    assert not _record_failure(run, exc, rank=1)  # a participant knows it only from rank 0
+    assert not run.failed.exists()
+    assert _record_failure(run, exc, rank=0)
+    record = json.loads(run.failed.read_text())
+    assert record["ranks"] == [2] and record["errors"] == ["UpdateError"]
+    assert record["written_by"] == 0 and record["agreed"] and record["exit_status"] == 2
+    assert record["last_checkpoint_round"] == 2 and record["resumable"]
+    assert record["resume"] == f"fedsilo train --resume {tmp_path}"
+    assert "NaN" in record["message"]
+    # a later teardown (another rank's exception as MPI_Abort lands) never overwrites it
+    before = run.failed.read_bytes()
+    assert not _record_failure(run, RuntimeError("MPI abort"), rank=3)
+    assert run.failed.read_bytes() == before
+
+
+def test_a_ranks_own_exception_is_recorded_by_that_rank(tmp_path):
+    from fedsilo.federation import _record_failure
+
+    run = RunDir(tmp_path)
+    assert _record_failure(run, RuntimeError("a bug"), rank=3)
+    record = json.loads(run.failed.read_text())
+    assert record["ranks"] == [3] and record["errors"] == ["RuntimeError"]
+    assert record["exit_status"] == 1 and not record["agreed"]
+    assert record["last_checkpoint_round"] is None and not record["resumable"]
+
+
+def test_no_failed_marker_after_a_hang(tmp_path):
+    from fedsilo.federation import _record_failure
+
+    run = RunDir(tmp_path)
+    dump_json(run.hung, {"silent_ranks": [2]})
+    assert not _record_failure(run, RuntimeError("aborted"), rank=1)
+    assert not run.failed.exists()
+
+
+def test_a_resume_keeps_the_previous_endings_as_a_record(tmp_path):
+    run = RunDir(tmp_path)
+    dump_json(run.stopped, {"signal": "SIGTERM"})
+    dump_json(run.failed, {"ending": "failed"})
+    first = {p.name: p.read_bytes() for p in (run.stopped, run.failed)}
+    kept = run.keep_markers()
+    assert [p.name for p in kept] == ["001-stopped.json", "002-failed.json"]
+    assert not run.stopped.exists() and not run.failed.exists()
+    assert {p.name.split("-", 1)[1]: p.read_bytes() for p in kept} == first
+    dump_json(run.hung, {"silent_ranks": [0]})  # the next job hung: its own record
+    assert [p.name for p in run.keep_markers()] == ["003-hung.json"]
+    assert sorted(p.name for p in run.endings.iterdir()) == \
+        ["001-stopped.json", "002-failed.json", "003-hung.json"]
+    assert run.endings / "002-failed.json" in run.released_files()
+
+
+def test_report_shows_a_failed_job(tmp_path):
+    from fedsilo.runreport import load_run
+
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1, "acc": 0.5}\n')
+    (tmp_path / "config.yaml").write_text("rounds: 3\n")
+    dump_json(tmp_path / "failed.json", {"ranks": [2], "errors": ["UpdateError"],
+                                         "message": "round 2 failed: NaN",
+                                         "last_checkpoint_round": 1})
+    run = load_run(tmp_path)
+    assert run.status == "failed"
+    note = next(n for n in run.notes if n.startswith("failed.json"))
+    assert "rank(s) 2 (UpdateError): round 2 failed: NaN" in note
+    assert f"--resume {tmp_path}' continues from round 1" in note

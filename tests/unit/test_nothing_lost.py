@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import InProcess, Job, fedsilo_cli
+from helpers import SHARED, InProcess, Job, fedsilo_cli
 
 from fedsilo.rundir import RunDir
 
@@ -493,3 +493,21 @@ def test_random_bytes_as_mnist_idx_files_are_named(tmp_path):
                        "--sites", "2", "--out", str(tmp_path / "shards")])
     line = cli_error(job, "idx", "not an IDX file")
     assert "AssertionError" not in line
+
+
+def test_prep_medmnist_by_name_refuses_another_sets_file(tmp_path):
+    """``prep medmnist --name bloodmnist`` given PneumoniaMNIST's file (renamed): refused,
+    naming the file and what differs, not merely a note that the md5 differs."""
+    pytest.importorskip("medmnist")
+    from fedsilo.errors import DataError
+    from fedsilo.prep.medmnist import load_medmnist_by_name
+
+    real = SHARED / "data" / "pneumoniamnist.npz"
+    if not real.is_file():
+        pytest.skip(f"{real} is not here")
+    (tmp_path / "bloodmnist.npz").symlink_to(real)
+    with pytest.raises(DataError, match=r"bloodmnist.npz.*not MedMNIST bloodmnist.*channels"):
+        load_medmnist_by_name("bloodmnist", root=tmp_path)
+    (tmp_path / "pneumoniamnist.npz").symlink_to(real)  # its own name: read
+    source = load_medmnist_by_name("pneumoniamnist", root=tmp_path)
+    assert source.provenance["name"] == "pneumoniamnist" and len(source.splits["train"][1]) == 4708

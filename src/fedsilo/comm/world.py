@@ -471,7 +471,8 @@ class World:
         failures = [(rank, r) for rank, r in enumerate(reports) if r is not None]
         if failures:
             raise AgreedError(_describe_failures(stage, failures, self.size),
-                              exit_code=failures[0][1][2])
+                              exit_code=failures[0][1][2],
+                              failures=_ranks(failures))
 
     def agree_gather(self, payload: Any, error: FedsiloError | None, *, stage: str) -> list[Any]:
         """Allgather every rank's small ``payload``; if any rank reports an error, every
@@ -482,7 +483,8 @@ class World:
         failures = [(rank, r) for rank, (_, r) in enumerate(gathered) if r is not None]
         if failures:
             raise AgreedError(_describe_failures(stage, failures, self.size),
-                              exit_code=failures[0][1][2])
+                              exit_code=failures[0][1][2],
+                              failures=_ranks(failures))
         return [p for p, _ in gathered]
 
     def agree_report(self, payload: Any, error: FedsiloError | None, *, stage: str,
@@ -509,7 +511,8 @@ class World:
             failures, summary = self.comm.bcast(message, root=COORDINATOR)
         if failures:
             raise AgreedError(_describe_failures(stage, failures, self.size),
-                              exit_code=failures[0][1][2])
+                              exit_code=failures[0][1][2],
+                              failures=_ranks(failures))
         return ([p for p, _ in gathered] if gathered is not None else None), summary
 
     def agree_from_coordinator(self, payload: Any, error: FedsiloError | None, *,
@@ -521,8 +524,12 @@ class World:
                 (payload, report) if self.is_coordinator else None, root=COORDINATOR)
         if report is not None:
             raise AgreedError(_describe_failures(stage, [(COORDINATOR, report)], self.size),
-                              exit_code=report[2])
+                              exit_code=report[2], failures=((COORDINATOR, report[0]),))
         return payload
+
+
+def _ranks(failures: Sequence[tuple[int, tuple]]) -> tuple[tuple[int, str], ...]:
+    return tuple((rank, str(report[0])) for rank, report in failures)
 
 
 def _describe_failures(stage: str, failures: Sequence[tuple[int, tuple]], size: int) -> str:

@@ -177,9 +177,10 @@ def load_keys(path: str | Path, *, expect: str, num_threads: int = 1) -> KeySet:
     params = CKKSParams.from_dict(header.get("params", {}))
     try:
         context = ts.context_from(body, n_threads=max(1, num_threads))
+        # a damaged context may parse and still lack its scale or SEAL data
+        actual = _context_params(context, scale=context.global_scale)
     except Exception as exc:  # noqa: BLE001 - TenSEAL raises bare exceptions on bad protobufs
         raise KeyFileError(f"{path}: corrupt TenSEAL context ({exc})") from None
-    actual = _context_params(context, scale=context.global_scale)
     if actual != params:
         raise KeyFileError(f"{path}: the context's parameters {actual.to_dict()} do not match "
                            f"those recorded in its header {params.to_dict()}")

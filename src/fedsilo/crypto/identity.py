@@ -141,8 +141,9 @@ def load_public_keys(key_dir: str | Path) -> dict[int, X25519PublicKey]:
         raise KeyFileError(f"identity file {path} does not exist; {CREATE_HINT} in DIR") from None
     except OSError as exc:
         raise KeyFileError(f"cannot read identity file {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise KeyFileError(f"{path} is not valid JSON ({exc}); {CREATE_HINT}") from None
+    except (ValueError, RecursionError) as exc:  # also an int too long, nested too deep
+        raise KeyFileError(f"{path} is not valid JSON ({exc or 'nested too deep'}); "
+                           f"{CREATE_HINT}") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT \
             or document.get("version") != VERSION:
         got = ({k: document.get(k) for k in ("format", "version")}

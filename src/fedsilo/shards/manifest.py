@@ -215,8 +215,9 @@ def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise ShardError(f"cannot read manifest {path}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ShardError(f"manifest {path} is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # not JSON, an int too long, nested too deep
+        raise ShardError(f"manifest {path} is not valid JSON: {exc or 'nested too deep'}") \
+            from None
     return _parse(data, str(path))
 
 
