@@ -307,19 +307,24 @@ class Coordinator(Role):
             row.clear()
             row.update(round=round_index, acc=test["acc"], auc=test["auc"], loss=test["loss"],
                        **rest)
+        if overlapped:  # before the checkpoint, which keeps the row for a resume
+            row["overlapped"] = ["evaluate", "checkpoint"]
+
+        def round_seconds() -> float:
+            # the round as the federation waited for it: with the record overlapped, its
+            # evaluation and checkpoint ran during the next round's training; whole seconds
+            # under DP (report.metrics_row says why)
+            waited = critical if overlapped else critical + extra
+            return float(round(waited)) if private(self.config) else waited
+
+        seconds["round"] = round_seconds()  # the checkpoint's copy of the row has it too
         if checkpoint_due(self.config, round_index):
             begin = time.perf_counter()
             self._save(round_index, row, stopped=stopped)
             self.run_dir.prune(keep=self.config.checkpoint.keep, current=round_index)
             seconds["checkpoint"] = time.perf_counter() - begin
             extra += seconds["checkpoint"]
-        # the round as the federation waited for it: with the record overlapped, its
-        # evaluation and checkpoint ran during the next round's training
-        seconds["round"] = critical if overlapped else critical + extra
-        if private(self.config):  # whole seconds: report.metrics_row says why
-            seconds["round"] = float(round(seconds["round"]))
-        if overlapped:
-            row["overlapped"] = ["evaluate", "checkpoint"]
+        seconds["round"] = round_seconds()
         self.run_dir.append_metrics(row)
         self.progress.update(round_index, row)
         if self.config.runtime.tensorboard:

@@ -55,6 +55,14 @@ def test_train_writes_the_run_directory(shards3: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-0002", "round-0003"]
     assert sorted(p.name for p in (run / "checkpoints" / "round-0003").iterdir()) == [
         "coordinator.pt", "site-000.pt", "site-001.pt", "site-002.pt"]
+    # the row a checkpoint keeps (a resume restores it when metrics.jsonl lost it) is the
+    # row written, but for the checkpoint's own seconds (a restored row once lacked
+    # "overlapped" and seconds.round)
+    kept = json.loads(torch.load(run / "checkpoints" / "round-0003" / "coordinator.pt",
+                                 weights_only=True)["metrics_row"])
+    written = dict(rows[-1], seconds={k: v for k, v in rows[-1]["seconds"].items()
+                                      if k != "checkpoint"})
+    assert kept == written
 
     state = load_model(run / "model.pt")  # a plain state_dict, no pickled objects
     from fedsilo.models import build_model
