@@ -8,6 +8,10 @@ launcher starts one daemon per node through an rsh agent (``plm_rsh_agent``) tha
 the node's namespace instead of running ssh, and every byte between ranks and daemons goes
 over TCP on the veth subnet (``btl tcp,self``, ``oob``/``pmix`` on the same interface).
 
+Each node also has a disk of its own: ``local`` (the same path on every node) is, in each
+node's mount namespace, a bind mount of that node's ``disk-NODE`` directory, so that state
+kept on node-local disks (``checkpoint.site_dir``) is exercised, not only a shared file system.
+
 Cutting a node's wire (``cut``) takes its veth down on the switch's side: the node keeps its
 own address (so its own ranks still talk among themselves) but nothing reaches the others.
 
@@ -37,7 +41,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 host="$1"; shift
-exec ip netns exec "{prefix}$host" unshare --uts sh -c "hostname $(cat {dir}/hostname-$host); $*"
+exec ip netns exec "{prefix}$host" unshare --uts --mount --propagation private sh -c \
+  "mount --bind {dir}/disk-$host {dir}/local && hostname $(cat {dir}/hostname-$host) && $*"
 """
 
 
@@ -55,10 +60,11 @@ def unavailable() -> str | None:
     if made.returncode != 0:
         return f"'ip netns add' failed: {made.stderr.strip()}"
     try:
-        uts = subprocess.run(["ip", "netns", "exec", probe, "unshare", "--uts", "true"],
-                             capture_output=True, text=True)
+        uts = subprocess.run(["ip", "netns", "exec", probe, "unshare", "--uts", "--mount",
+                              "--propagation", "private", "sh", "-c",
+                              "mount --bind /tmp /tmp"], capture_output=True, text=True)
         if uts.returncode != 0:
-            return f"'unshare --uts' failed: {uts.stderr.strip()}"
+            return f"'unshare --uts --mount' failed: {uts.stderr.strip()}"
     finally:
         subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
@@ -83,12 +89,18 @@ class NetBed:
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.tag}-bed-"))
         self.agent = self.dir / "agent.sh"
         self.hostfile = self.dir / "hostfile"
+        #: node-local disks: this path shows node N's ``disk_of(N)`` to node N's processes
+        self.local = self.dir / "local"
         self._made: list[str] = []
 
     # -- set up and tear down ----------------------------------------------------------
 
     def address(self, node: int) -> str:
         return f"10.{self.subnet_octet}.0.{node + 1}"
+
+    def disk_of(self, node: int) -> Path:
+        """Node ``node``'s own disk as seen from the host (its processes see it at ``local``)."""
+        return self.dir / f"disk-{self.nodes[node]}"
 
     def ns(self, node: int) -> str:
         return self.prefix + self.nodes[node]
@@ -138,8 +150,10 @@ class NetBed:
             etc = Path("/etc/netns") / ns
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "hosts").write_text("\n".join(hosts) + "\n")
-        for node, hostname in zip(self.nodes, self.hostnames):
+        self.local.mkdir()
+        for i, (node, hostname) in enumerate(zip(self.nodes, self.hostnames)):
             (self.dir / f"hostname-{node}").write_text(hostname + "\n")
+            self.disk_of(i).mkdir()
         self.agent.write_text(AGENT.replace("{prefix}", self.prefix)
                               .replace("{dir}", str(self.dir)))
         self.agent.chmod(0o755)
@@ -186,8 +200,10 @@ class NetBed:
         """``argv`` as a command line run on node ``node`` (its namespace and hostname)."""
         import shlex
 
-        return ["ip", "netns", "exec", self.ns(node), "unshare", "--uts", "sh", "-c",
-                f"hostname {self.hostnames[node]}; exec {shlex.join(argv)}"]
+        return ["ip", "netns", "exec", self.ns(node), "unshare", "--uts", "--mount",
+                "--propagation", "private", "sh", "-c",
+                f"mount --bind {self.disk_of(node)} {self.local} && "
+                f"hostname {self.hostnames[node]} && exec {shlex.join(argv)}"]
 
     def mpirun(self, ranks_per_node: Sequence[int], argv: Sequence[str], *,
                mpirun: str, keepalive: tuple[int, int, int] | None = None) -> list[str]:

@@ -51,6 +51,28 @@ def test_a_job_across_nodes_equals_the_single_node_run(bed, shards, single_node,
     _same_model(out, single_node, exact=len(layout) == 2)
 
 
+def test_site_state_on_node_local_disks_resumes(bed, shards, single_node, tmp_path):
+    """checkpoint.site_dir on each node's own disk (the same path, another disk per node):
+    each site's state lands on its node only, never in the shared run directory, and a
+    resume finds it there and ends equal to the uninterrupted single-node run."""
+    netbed = bed(2)
+    out = tmp_path / "run"
+    site_dir = f"{netbed.local}/site-{{site}}"
+    argv = train_args(shards, out, "--set", "rounds=2", "--set",
+                      f"checkpoint.site_dir={site_dir}")
+    job = run(netbed, (2, 2), argv, timeout=90)
+    assert job.returncode == 0, job.output[-3000:]
+    # ranks 0-1 (the coordinator, site 0) on node0; ranks 2-3 (sites 1, 2) on node1
+    on_disk = {node: sorted(p.name for p in netbed.disk_of(node).iterdir()) for node in (0, 1)}
+    assert on_disk == {0: ["site-000"], 1: ["site-001", "site-002"]}, on_disk
+    assert not list(out.rglob("site-00*.pt")), sorted(map(str, out.rglob("*")))
+    resumed = run(netbed, (2, 2), ["train", "--resume", str(out), "--set", "rounds=3"],
+                  timeout=90)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert json.loads((out / "summary.json").read_text())["rounds_completed"] == 3
+    _same_model(out, single_node)
+
+
 def test_a_cut_wire_ends_the_job_with_hung_json_and_it_resumes(bed, shards, tmp_path):
     """node1 (ranks 2, 3) is cut off during round 3: the coordinator's watchdog names the
     ranks of node1 it still waits on and their host in hung.json well before TCP would give
