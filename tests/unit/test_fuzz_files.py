@@ -582,3 +582,53 @@ def test_the_fuzzed_shard_set_is_valid():
         atomic_torch_save(Path(tmp) / "c.pt", _coordinator_state())
         read_coordinator_state(Path(tmp) / "c.pt")
     pytest.importorskip("tenseal")
+
+
+# -- the DP state a checkpoint keeps (a site's accountant, the user-level accountants) -----
+
+_numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**60, 2**60),
+                     st.booleans(), st.none(), st.text(max_size=3))
+_segments = st.lists(st.one_of(st.tuples(_numbers, _numbers, _numbers).map(list),
+                               st.lists(_numbers, max_size=4), _numbers), max_size=4)
+
+
+@FUZZ
+@given(history=st.one_of(_segments, _numbers),
+       mechanism=st.sampled_from(["rdp", "prv", "gdp", 7, None]))
+def test_a_saved_privacy_history_is_read_or_refused(history, mechanism):
+    """Whatever a checkpoint holds as a site's accountant, it loads as a history that
+    spends what it says (σ > 0 finite, q in (0, 1], steps >= 0) or ends in one
+    CheckpointError: an entry with σ = inf or steps < 0 would understate ε."""
+    import math
+
+    from fedsilo.errors import CheckpointError
+    from fedsilo.privacy.accounting import PrivacyAccountant
+
+    accountant = PrivacyAccountant("rdp")
+    try:
+        accountant.load_state_dict({"mechanism": mechanism, "history": history})
+    except CheckpointError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert mechanism == "rdp"
+    for sigma, rate, steps in accountant.history:
+        assert math.isfinite(sigma) and sigma > 0 and 0 < rate <= 1 and steps >= 0
+
+
+@FUZZ
+@given(state=st.one_of(_numbers, st.dictionaries(
+    st.sampled_from(["released", "coordinator", "participant", "exposed", "x"]),
+    st.one_of(_numbers, st.lists(_numbers, max_size=3),
+              st.dictionaries(st.one_of(st.text(max_size=3), st.sampled_from(["0", "12"])),
+                              st.one_of(_numbers, st.just({"mechanism": "rdp",
+                                                           "history": [[1.0, 0.1, 3]]})),
+                              max_size=2)), max_size=4)))
+def test_a_saved_user_level_accountant_is_read_or_refused(state):
+    from fedsilo.errors import CheckpointError
+    from fedsilo.privacy.user_accounting import UserAccounting
+
+    accountant = UserAccounting.__new__(UserAccounting)
+    try:
+        accountant.load_state_dict(state)
+    except CheckpointError as exc:
+        assert "\n" not in str(exc)

@@ -104,10 +104,50 @@ class PrivacyAccountant:
                 "history": [[s, q, n] for s, q, n in self.history]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping):
+            raise CheckpointError("the checkpoint's privacy accountant is not an object")
         if state.get("mechanism") != self.mechanism:
             raise CheckpointError(f"the checkpoint's privacy accountant is "
                                   f"{state.get('mechanism')!r}, the run uses {self.mechanism!r}")
-        self.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        self.history = read_history(state.get("history"))
+
+
+#: a saved history longer than this is not one fedsilo wrote (one segment per σ change)
+_MAX_SEGMENTS = 1_000_000
+
+
+def read_history(saved: Any) -> list[tuple[float, float, int]]:
+    """A saved accountant history, checked: a list of [σ, q, steps] with σ > 0 finite,
+    0 < q <= 1 and 0 <= steps < 2^53 (a damaged or edited entry would misstate ε: σ = inf
+    or steps < 0 would spend less than was spent).
+
+    >>> read_history([[1.1, 0.01, 20]])
+    [(1.1, 0.01, 20)]
+    >>> read_history([[1.1, 0.01, -5]])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    fedsilo.errors.CheckpointError: the checkpoint's privacy history, segment 0: steps must ...
+    """
+    if not isinstance(saved, list) or len(saved) > _MAX_SEGMENTS:
+        raise CheckpointError("the checkpoint's privacy history is not a list of "
+                              "[noise multiplier, sample rate, steps] segments")
+    history = []
+    for index, segment in enumerate(saved):
+        where = f"the checkpoint's privacy history, segment {index}"
+        if not isinstance(segment, (list, tuple)) or len(segment) != 3:
+            raise CheckpointError(f"{where}: not [noise multiplier, sample rate, steps]")
+        sigma, rate, steps = segment
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) \
+                or not (math.isfinite(sigma) and sigma > 0):
+            raise CheckpointError(f"{where}: the noise multiplier must be a finite number "
+                                  f"> 0, got {sigma!r}")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) \
+                or not (math.isfinite(rate) and 0 < rate <= 1):
+            raise CheckpointError(f"{where}: the sample rate must be in (0, 1], got {rate!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 2**53:
+            raise CheckpointError(f"{where}: steps must be a whole number >= 0, got {steps!r}")
+        history.append((float(sigma), float(rate), int(steps)))
+    return history
 
 
 def _epsilon(mechanism: str, history: list[tuple[float, float, int]], delta: float) -> float:

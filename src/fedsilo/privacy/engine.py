@@ -31,6 +31,7 @@ activations (so the bound is exact); fp16 is refused (config.py).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import warnings
@@ -43,7 +44,7 @@ from opacus import GradSampleModule
 from torch import nn
 
 from fedsilo.config import SiteDP, TrainConfig
-from fedsilo.errors import ModelError, PrivacyBudgetError
+from fedsilo.errors import CheckpointError, ModelError, PrivacyBudgetError
 from fedsilo.privacy import ghost
 from fedsilo.privacy.accounting import (
     PrivacyAccountant,
@@ -342,8 +343,21 @@ class ParticipantPrivacy:
         budget has left: the saved σ stays while the remaining rounds fit at it (so an
         unchanged resume is bit-identical), else the smallest σ that keeps the spent history
         plus the remaining rounds within the target (a resume that adds rounds)."""
+        if not isinstance(state, Mapping) or not isinstance(state.get("accountant"), Mapping):
+            raise CheckpointError(f"site {self.site}: the checkpoint's DP state has no "
+                                  f"privacy accountant")
         self.accountant.load_state_dict(state["accountant"])
-        self.stopped_round = state["stopped_round"]
+        stopped = state.get("stopped_round")
+        if stopped is not None and (isinstance(stopped, bool) or not isinstance(stopped, int)
+                                    or stopped < 0):
+            raise CheckpointError(f"site {self.site}: the checkpoint's 'stopped_round' must be "
+                                  f"a round number or null, got {stopped!r}")
+        self.stopped_round = stopped
+        saved_sigma = state.get("noise_multiplier", self.noise_multiplier)
+        if isinstance(saved_sigma, bool) or not isinstance(saved_sigma, (int, float)) \
+                or not (math.isfinite(saved_sigma) and saved_sigma > 0):
+            raise CheckpointError(f"site {self.site}: the checkpoint's noise multiplier must "
+                                  f"be a finite number > 0, got {saved_sigma!r}")
         if self.settings.noise_multiplier is not None or self.settings.target_epsilon is None:
             return  # σ given explicitly: the budget is only enforced
         steps = remaining_rounds * self.steps_per_round

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+from fedsilo.errors import CheckpointError
 from fedsilo.privacy.accounting import PrivacyAccountant
 
 
@@ -118,13 +119,15 @@ class UserAccounting:
                         renumber: Mapping[int, int] | None = None) -> None:
         """Restore the accountants; ``renumber`` maps a saved site index to its index now
         (a site missing from it has left the federation and its accountant goes)."""
-        exposed = (int(k) if renumber is None else renumber.get(int(k))
-                   for k in state.get("exposed", []))
+        if not isinstance(state, Mapping):
+            raise CheckpointError("the checkpoint's user-level accountant is not an object")
+        exposed = (_site(k) if renumber is None else renumber.get(_site(k))
+                   for k in _listed(state, "exposed", []))
         self.exposed = {k for k in exposed if k is not None}
         for name in ("released", "coordinator", "participant"):
             table: dict[int, PrivacyAccountant] = {}
-            for key, value in state.get(name, {}).items():
-                site = int(key) if renumber is None else renumber.get(int(key))
+            for key, value in _listed(state, name, {}).items():
+                site = _site(key) if renumber is None else renumber.get(_site(key))
                 if site is None:
                     continue
                 table[site] = PrivacyAccountant("rdp")
@@ -140,3 +143,22 @@ class UserAccounting:
                 accountant = PrivacyAccountant("rdp")
                 accountant.load_state_dict(saved)
                 getattr(self, name)[site] = accountant
+
+
+def _listed(state: Mapping[str, Any], name: str, empty: Any) -> Any:
+    """``state[name]`` of the type of ``empty`` (a list or an object), else a CheckpointError."""
+    value = state.get(name, empty)
+    if not isinstance(value, type(empty)):
+        raise CheckpointError(f"the checkpoint's user-level accountant: {name!r} must be "
+                              f"{'a list' if isinstance(empty, list) else 'an object'}")
+    return value
+
+
+def _site(key: Any) -> int:
+    """A site index as saved (an int, or its decimal text as a JSON key)."""
+    if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < 10**9:
+        return key
+    if isinstance(key, str) and key.isdigit() and len(key) < 10:
+        return int(key)
+    raise CheckpointError(f"the checkpoint's user-level accountant names site {key!r}, which "
+                          f"is not a site index")
