@@ -113,11 +113,12 @@ class ModelConfig:
         from fedsilo.models import MODELS, TORCHVISION
 
         if self.name.startswith(TORCHVISION):
-            from fedsilo.models.torchvision import check_name, weight_enum
+            # read from torchvision's source: no rank imports torch to check a name
+            from fedsilo.models.tvnames import check_name, check_weights
 
             arch = check_name(self.name)  # fails early with the known names
             if self.weights is not None and names_torchvision_weights(self.weights):
-                weight_enum(arch, self.weights)
+                check_weights(arch, self.weights)
         else:
             MODELS.get(self.name)  # fails early with the known names
             _check(self.stem == "auto", "model.stem", "applies to tv: models only")

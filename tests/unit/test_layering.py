@@ -141,12 +141,20 @@ def test_import_rules(path):
 def test_checking_a_configuration_imports_no_torch():
     """Rank 0 checks the configuration (the model's name among them) before anything is
     checked or agreed; importing torch there kept every other rank waiting ~2 s on 2 cores
-    and put torch before the shard checks (issue #16)."""
+    and put torch before the shard checks (issue #16).  A ``tv:`` name and its weights are
+    checked from torchvision's source, not by importing it (issue #25)."""
     probe = ("import sys\nfrom fedsilo.config import load_config\n"
-             "for name in ('small_cnn', 'dp_cnn', 'resnet18'):\n"
+             "for name in ('small_cnn', 'dp_cnn', 'resnet18', 'tv:resnet50', 'tv:vit_b_16'):\n"
              "    load_config(None, overrides=[f'model.name={name}', 'dp.enabled=true'])\n"
              "    load_config(None, overrides=[f'model.name={name}'])\n"
-             "print(sorted(m for m in ('torch', 'torchvision', 'opacus') if m in sys.modules))")
+             "load_config(None, overrides=['model.name=tv:resnet50',\n"
+             "                             'model.weights=IMAGENET1K_V2'])\n"
+             "try:\n"
+             "    load_config(None, overrides=['model.name=tv:resnet05'])\n"
+             "except Exception as exc:\n"
+             "    assert 'did you mean tv:resnet50' in str(exc), exc\n"
+             "print(sorted(m for m in ('torch', 'torchvision', 'opacus', 'tenseal', 'mpi4py')\n"
+             "             if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -164,3 +164,15 @@ def test_an_image_size_the_model_cannot_take_fails_at_build_time():
     # shapes no layer can take, such as a ConvNeXt patchify stem larger than the image
     with pytest.raises(ModelError, match=r"cannot process images of shape 3x2x2"):
         build("tv:convnext_tiny", channels=3, size=2, sets=["model.stem=imagenet"])
+
+
+def test_the_names_read_from_torchvision_source_are_those_it_registers():
+    """config checks tv: names from torchvision's source (models/tvnames.py) so that no rank
+    imports torch to check one; they must be exactly what torchvision offers once imported."""
+    import torchvision.models
+
+    from fedsilo.models.tvnames import catalogue
+
+    imported = {arch: tuple(torchvision.models.get_model_weights(arch).__members__)
+                for arch in torchvision.models.list_models(module=torchvision.models)}
+    assert catalogue() == imported

@@ -19,7 +19,6 @@ torchvision is imported only here, and this module only by runs that name a ``tv
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from pathlib import Path
@@ -32,32 +31,12 @@ from torch import nn
 from fedsilo.config import names_torchvision_weights
 from fedsilo.errors import ConfigError, ModelError
 from fedsilo.models.adapt import head_name, mismatches, set_module
+from fedsilo.models.tvnames import PREFIX, check_name  # noqa: F401 - check_name re-exported
 
 log = logging.getLogger("fedsilo")
 
-PREFIX = "tv:"
 #: images up to this side get the small-image stem under ``model.stem: auto``
 SMALL_IMAGE = 64
-
-
-def architectures() -> list[str]:
-    """The classification models torchvision offers (``torchvision.models.list_models``)."""
-    import torchvision.models
-
-    return torchvision.models.list_models(module=torchvision.models)
-
-
-def check_name(name: str) -> str:
-    """The torchvision architecture of ``tv:ARCH``, or a ConfigError with the close names."""
-    arch = name[len(PREFIX):]
-    known = architectures()
-    if arch not in known:
-        close = difflib.get_close_matches(arch, known, n=3)
-        raise ConfigError(f"config key 'model.name': torchvision has no classification model "
-                          f"{arch!r}" + (f" (did you mean {', '.join(PREFIX + c for c in close)}?)"
-                                         if close else "")
-                          + f"; known: {', '.join(known)}")
-    return arch
 
 
 def weight_enum(arch: str, weights: str) -> Any:
