@@ -28,7 +28,6 @@ from fedsilo.aggregate import (
 )
 from fedsilo.boardlog import BoardLog
 from fedsilo.errors import CheckpointError, UpdateError
-from fedsilo.loading import load_splits
 from fedsilo.messages import (
     Aggregate,
     Contribution,
@@ -56,7 +55,7 @@ from fedsilo.rundir import atomic_torch_save, dump_json, finite_json, load_torch
 from fedsilo.selection import BestModel, choose_threshold, resolve_best_by, sum_counts
 from fedsilo.shards import SplitReader
 from fedsilo.strategies import build_strategy
-from fedsilo.training import evaluate
+from fedsilo.tasks import test_fields
 from fedsilo.transport import transport_for
 from fedsilo.verification import planned_sample
 
@@ -71,8 +70,8 @@ class Coordinator(Role):
         mean, std = self._normalization(None)
         reader = SplitReader(self._shard_path(manifest.test, kind="test"), "test",
                              cache_bytes=0)
-        self.test_data = load_splits([(reader, mean, std)], data=config.data,
-                                     device=self.device, who="the coordinator")[0]
+        self.test_data = self.task.load([(reader, mean, std)], data=config.data,
+                                        device=self.device, who="the coordinator")[0]
         self._check_model_fits(self.test_data.sample(1))
         self.strategy = build_strategy(config.strategy.name, dict(config.strategy.options))
         self.strategy.setup(self.layout.numel)
@@ -297,15 +296,15 @@ class Coordinator(Role):
         if round_index % self.config.eval.every == 0 or round_index == self.config.rounds:
             begin = time.perf_counter()
             self.layout.load(self.model, self.global_weights)
-            test = evaluate(self.model, self.test_data, batch_size=self.config.eval.batch_size)
+            test = self.task.evaluate(self.model, self.test_data,
+                                      batch_size=self.config.eval.batch_size)
             self.last_test = test
             seconds["evaluate"] = time.perf_counter() - begin
             extra += seconds["evaluate"]
             # the test metrics come right after the round number, as they always have
             rest = {k: v for k, v in row.items() if k != "round"}
             row.clear()
-            row.update(round=round_index, acc=test["acc"], auc=test["auc"], loss=test["loss"],
-                       **rest)
+            row.update(round=round_index, **test_fields(test), **rest)
         if checkpoint_due(self.config, round_index):
             begin = time.perf_counter()
             self._save(round_index, row, stopped=stopped)
@@ -520,8 +519,8 @@ class Coordinator(Role):
         if self.last_test is None or self.resume_round == self.final_round \
                 or self.final_round < self.config.rounds:  # (the round may not be evaluated)
             self.layout.load(self.model, self.global_weights)
-            self.last_test = evaluate(self.model, self.test_data,
-                                      batch_size=self.config.eval.batch_size)
+            self.last_test = self.task.evaluate(self.model, self.test_data,
+                                                batch_size=self.config.eval.batch_size)
         finals: list[FinalSiteReport] = [r for rank in reports[1:] for r in rank]
         self._save_models(finals)
         summary = job_summary(self, finals)
