@@ -51,10 +51,10 @@ def _args(shards: Path, out: Path, rounds: int) -> list[str]:
 
 def test_federated_segmentation_trains_and_resumes_bit_identically(seg_shards, tmp_path):
     short, full = tmp_path / "short", tmp_path / "full"
-    job = mpirun(3, _args(seg_shards, full, 3), timeout=240)
+    job = mpirun(3, _args(seg_shards, full, 2), timeout=240)
     assert job.returncode == 0, job.output[-4000:]
     rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
         assert {"dice", "iou", "hd95", "dice_per_class", "auc", "loss"} <= set(row)
         assert len(row["dice_per_class"]) == 2 and 0 <= row["dice"] <= 1
@@ -63,8 +63,8 @@ def test_federated_segmentation_trains_and_resumes_bit_identically(seg_shards, t
     summary = json.loads((full / "summary.json").read_text())
     assert summary["ending"] == "finished"
 
-    assert mpirun(3, _args(seg_shards, short, 2), timeout=240).returncode == 0
-    job = mpirun(3, ["train", "--resume", str(short), "--set", "rounds=3"], timeout=240)
+    assert mpirun(3, _args(seg_shards, short, 1), timeout=240).returncode == 0
+    job = mpirun(3, ["train", "--resume", str(short), "--set", "rounds=2"], timeout=240)
     assert job.returncode == 0, job.output[-4000:]
     a = torch.load(short / "model.pt", weights_only=True)
     b = torch.load(full / "model.pt", weights_only=True)
