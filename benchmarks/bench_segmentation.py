@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             loss = task.loss(model(images), masks)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         steps += 1
     train_s = time.perf_counter() - start
     begin = time.perf_counter()
