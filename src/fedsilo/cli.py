@@ -160,13 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "model.json/best.json) on image files (PNG, JPEG, BMP, TIFF), DICOM files, "
                     "folders of them (a DICOM series) or HDF5 shards, with the run's image size, "
                     "channels and normalization; writes a CSV of per-class probabilities and the "
-                    "predicted class (and the decision at the stored threshold, if any).")
+                    "predicted class (and the decision at the stored threshold, if any). A "
+                    "segmentation model writes a PNG mask per image into the folder --out.")
     predict.add_argument("--model", required=True, metavar="MODEL",
                          help="RUN_DIR/model.pt, RUN_DIR/best.pt, or a run directory")
     predict.add_argument("inputs", nargs="+", metavar="IMAGES",
                          help="image files, DICOM files, folders or HDF5 shards")
     predict.add_argument("--out", metavar="CSV", default=None,
-                         help="CSV file to write (default: standard output)")
+                         help="CSV file to write (default: standard output); for a "
+                         "segmentation model, the folder of masks (required)")
+    predict.add_argument("--probabilities", action="store_true",
+                         help="segmentation: also write each image's probability map(s)")
     predict.set_defaults(func=_predict)
 
     export = sub.add_parser(
@@ -465,7 +469,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from fedsilo.predict import predict
 
-    predict(args.model, args.inputs, out=args.out)
+    predict(args.model, args.inputs, out=args.out, probabilities=args.probabilities)
     return 0
 
 

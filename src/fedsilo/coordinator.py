@@ -470,6 +470,10 @@ class Coordinator(Role):
                 "rule": config.checkpoint.threshold, "value": threshold, "positive_class": 1,
                 "decision": "positive when p(positive class) > value"},
             "eval_batch_size": config.eval.batch_size,
+            **({"task": "segmentation", "segmentation": {
+                "patch_size": config.segmentation.patch_size,
+                "overlap": config.segmentation.overlap}}
+               if config.task == "segmentation" else {}),
         }
 
     def _save_models(self, finals: Sequence[FinalSiteReport]) -> None:
