@@ -211,12 +211,13 @@ def predict_masks(model: Any, card: ModelCard, paths: Sequence[Path], *, out: Pa
     mean, std = channel_stat(card.mean, cpu), channel_stat(card.std, cpu)
     assert card.patch_size is not None
     written: list[Path] = []
+    from fedsilo.prep.dicom import DicomDecoder
+    from fedsilo.prep.images import ImageDecoder
+
     for path, target in zip(paths, planned):
-        if is_dicom(path):
-            from fedsilo.prep.dicom import DicomDecoder as Decoder
-        else:
-            from fedsilo.prep.images import ImageDecoder as Decoder
-        image = Decoder(channels=card.channels)(str(path))
+        decoder: Any = DicomDecoder(channels=card.channels) if is_dicom(path) \
+            else ImageDecoder(channels=card.channels)
+        image = decoder(str(path))
         if not isinstance(image, np.ndarray):
             raise DataError(image.message())
         pixels = normalize(torch.from_numpy(np.ascontiguousarray(image))[None], mean, std)
@@ -239,7 +240,7 @@ def predict_masks(model: Any, card: ModelCard, paths: Sequence[Path], *, out: Pa
 
 def predict(model_path: str | Path, inputs: Sequence[str | Path], *,
             out: str | Path | None = None, log: Any = None,
-            probabilities: bool = False) -> dict[str, Any]:
+            probability_maps: bool = False) -> dict[str, Any]:
     """Write the CSV (``out``, or stdout) and return what it found: images, and the accuracy
     on labelled inputs (shards).  A segmentation model writes masks into the folder ``out``
     instead (:func:`predict_masks`).  Bad input raises ModelError or DataError."""
@@ -248,7 +249,8 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], *,
     if card.task == "segmentation":
         if out is None:
             raise DataError("a segmentation model writes a mask per image: give --out FOLDER")
-        written = predict_masks(model, card, paths, out=Path(out), probabilities=probabilities)
+        written = predict_masks(model, card, paths, out=Path(out),
+                                probabilities=probability_maps)
         print(f"fedsilo predict: {len(paths)} mask(s) with {weights} -> {out}",
               file=sys.stderr if log is None else log)
         return {"images": len(paths), "model": str(weights), "files": [str(p) for p in written],

@@ -42,7 +42,7 @@ def test_predict_writes_a_mask_per_image_at_its_own_size(seg_model, tmp_path):
             tmp_path / f"{name}.png")
     out = tmp_path / "masks"
     result = predict(seg_model, [tmp_path / "a.png", tmp_path / "b.png"], out=out,
-                     probabilities=True)
+                     probability_maps=True)
     assert result["images"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_prob.png", "b_mask.png",
                                                      "b_prob.png"]
