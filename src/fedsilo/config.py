@@ -584,10 +584,9 @@ class Config:
             raise ConfigError("data.augment transforms images alone, which would move them off "
                               "their masks; segmentation augments image and mask together "
                               "(segmentation.augment): turn data.augment off")
-        if self.dp.enabled:
-            raise ConfigError("dp.enabled with task=segmentation is not offered yet: DP-SGD's "
-                              "loss and trial step are per-image classification; see "
-                              "docs/segmentation.md")
+        if self.dp.augmult > 1:
+            raise ConfigError("dp.augmult > 1 is not offered for segmentation yet (a patch "
+                              "per sampled image and step); set dp.augmult=1")
         if self.checkpoint.threshold != "none":
             raise ConfigError("checkpoint.threshold is for binary classification; set it to "
                               "none with task=segmentation")

@@ -538,5 +538,6 @@ class Coordinator(Role):
                            f"{self.final_round + 1} of {self.config.rounds}; the model is "
                            f"round {self.final_round}'s"}
         dump_json(self.run_dir.summary, summary)
-        log.info("finished: test acc %.4f auc %.4f loss %.4f -> %s", self.last_test["acc"],
-                 self.last_test["auc"], self.last_test["loss"], self.run_dir.root)
+        dice = f" dice {self.last_test['dice']:.4f}" if "dice" in self.last_test else ""
+        log.info("finished: test acc %.4f auc %.4f loss %.4f%s -> %s", self.last_test["acc"],
+                 self.last_test["auc"], self.last_test["loss"], dice, self.run_dir.root)

@@ -158,7 +158,8 @@ class Participant(Role):
                     mechanism=config.dp.accountant, num_samples=len(site.train_data),
                     train=config.train, rounds=config.rounds, model_name=config.model.name,
                     sample=site.train_data.sample(2), mode=config.dp.grad_sample_mode,
-                    shared=first, augmult=config.dp.augmult)
+                    shared=first, augmult=config.dp.augmult,
+                    sample_loss=self.task.sample_loss, dense=self.task.dense)
                 first = first or site.privacy
         for site in self.sites:
             if self.strategy.control_variates:

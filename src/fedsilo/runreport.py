@@ -465,6 +465,7 @@ def render_html(runs: Sequence[Run], plots: dict[str, Path]) -> str:
             data = base64.b64encode(plots[key].read_bytes()).decode("ascii")
             parts.append(f"<h2>{_e(title)}</h2>\n<img id=\"plot-{key}\" alt=\"{_e(title)}\" "
                          f"src=\"data:image/png;base64,{data}\">")
+    parts.append(_overlays(runs))
     parts.append(_configuration(runs))
     parts.append("</body></html>\n")
     return "\n".join(p for p in parts if p)
@@ -567,6 +568,29 @@ def _privacy_table(runs: Sequence[Run]) -> str:
                          f"<td>{_e(_number(last.get('user_delta'), 3, 'g'))}</td><td></td></tr>")
         lines.append("</table>")
     return "<h2>Privacy spent</h2>\n" + "\n".join(lines) if lines else ""
+
+
+#: overlay images a report embeds per run, and the largest file it embeds
+MAX_OVERLAYS, MAX_OVERLAY_BYTES = 4, 8 << 20
+
+
+def _overlays(runs: Sequence[Run]) -> str:
+    """A segmentation run's test images beside their true and predicted masks: the PNGs in
+    ``RUN_DIR/overlays/`` (written by ``fedsilo demo --task segmentation``, or by a user who
+    chooses to publish test images; docs/segmentation.md), embedded as they are."""
+    parts = []
+    for run in runs:
+        folder = run.root / "overlays"
+        files = sorted(p for p in folder.glob("*.png") if p.is_file()
+                       and p.stat().st_size <= MAX_OVERLAY_BYTES)[:MAX_OVERLAYS] \
+            if folder.is_dir() else []
+        for path in files:
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            parts.append(f"<p>{_e(run.name)}: {_e(path.name)}</p>\n<img class=\"overlay\" "
+                         f"alt=\"{_e(path.name)}\" src=\"data:image/png;base64,{data}\">")
+    if not parts:
+        return ""
+    return "<h2>Test images: photograph | true mask | predicted mask</h2>\n" + "\n".join(parts)
 
 
 def _configuration(runs: Sequence[Run]) -> str:

@@ -93,19 +93,24 @@ def run_segmentation_demo(*, participants: int, rounds: int, seed: int, out: str
         print(f"fedsilo demo: training failed with exit status {status}", file=sys.stderr)
         return status
     test_row = json.loads((run / "summary.json").read_text())["test"]
-    overlays = write_overlays(run / "model.pt", shards / "test.h5", root / "overlays")
+    # in the run directory, where fedsilo report finds them (the demo's test images are
+    # public; a hospital's own test images may not be, so train never writes these)
+    overlays = write_overlays(run / "model.pt", shards / "test.h5", run / "overlays")
     print(f"fedsilo demo: final model: test Dice {test_row['dice']:.4f}, IoU "
           f"{test_row['iou']:.4f}, pixel AUC {test_row['auc']:.4f}, HD95 "
           f"{test_row['hd95']:.1f} px -> {run / 'model.pt'}")
     print(f"fedsilo demo: overlays (photograph | true vessels | predicted vessels): {overlays}")
+    from fedsilo.demo import _report
+
+    print(f"fedsilo demo: run report: {_report(run)}")
     print(f"fedsilo demo: masks for your own images: fedsilo predict --model {run / 'model.pt'} "
           f"IMAGES... --out MASKS_DIR")
     return 0
 
 
-def write_overlays(model_path: Path, test_shard: Path, out: Path) -> Path:
-    """One PNG per test image into ``out``: the photograph, the true mask and the predicted
-    mask side by side; returns ``out``."""
+def write_overlays(model_path: Path, test_shard: Path, out: Path, *, count: int = 4) -> Path:
+    """One PNG for each of the first ``count`` test images into ``out``: the photograph, the
+    true mask and the predicted mask side by side; returns ``out``."""
     import torch
 
     from fedsilo.loading import channel_stat, normalize
@@ -121,7 +126,7 @@ def write_overlays(model_path: Path, test_shard: Path, out: Path) -> Path:
     mean = channel_stat(card.mean, torch.device("cpu"))
     std = channel_stat(card.std, torch.device("cpu"))
     out.mkdir(parents=True, exist_ok=True)
-    for i, (image, mask) in enumerate(zip(data.images, masks)):
+    for i, (image, mask) in enumerate(zip(data.images[:count], masks[:count])):
         pixels = normalize(torch.from_numpy(image.copy())[None], mean, std)
         logits = sliding_window(model, pixels, size=card.patch_size, overlap=card.overlap,
                                 batch_size=card.eval_batch_size)

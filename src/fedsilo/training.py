@@ -249,6 +249,8 @@ class ClassificationTask:
     name = "classification"
     dense = False
     loss = None
+    #: DP-SGD's per-sample loss (None: its own cross-entropy)
+    sample_loss = None
 
     def image_size(self, height: int, width: int) -> tuple[int, int]:
         return height, width

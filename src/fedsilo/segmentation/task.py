@@ -96,6 +96,12 @@ class SegmentationTask:
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return dice_ce_per_sample(logits, target, dice_weight=self.config.dice_weight).mean()
 
+    def sample_loss(self, logits: torch.Tensor, target: torch.Tensor, *,
+                    reduction: str = "none") -> torch.Tensor:
+        """Each image's loss (DP-SGD clips per image: ``reduction`` must be none)."""
+        assert reduction == "none"
+        return dice_ce_per_sample(logits, target, dice_weight=self.config.dice_weight)
+
     def train_transform(self, augmenter: Any, generator: torch.Generator) -> Transform:
         """Patches (and flips/rotations) of a batch, drawn from ``generator``."""
         config = self.config
