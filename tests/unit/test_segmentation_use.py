@@ -68,3 +68,17 @@ def test_export_of_a_segmentation_model_matches_pytorch(seg_model, tmp_path, fmt
 
     diff = export_model(seg_model, fmt=fmt, out=tmp_path / f"m.{fmt}", log=io.StringIO())
     assert diff <= TOLERANCE and (tmp_path / f"m.{fmt}").stat().st_size > 0
+
+
+def test_the_segmentation_demo_config_is_valid_and_ships_its_data(tmp_path):
+    from fedsilo.config import config_from_dict
+    from fedsilo.segdemo import chase_data, segmentation_config
+
+    data = chase_data()
+    assert (data / "ATTRIBUTION.md").is_file()
+    assert len(list((data / "training" / "images").glob("*.jpg"))) == 20
+    assert len(list((data / "test" / "mask").glob("*_1stHO.png"))) == 8
+    config = config_from_dict(segmentation_config(shards=tmp_path, rounds=3, seed=0, patch=96,
+                                                  epochs=8, keys=tmp_path))
+    assert config.task == "segmentation" and config.model.name == "basic_unet"
+    assert config.aggregation.secure == "masks" and config.eval.every == 3
