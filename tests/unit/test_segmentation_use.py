@@ -82,3 +82,30 @@ def test_the_segmentation_demo_config_is_valid_and_ships_its_data(tmp_path):
                                                   epochs=8, keys=tmp_path))
     assert config.task == "segmentation" and config.model.name == "basic_unet"
     assert config.aggregation.secure == "masks" and config.eval.every == 3
+
+
+def test_report_and_tensorboard_show_segmentation_figures(tmp_path):
+    """A copy of a stored run with segmentation figures added: the report's segmentation
+    table and overlay images, and TensorBoard's test/dice."""
+    import json
+    import shutil
+
+    from fedsilo.boardlog import scalars
+    from fedsilo.runreport import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "runs" / "plain", run)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.update(dice=0.5, iou=0.33, hd95=12.5, dice_per_class=[0.95, 0.5])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = json.loads((run / "summary.json").read_text())
+    summary["test"].update(dice=0.625, iou=0.45, hd95=None, dice_per_class=[0.9, 0.625])
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "overlays").mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((4, 12, 3), i, np.uint8)).save(run / "overlays" / f"t{i}.png")
+    html = write_report([run], out=tmp_path / "report").read_text()
+    assert '<table id="segmentation">' in html and 'data-value="0.625"' in html
+    assert "0.9000, 0.6250" in html and html.count('class="overlay"') == 4
+    assert scalars(rows[0])["test/dice"] == 0.5 and scalars(rows[0])["test/hd95"] == 12.5
