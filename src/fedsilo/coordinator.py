@@ -55,7 +55,7 @@ from fedsilo.rundir import atomic_torch_save, dump_json, finite_json, load_torch
 from fedsilo.selection import BestModel, choose_threshold, resolve_best_by, sum_counts
 from fedsilo.shards import SplitReader
 from fedsilo.strategies import build_strategy
-from fedsilo.tasks import test_fields
+from fedsilo.tasks import fields_of_test
 from fedsilo.transport import transport_for
 from fedsilo.verification import planned_sample
 
@@ -304,7 +304,7 @@ class Coordinator(Role):
             # the test metrics come right after the round number, as they always have
             rest = {k: v for k, v in row.items() if k != "round"}
             row.clear()
-            row.update(round=round_index, **test_fields(test), **rest)
+            row.update(round=round_index, **fields_of_test(test), **rest)
         if checkpoint_due(self.config, round_index):
             begin = time.perf_counter()
             self._save(round_index, row, stopped=stopped)

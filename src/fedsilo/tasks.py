@@ -31,10 +31,10 @@ def resolve_task(config: "Config", manifest: "Manifest") -> "Config":
         config, task=task)  # type: ignore[arg-type]
 
 
-def test_fields(test: Mapping[str, Any]) -> dict[str, Any]:
+def fields_of_test(test: Mapping[str, Any]) -> dict[str, Any]:
     """The fields of a metrics row that come from a test evaluation.
 
-    >>> test_fields({"acc": 0.9, "auc": 0.8, "loss": 0.3, "num_samples": 4})
+    >>> fields_of_test({"acc": 0.9, "auc": 0.8, "loss": 0.3, "num_samples": 4})
     {'acc': 0.9, 'auc': 0.8, 'loss': 0.3}
     """
     fields = {"acc": test["acc"], "auc": test["auc"], "loss": test["loss"]}
