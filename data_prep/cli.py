@@ -13,7 +13,7 @@ from typing import Any
 
 from fedsilo.errors import ConfigError, ShardError
 from fedsilo.prep import record_cli, stats
-from fedsilo.prep.args import FORMATTER, add_common, positive_int, resolve_only
+from fedsilo.prep.args import FORMATTER, add_common, name_list, positive_int, resolve_only
 from fedsilo.prep.medmnist import MEDMNIST_SIZES, load_medmnist, load_medmnist_by_name
 from fedsilo.prep.pipeline import prepare_shards
 from fedsilo.prep.source import SourceData
@@ -93,6 +93,7 @@ def add_parser(subparsers: Any) -> None:
     synthetic.set_defaults(func=_run_synthetic)
 
     record_cli.add_parsers(sources, report=_report)
+    _add_segmentation(sources)
 
     verify = sources.add_parser(
         "verify",
@@ -105,6 +106,68 @@ def add_parser(subparsers: Any) -> None:
     verify.set_defaults(func=_run_verify)
 
     stats.add_parser(sources)
+
+
+def _add_segmentation(sources: Any) -> None:
+    seg = sources.add_parser(
+        "segmentation",
+        help="image/mask pairs (folders matched by name, or a CSV of pairs)",
+        description="Shard image/mask pairs for segmentation (docs/segmentation.md): "
+        "images and uint8 label maps, kept together by group (--group-pattern: one patient "
+        "never straddles sites or the test set).",
+        formatter_class=FORMATTER,
+    )
+    which = seg.add_mutually_exclusive_group(required=True)
+    which.add_argument("--images", type=Path, help="folder of images (with --masks)")
+    which.add_argument("--pairs", type=Path,
+                       help="CSV with columns image, mask[, group][, site]")
+    seg.add_argument("--masks", type=Path, help="folder of masks, matched to --images by name")
+    seg.add_argument("--test-images", type=Path, help="folder of test images (else a hold-out)")
+    seg.add_argument("--test-masks", type=Path, help="folder of the test images' masks")
+    seg.add_argument("--test-pairs", type=Path, help="CSV of test pairs (else a hold-out)")
+    seg.add_argument("--group-pattern", default=None, metavar="REGEX",
+                     help="regular expression finding an image's group (patient) in its name "
+                     "stem, e.g. 'Image_(\\d+)'; default: each image is its own group")
+    seg.add_argument("--classes", type=positive_int, default=2,
+                     help="label-map classes, background 0 included")
+    seg.add_argument("--class-names", default=None, help="comma-separated class names")
+    seg.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                     help="convert images to 1 or 3 channels (default: as decoded)")
+    seg.add_argument("--skip-bad", action="store_true",
+                     help="leave out bad pairs and list them in the manifest instead of failing")
+    add_common(seg, natural=True)
+    seg.set_defaults(func=_run_segmentation)
+
+
+def _run_segmentation(args: argparse.Namespace) -> int:
+    from fedsilo.prep import segmentation as seg
+
+    if args.only is not None:
+        raise ConfigError("--only is not offered for segmentation sets yet")
+    bad: list[Any] = []
+    if args.images is not None:
+        if args.masks is None:
+            raise ConfigError("--images needs --masks")
+        pairs, bad = seg.pair_folders(args.images, args.masks, group_pattern=args.group_pattern)
+    else:
+        pairs = seg.pair_csv(args.pairs, group_pattern=args.group_pattern)
+    test_pairs = None
+    if args.test_images is not None:
+        if args.test_masks is None:
+            raise ConfigError("--test-images needs --test-masks")
+        test_pairs, test_bad = seg.pair_folders(args.test_images, args.test_masks,
+                                                group_pattern=args.group_pattern)
+        bad += test_bad
+    elif args.test_pairs is not None:
+        test_pairs = seg.pair_csv(args.test_pairs, group_pattern=args.group_pattern)
+    names = None if args.class_names is None else name_list(args.class_names)
+    manifest = seg.prepare_segmentation(
+        pairs, out=args.out, sites=args.sites, partition=args.partition, seed=args.seed,
+        num_classes=args.classes, class_names=names, channels=args.channels,
+        test_pairs=test_pairs, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, skip_bad=args.skip_bad, overwrite=args.overwrite,
+        pre_bad=bad, source={"images": str(args.images or args.pairs)})
+    return _report(manifest, args)
 
 
 def _run_medmnist(args: argparse.Namespace) -> int:

@@ -101,3 +101,39 @@ def _rint8(values: np.ndarray) -> np.ndarray:
 def _with_info(converted: Image.Image, original: Image.Image) -> Image.Image:
     converted.info.update(original.info)  # keeps the EXIF orientation
     return converted
+
+
+def decode_mask(path: str) -> np.ndarray | BadInput:
+    """A mask file as a uint8 H x W label map, or why it cannot be one.
+
+    1-bit images become 0/1; 8-bit grayscale and palette images keep their values (a label
+    map; a palette image's values are its palette indexes); 16-bit grayscale keeps values
+    up to 255.  Colour masks are accepted only when their three channels are equal.  No
+    EXIF rotation and no resizing: a label map must stay pixel-aligned with its image.
+    """
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            mode = opened.mode
+            array = np.asarray(opened)
+    except _PIL_ERRORS as exc:
+        return BadInput(path, f"unreadable mask: {exc}")
+    if mode == "1":
+        return array.astype(np.uint8)
+    if array.ndim == 3:
+        if array.shape[2] >= 3 and (np.array_equal(array[..., 0], array[..., 1])
+                                     and np.array_equal(array[..., 0], array[..., 2])):
+            array = array[..., 0]
+        else:
+            return BadInput(path, f"a colour mask ({mode}) is not a label map; save it as "
+                            f"1-bit, grayscale or palette PNG")
+    if array.ndim != 2 or array.dtype.kind not in "ui":
+        return BadInput(path, f"mask mode {mode} is not a label map")
+    if array.size and (int(array.min()) < 0 or int(array.max()) > 255):
+        return BadInput(path, f"mask values reach {int(array.max())}, beyond 255")
+    return np.ascontiguousarray(array.astype(np.uint8))
+
+
+def write_png(path: str, array: np.ndarray) -> None:
+    """Write a uint8 H x W (grayscale) or H x W x 3 (RGB) array as a PNG file."""
+    Image.fromarray(np.ascontiguousarray(array.astype(np.uint8))).save(path, format="PNG")

@@ -35,7 +35,7 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
                 and math.isfinite(value):
             out[tag] = float(value)
 
-    for key in ("acc", "auc", "loss"):
+    for key in ("acc", "auc", "loss", "dice", "iou", "hd95"):  # the last three: segmentation
         put(f"test/{key}", row.get(key))
     for key, value in (row.get("val") or {}).items():
         if key != "num_samples":  # a count, not a metric

@@ -15,6 +15,8 @@ Formatter = argparse.ArgumentDefaultsHelpFormatter
 _CKKS_SITES = 16
 #: the demo's rounds: well under a minute on 2 cores (docs/model.md has the measurement)
 DEMO_ROUNDS = 8
+#: the segmentation demo's rounds (a few minutes on 2 cores; benchmarks/RESULTS.md)
+SEG_DEMO_ROUNDS = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sites", "--participants", dest="sites", type=int, default=3, metavar="P",
                       help="number of sites (hospitals), one participant rank each "
                            "(P+1 MPI ranks in all)")
-    demo.add_argument("--rounds", type=int, default=DEMO_ROUNDS, help="federated rounds")
+    demo.add_argument("--task", choices=("classification", "segmentation"),
+                      default="classification",
+                      help="segmentation: retinal vessels in CHASE_DB1 fundus photographs "
+                           "(CC BY 4.0, shipped), split by child, U-Net, test Dice and "
+                           "overlay images")
+    demo.add_argument("--rounds", type=int, default=None,
+                      help=f"federated rounds (default: {DEMO_ROUNDS}; segmentation "
+                           f"{SEG_DEMO_ROUNDS})")
     demo.add_argument("--model", default=None,
                       help="model name (default: dp_cnn, 26k parameters)")
     demo.add_argument("--samples", type=int, default=None,
@@ -160,13 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "model.json/best.json) on image files (PNG, JPEG, BMP, TIFF), DICOM files, "
                     "folders of them (a DICOM series) or HDF5 shards, with the run's image size, "
                     "channels and normalization; writes a CSV of per-class probabilities and the "
-                    "predicted class (and the decision at the stored threshold, if any).")
+                    "predicted class (and the decision at the stored threshold, if any). A "
+                    "segmentation model writes a PNG mask per image into the folder --out.")
     predict.add_argument("--model", required=True, metavar="MODEL",
                          help="RUN_DIR/model.pt, RUN_DIR/best.pt, or a run directory")
     predict.add_argument("inputs", nargs="+", metavar="IMAGES",
                          help="image files, DICOM files, folders or HDF5 shards")
     predict.add_argument("--out", metavar="CSV", default=None,
-                         help="CSV file to write (default: standard output)")
+                         help="CSV file to write (default: standard output); for a "
+                         "segmentation model, the folder of masks (required)")
+    predict.add_argument("--probabilities", action="store_true",
+                         help="segmentation: also write each image's probability map(s)")
     predict.set_defaults(func=_predict)
 
     export = sub.add_parser(
@@ -455,9 +468,17 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.task == "segmentation":
+        from fedsilo.segdemo import run_segmentation_demo
+
+        if args.dp:
+            raise ConfigError("--dp is not offered for segmentation yet (docs/segmentation.md)")
+        return run_segmentation_demo(participants=args.sites,
+                                     rounds=args.rounds or SEG_DEMO_ROUNDS, seed=args.seed,
+                                     out=args.out, mpirun=args.mpirun, secure=args.secure)
     from fedsilo.demo import run_demo
 
-    return run_demo(participants=args.sites, rounds=args.rounds, model=args.model,
+    return run_demo(participants=args.sites, rounds=args.rounds or DEMO_ROUNDS, model=args.model,
                     samples=args.samples, partition=args.partition, seed=args.seed,
                     out=args.out, mpirun=args.mpirun, dp=args.dp, secure=args.secure)
 
@@ -465,7 +486,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from fedsilo.predict import predict
 
-    predict(args.model, args.inputs, out=args.out)
+    predict(args.model, args.inputs, out=args.out, probability_maps=args.probabilities)
     return 0
 
 

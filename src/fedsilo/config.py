@@ -206,6 +206,29 @@ class ParticipationConfig:
 
 
 @dataclass(frozen=True)
+class SegmentationConfig:
+    """Training and evaluation of segmentation shard sets (docs/segmentation.md)."""
+
+    #: side of the square patches training crops from whole images, and of the sliding
+    #: window evaluation and prediction use
+    patch_size: int = 128
+    #: probability that a patch is centred on a foreground pixel (nnU-Net's oversampling)
+    foreground: float = 0.5
+    #: random flips and 90-degree rotations, of image and mask together
+    augment: bool = True
+    #: overlap of neighbouring sliding windows, as a fraction of the window
+    overlap: float = 0.25
+    #: weight of (1 - soft Dice) beside the cross-entropy in the loss
+    dice_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(8 <= self.patch_size <= 4096, "segmentation.patch_size", "must be in [8, 4096]")
+        _check(0 <= self.foreground <= 1, "segmentation.foreground", "must be in [0, 1]")
+        _check(0 <= self.overlap < 1, "segmentation.overlap", "must be in [0, 1)")
+        _check(self.dice_weight >= 0, "segmentation.dice_weight", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     #: evaluate the global model on the test shard every N rounds (and always at the end)
     every: int = 1
@@ -483,6 +506,8 @@ class AggregationConfig:
 class Config:
     seed: int = 0
     rounds: int = 10
+    #: classification or segmentation; auto: what the shard set's manifest says
+    task: Literal["auto", "classification", "segmentation"] = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -497,6 +522,7 @@ class Config:
     dp: DPConfig = field(default_factory=DPConfig)
     he: HEConfig = field(default_factory=HEConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
 
     def __post_init__(self) -> None:
         # one switch: aggregation.secure=ckks and he.enabled=true mean the same thing
@@ -549,6 +575,22 @@ class Config:
                 f"seeing one; use a linear strategy (a weighted sum such as fedavg) or "
                 f"aggregation.secure=none")
         self._check_selection()
+        self._check_segmentation()
+
+    def _check_segmentation(self) -> None:
+        """What segmentation does not offer yet is refused by name (docs/segmentation.md)."""
+        if self.task != "segmentation":
+            return
+        if self.data.augment.enabled:
+            raise ConfigError("data.augment transforms images alone, which would move them off "
+                              "their masks; segmentation augments image and mask together "
+                              "(segmentation.augment): turn data.augment off")
+        if self.dp.augmult > 1:
+            raise ConfigError("dp.augmult > 1 is not offered for segmentation yet (a patch "
+                              "per sampled image and step); set dp.augmult=1")
+        if self.checkpoint.threshold != "none":
+            raise ConfigError("checkpoint.threshold is for binary classification; set it to "
+                              "none with task=segmentation")
 
     def _check_selection(self) -> None:
         """Model selection and thresholds read the sites' validation figures, which no site

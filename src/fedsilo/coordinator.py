@@ -29,7 +29,6 @@ from fedsilo.aggregate import (
 from fedsilo.boardlog import BoardLog
 from fedsilo.checkpointfile import read_coordinator_state
 from fedsilo.errors import CheckpointError, UpdateError
-from fedsilo.loading import load_splits
 from fedsilo.messages import (
     Aggregate,
     Contribution,
@@ -57,7 +56,7 @@ from fedsilo.rundir import atomic_torch_save, dump_json, finite_json
 from fedsilo.selection import BestModel, choose_threshold, resolve_best_by, sum_counts
 from fedsilo.shards import SplitReader
 from fedsilo.strategies import build_strategy
-from fedsilo.training import evaluate
+from fedsilo.tasks import fields_of_test
 from fedsilo.transport import transport_for
 from fedsilo.verification import planned_sample
 
@@ -72,8 +71,8 @@ class Coordinator(Role):
         mean, std = self._normalization(None)
         reader = SplitReader(self._shard_path(manifest.test, kind="test"), "test",
                              cache_bytes=0)
-        self.test_data = load_splits([(reader, mean, std)], data=config.data,
-                                     device=self.device, who="the coordinator")[0]
+        self.test_data = self.task.load([(reader, mean, std)], data=config.data,
+                                        device=self.device, who="the coordinator")[0]
         self._check_model_fits(self.test_data.sample(1))
         self.strategy = build_strategy(config.strategy.name, dict(config.strategy.options))
         self.strategy.setup(self.layout.numel)
@@ -298,15 +297,15 @@ class Coordinator(Role):
         if round_index % self.config.eval.every == 0 or round_index == self.config.rounds:
             begin = time.perf_counter()
             self.layout.load(self.model, self.global_weights)
-            test = evaluate(self.model, self.test_data, batch_size=self.config.eval.batch_size)
+            test = self.task.evaluate(self.model, self.test_data,
+                                      batch_size=self.config.eval.batch_size)
             self.last_test = test
             seconds["evaluate"] = time.perf_counter() - begin
             extra += seconds["evaluate"]
             # the test metrics come right after the round number, as they always have
             rest = {k: v for k, v in row.items() if k != "round"}
             row.clear()
-            row.update(round=round_index, acc=test["acc"], auc=test["auc"], loss=test["loss"],
-                       **rest)
+            row.update(round=round_index, **fields_of_test(test), **rest)
         if overlapped:  # before the checkpoint, which keeps the row for a resume
             row["overlapped"] = ["evaluate", "checkpoint"]
 
@@ -477,6 +476,10 @@ class Coordinator(Role):
                 "rule": config.checkpoint.threshold, "value": threshold, "positive_class": 1,
                 "decision": "positive when p(positive class) > value"},
             "eval_batch_size": config.eval.batch_size,
+            **({"task": "segmentation", "segmentation": {
+                "patch_size": config.segmentation.patch_size,
+                "overlap": config.segmentation.overlap}}
+               if config.task == "segmentation" else {}),
         }
 
     def _save_models(self, finals: Sequence[FinalSiteReport]) -> None:
@@ -526,8 +529,8 @@ class Coordinator(Role):
         if self.last_test is None or self.resume_round == self.final_round \
                 or self.final_round < self.config.rounds:  # (the round may not be evaluated)
             self.layout.load(self.model, self.global_weights)
-            self.last_test = evaluate(self.model, self.test_data,
-                                      batch_size=self.config.eval.batch_size)
+            self.last_test = self.task.evaluate(self.model, self.test_data,
+                                                batch_size=self.config.eval.batch_size)
         finals: list[FinalSiteReport] = [r for rank in reports[1:] for r in rank]
         self._save_models(finals)
         summary = job_summary(self, finals)
@@ -541,5 +544,6 @@ class Coordinator(Role):
                            f"{self.final_round + 1} of {self.config.rounds}; the model is "
                            f"round {self.final_round}'s"}
         dump_json(self.run_dir.summary, summary)
-        log.info("finished: test acc %.4f auc %.4f loss %.4f -> %s", self.last_test["acc"],
-                 self.last_test["auc"], self.last_test["loss"], self.run_dir.root)
+        dice = f" dice {self.last_test['dice']:.4f}" if "dice" in self.last_test else ""
+        log.info("finished: test acc %.4f auc %.4f loss %.4f%s -> %s", self.last_test["acc"],
+                 self.last_test["auc"], self.last_test["loss"], dice, self.run_dir.root)

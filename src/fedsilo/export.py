@@ -2,7 +2,9 @@
 
 The exported graph is the model itself: input ``images``, float32 N x C x H x W already
 normalized as the model card says (``(pixel / 255 - mean) / std``), output ``logits``
-N x K (softmax gives the probabilities ``fedsilo predict`` writes).  The card travels
+N x K (softmax gives the probabilities ``fedsilo predict`` writes); a segmentation model
+takes windows of its patch size and gives ``logits`` N x K x H x W (``fedsilo predict``
+slides it over whole images).  The card travels
 inside the file (TorchScript: the extra file ``fedsilo.json``; ONNX: the metadata property
 ``fedsilo``), so the preprocessing and the class names go wherever the file goes.
 
@@ -39,7 +41,7 @@ def check_batch(card: ModelCard, *, seed: int = 0) -> Any:
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(CHECK_BATCH, *card.image_shape, generator=generator)
+    return torch.randn(CHECK_BATCH, *card.input_shape, generator=generator)
 
 
 def export_model(model_path: str | Path, *, fmt: str, out: str | Path,

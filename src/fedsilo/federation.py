@@ -39,6 +39,7 @@ from fedsilo.messages import RoundPlan
 from fedsilo.rundir import RunDir, atomic_write_text, dump_json
 from fedsilo.shards import Manifest, load_manifest
 from fedsilo.stopping import EXIT_HUNG, EXIT_PREEMPTED, StopFlag, WaitPolicy
+from fedsilo.tasks import resolve_task
 
 log = logging.getLogger("fedsilo")
 
@@ -662,6 +663,7 @@ def _prepare(world: World, *, config_path: str | None, overrides: Sequence[str],
         config = replace(config, model=replace(config.model, weights=str(
             Path(weights).expanduser().resolve())))
     manifest = load_manifest(data_dir)
+    config = resolve_task(config, manifest)  # task: auto follows the shard set
     if manifest.num_sites < world.num_participants:
         raise CommunicationError(
             f"the shard set {data_dir} has {manifest.num_sites} sites, so the job needs at "

@@ -49,6 +49,11 @@ class ModelCard:
     raw: Mapping[str, Any]
     #: the batch size of the coordinator's test evaluation (predict repeats it)
     eval_batch_size: int = 256
+    #: classification, or segmentation (then ``patch_size`` and ``overlap``: the model
+    #: takes patch_size² windows, slid over whole images; docs/segmentation.md)
+    task: str = "classification"
+    patch_size: int | None = None
+    overlap: float = 0.25
 
     @property
     def channels(self) -> int:
@@ -57,6 +62,13 @@ class ModelCard:
     @property
     def size(self) -> tuple[int, int]:
         return self.image_shape[1], self.image_shape[2]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """What the model itself takes: the images, or for segmentation one window."""
+        if self.patch_size is None:
+            return self.image_shape
+        return self.image_shape[0], self.patch_size, self.patch_size
 
 
 def write_model(path: Path, state_dict: Mapping[str, Any], card: Mapping[str, Any]) -> None:
@@ -150,9 +162,27 @@ def read_card(weights: Path) -> ModelCard:
     sha = data.get("weights_sha256")
     if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
         raise ModelError(f"{path}: 'weights_sha256' must be a sha256 in hex; got {_show(sha)}")
+    task = data.get("task", "classification")
+    patch_size, overlap = None, 0.25
+    if task == "segmentation":
+        seg = card.mapping("segmentation")
+        patch_size = seg.get("patch_size")
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) \
+                or not 8 <= patch_size <= 4096:
+            raise ModelError(f"{path}: 'segmentation.patch_size' must be an integer in "
+                             f"[8, 4096]; got {_show(patch_size)}")
+        overlap_value = _real(seg.get("overlap"))
+        if overlap_value is None or not 0.0 <= overlap_value < 1.0:
+            raise ModelError(f"{path}: 'segmentation.overlap' must be a number in [0, 1); "
+                             f"got {_show(seg.get('overlap'))}")
+        overlap = overlap_value
+    elif task != "classification":
+        raise ModelError(f"{path}: 'task' must be classification or segmentation; got "
+                         f"{_show(task)}")
     return ModelCard(name=name, num_classes=num_classes, image_shape=shape, mean=mean, std=std,
                      class_names=tuple(names), round=round_index, threshold=probability,
-                     raw=data, eval_batch_size=batch_size)
+                     raw=data, eval_batch_size=batch_size, task=task, patch_size=patch_size,
+                     overlap=overlap)
 
 
 class _Card:
@@ -251,7 +281,8 @@ def load_model(given: str | Path) -> tuple[Any, ModelCard, Path]:
                          f"{exc}") from None
     torch.manual_seed(0)  # the weights replace every initial value
     model = build_for(config, in_channels=card.channels, num_classes=card.num_classes,
-                      image_size=card.size, weights=False)
+                      image_size=card.input_shape[1:], weights=False,
+                      dense=card.task == "segmentation")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

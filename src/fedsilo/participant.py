@@ -27,7 +27,7 @@ from torch import nn
 from fedsilo.aggregate import contribution_factor, count_nonfinite
 from fedsilo.checkpointfile import read_site_state
 from fedsilo.errors import CheckpointError, DataError, FedsiloError, PolicyError, UpdateError
-from fedsilo.loading import Split, load_splits
+from fedsilo.loading import Split
 from fedsilo.messages import (
     Contribution,
     FinalSiteReport,
@@ -55,7 +55,6 @@ from fedsilo.training import (
     LocalStats,
     augment_seed,
     channels_last_for,
-    evaluate,
     gradient_corrections,
     make_optimizer,
     planned_steps,
@@ -160,7 +159,8 @@ class Participant(Role):
                     mechanism=config.dp.accountant, num_samples=len(site.train_data),
                     train=config.train, rounds=config.rounds, model_name=config.model.name,
                     sample=site.train_data.sample(2), mode=config.dp.grad_sample_mode,
-                    shared=first, augmult=config.dp.augmult)
+                    shared=first, augmult=config.dp.augmult,
+                    sample_loss=self.task.sample_loss, dense=self.task.dense)
                 first = first or site.privacy
         for site in self.sites:
             if self.strategy.control_variates:
@@ -226,8 +226,8 @@ class Participant(Role):
             val = SplitReader(path, "val", cache_bytes=0)
             mean, std = self._normalization(train)
             sources += [(train, mean, std), (val, mean, std)]
-        splits = load_splits(sources, data=self.config.data, device=self.device,
-                             who=f"participant rank {self.world.rank}")
+        splits = self.task.load(sources, data=self.config.data, device=self.device,
+                                who=f"participant rank {self.world.rank}")
         return [Site(index=index, train_data=splits[2 * i], val_data=splits[2 * i + 1])
                 for i, index in enumerate(indexes)]
 
@@ -431,8 +431,9 @@ class Participant(Role):
         try:  # a shard that turns unreadable (streamed splits) fails the site's round here
             # under DP, metrics of the site's private data without noise never leave it
             validation = None if private(self.config) else \
-                evaluate(self.model, site.val_data, batch_size=self.config.eval.batch_size,
-                         thresholds=self._threshold_grid())
+                self.task.evaluate(self.model, site.val_data,
+                                   batch_size=self.config.eval.batch_size,
+                                   thresholds=self._threshold_grid())
             val_counts = None if validation is None else validation.pop("counts", None)
             val_seconds = time.perf_counter() - begin
             stats, planned = self._train(site, round_index, deadline)
@@ -490,14 +491,13 @@ class Participant(Role):
         corrections = self._corrections(site)
         if corrections is not None:
             optimizer.register_step_pre_hook(corrections)
-        augment = None
-        if self.augmenter is not None:
-            augment = self.augmenter.bind(torch.Generator().manual_seed(
-                augment_seed(self.config.seed, round_index, site.index)))
+        # augmentation (and segmentation's patches) draw apart from the batch order
+        augment = self.task.train_transform(self.augmenter, torch.Generator().manual_seed(
+            augment_seed(self.config.seed, round_index, site.index)))
         if site.privacy is None:
             stats = train_local(self.model, site.train_data, config=self.train_config,
                                 optimizer=optimizer, generator=generator, deadline=deadline,
-                                augment=augment)
+                                augment=augment, loss_fn=self.task.loss)
             return stats, planned_steps(len(site.train_data), self.config.train)
         stats = LocalStats(*site.privacy.train_round(site.train_data, optimizer=optimizer,
                                                      secret=site.secret,
@@ -585,9 +585,9 @@ class Participant(Role):
             report = FinalSiteReport(site=site.index, privacy=self._privacy_report(site))
             if not private(self.config):  # under DP, validation metrics stay on the site
                 try:
-                    validation = evaluate(self.model, site.val_data,
-                                          batch_size=self.config.eval.batch_size,
-                                          thresholds=self._threshold_grid())
+                    validation = self.task.evaluate(self.model, site.val_data,
+                                                    batch_size=self.config.eval.batch_size,
+                                                    thresholds=self._threshold_grid())
                 except DataError as exc:  # a streamed shard that turned unreadable
                     return reports, exc
                 report.val_counts = validation.pop("counts", None)

@@ -13,6 +13,14 @@ not have.
 On a shard the probabilities are the coordinator's test evaluation, operation for operation
 (same normalization, batch size and float64 softmax): predicting ``test.h5`` gives the run's
 test accuracy exactly.
+
+A segmentation model (its card says ``task: segmentation``) writes a mask per image instead
+of a CSV row: ``--out`` is then a folder, and each image gives ``STEM_mask.png`` (its
+predicted label map at the image's own size, never resized: binary masks as 0/255 so any
+viewer shows them, more classes as their class values) and, with ``--probabilities``,
+``STEM_prob.png`` (the foreground probability × 255; with more classes one
+``STEM_prob_K.png`` per class K > 0), computed in sliding windows as the run's test
+evaluation is (docs/segmentation.md).
 """
 
 from __future__ import annotations
@@ -176,12 +184,77 @@ def _write_csv(out: Path, text: str) -> None:
                         f"another --out") from None
 
 
+def predict_masks(model: Any, card: ModelCard, paths: Sequence[Path], *, out: Path,
+                  probabilities: bool = False) -> list[Path]:
+    """A segmentation model's mask (and probability maps) of every image file, written into
+    the folder ``out``; returns the files written.  An existing file is never replaced."""
+    import torch
+
+    from fedsilo.loading import channel_stat, normalize
+    from fedsilo.prep.images import write_png
+    from fedsilo.segmentation.window import sliding_window
+
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; a segmentation model writes a folder of masks")
+    if any(p.suffix.lower() in SHARD_SUFFIXES for p in paths):
+        raise DataError("segmentation models predict on image files, not shards (yet)")
+    stems = [p.stem for p in paths]
+    if len(set(stems)) != len(stems):
+        raise DataError("two inputs share a name stem; their masks would collide")
+    planned = [out / f"{stem}_mask.png" for stem in stems]
+    taken = [str(p) for p in planned if p.exists()]
+    if taken:
+        raise DataError(f"{len(taken)} mask file(s) exist already (e.g. {taken[0]}); choose "
+                        f"another --out (existing files are never replaced)")
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = torch.device("cpu")
+    mean, std = channel_stat(card.mean, cpu), channel_stat(card.std, cpu)
+    assert card.patch_size is not None
+    written: list[Path] = []
+    from fedsilo.prep.dicom import DicomDecoder
+    from fedsilo.prep.images import ImageDecoder
+
+    for path, target in zip(paths, planned):
+        decoder: Any = DicomDecoder(channels=card.channels) if is_dicom(path) \
+            else ImageDecoder(channels=card.channels)
+        image = decoder(str(path))
+        if not isinstance(image, np.ndarray):
+            raise DataError(image.message())
+        pixels = normalize(torch.from_numpy(np.ascontiguousarray(image))[None], mean, std)
+        logits = sliding_window(model, pixels, size=card.patch_size, overlap=card.overlap,
+                                batch_size=card.eval_batch_size)
+        probs = torch.softmax(logits[0].double(), dim=0).numpy()
+        labels = probs.argmax(0).astype(np.uint8)
+        write_png(str(target), labels * 255 if card.num_classes == 2 else labels)
+        written.append(target)
+        if probabilities:
+            for k in range(1, card.num_classes):
+                suffix = "" if card.num_classes == 2 else f"_{k}"
+                prob_path = out / f"{path.stem}_prob{suffix}.png"
+                if prob_path.exists():
+                    raise DataError(f"{prob_path} exists already; choose another --out")
+                write_png(str(prob_path), np.rint(probs[k] * 255).astype(np.uint8))
+                written.append(prob_path)
+    return written
+
+
 def predict(model_path: str | Path, inputs: Sequence[str | Path], *,
-            out: str | Path | None = None, log: Any = None) -> dict[str, Any]:
+            out: str | Path | None = None, log: Any = None,
+            probability_maps: bool = False) -> dict[str, Any]:
     """Write the CSV (``out``, or stdout) and return what it found: images, and the accuracy
-    on labelled inputs (shards).  Bad input raises ModelError or DataError."""
+    on labelled inputs (shards).  A segmentation model writes masks into the folder ``out``
+    instead (:func:`predict_masks`).  Bad input raises ModelError or DataError."""
     model, card, weights = load_model(model_path)
     paths = list_inputs(inputs)
+    if card.task == "segmentation":
+        if out is None:
+            raise DataError("a segmentation model writes a mask per image: give --out FOLDER")
+        written = predict_masks(model, card, paths, out=Path(out),
+                                probabilities=probability_maps)
+        print(f"fedsilo predict: {len(paths)} mask(s) with {weights} -> {out}",
+              file=sys.stderr if log is None else log)
+        return {"images": len(paths), "model": str(weights), "files": [str(p) for p in written],
+                "accuracy": None, "labelled": 0, "threshold": None}
     threshold = card.threshold if card.num_classes == 2 else None
     columns = ["source", "label", *[f"prob_{c}" for c in card.class_names], "predicted"]
     if threshold is not None:

@@ -48,7 +48,8 @@ class RoundProgress:
         parts = [f"round {round_index}/{self.total}"]
         if "acc" in row:
             parts.append(f"test acc {row['acc']:.4f} auc {_fmt(row.get('auc'))} "
-                         f"loss {row['loss']:.4f}")
+                         f"loss {row['loss']:.4f}"
+                         + (f" dice {_fmt(row.get('dice'))}" if "dice" in row else ""))
         if row.get("val"):
             parts.append(f"val acc {row['val']['acc']:.4f}")
         parts.append(f"{seconds:.1f}s")

@@ -18,6 +18,7 @@ from fedsilo import __version__
 from fedsilo.aggregate import weighted_validation
 from fedsilo.messages import FinalSiteReport, RankReport, RoundPlan
 from fedsilo.roles import private
+from fedsilo.tasks import fields_of_test
 
 if TYPE_CHECKING:
     from fedsilo.coordinator import Coordinator
@@ -53,7 +54,7 @@ def metrics_row(coordinator: Coordinator, plan: RoundPlan, ranks: Sequence[RankR
     weight_bytes = numel * 4
     row: dict[str, Any] = {"round": plan.round}
     if test is not None:
-        row.update(acc=test["acc"], auc=test["auc"], loss=test["loss"])
+        row.update(fields_of_test(test))
     if not dp_private:
         row["val"] = weighted_validation([r.val for r in reports if r.val is not None])
     row["participants"] = {str(r.site): r.released() for r in reports}

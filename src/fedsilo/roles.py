@@ -23,6 +23,7 @@ from fedsilo.models import build_for
 from fedsilo.rundir import RunDir
 from fedsilo.runtime import configure_threads, defer_dynamo_import, select_device
 from fedsilo.shards import Manifest, check_listed_shard
+from fedsilo.tasks import build_task
 from fedsilo.transport import Transport
 from fedsilo.verification import plan_weights, user_weights  # noqa: F401 - re-exported
 from fedsilo.weights import WeightLayout
@@ -49,10 +50,13 @@ class Role:
         defer_dynamo_import()  # an optimizer no longer costs an import of torch._dynamo
         self.device = select_device(config.runtime.device, local_rank=world.local_rank,
                                     is_coordinator=world.is_coordinator)
+        #: classification or segmentation (tasks.py): loading, loss, evaluation
+        self.task = build_task(config)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         channels, height, width = manifest.image_shape
         self.model = build_for(config, in_channels=channels, num_classes=manifest.num_classes,
-                               image_size=(height, width)).to(self.device)
+                               image_size=self.task.image_size(height, width),
+                               dense=self.task.dense).to(self.device)
         self.layout = WeightLayout.of(self.model)
         self.pinned = self.device.type == "cuda"
         self.global_weights = self.layout.flatten(self.model,
@@ -103,9 +107,9 @@ class Role:
         except RuntimeError as exc:
             raise ModelError(f"model {self.config.model.name!r} cannot process images of shape "
                              f"{tuple(sample.shape[1:])}: {exc}") from None
-        if logits.shape[-1] != self.manifest.num_classes:
-            raise ModelError(f"model {self.config.model.name!r} outputs {logits.shape[-1]} "
-                             f"classes, the shard set has {self.manifest.num_classes}")
+        problem = self.task.check_output(logits, self.manifest.num_classes)
+        if problem is not None:
+            raise ModelError(f"model {self.config.model.name!r} {problem}")
 
     def _normalization(self, split: Any) -> tuple[Any, Any]:
         mode = self.config.data.normalize

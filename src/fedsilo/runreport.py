@@ -58,7 +58,8 @@ class Run:
         if self.summary and isinstance(self.summary.get("test"), dict):
             return self.summary["test"]
         tested = [r for r in self.rows if "acc" in r]
-        return {k: tested[-1].get(k) for k in ("acc", "auc", "loss")} if tested else {}
+        keys = ("acc", "auc", "loss", "dice", "iou", "hd95", "dice_per_class")
+        return {k: tested[-1][k] for k in keys if k in tested[-1]} if tested else {}
 
     def best(self) -> tuple[float | None, int | None]:
         """The best test accuracy over the rounds, and its round."""
@@ -492,12 +493,14 @@ def render_html(runs: Sequence[Run], plots: dict[str, Path]) -> str:
              f"<h1>fedsilo report: {_e(names)}</h1>",
              f"<p>Written {_e(now)} by fedsilo {_e(__version__)} from "
              f"{', '.join(f'<code>{_e(str(r.root))}</code>' for r in runs)}.</p>",
-             _runs_table(runs), _gap_table(runs), _notes(runs), _privacy_table(runs)]
+             _runs_table(runs), _segmentation_table(runs), _gap_table(runs), _notes(runs),
+             _privacy_table(runs)]
     for key, title in _PLOT_TITLES.items():
         if key in plots:
             data = base64.b64encode(plots[key].read_bytes()).decode("ascii")
             parts.append(f"<h2>{_e(title)}</h2>\n<img id=\"plot-{key}\" alt=\"{_e(title)}\" "
                          f"src=\"data:image/png;base64,{data}\">")
+    parts.append(_overlays(runs))
     parts.append(_configuration(runs))
     parts.append("</body></html>\n")
     return "\n".join(p for p in parts if p)
@@ -545,6 +548,28 @@ def _runs_table(runs: Sequence[Run]) -> str:
                     "(positive: what federating costs)." if any(r.centralized for r in runs)
                     else "") + "</p>")
     return "\n".join(lines)
+
+
+def _segmentation_table(runs: Sequence[Run]) -> str:
+    """Segmentation runs' final test Dice, IoU (foreground means and per class) and HD95."""
+    rows = []
+    for run in runs:
+        test = run.final_test()
+        if "dice" not in test:
+            continue
+        per_class = test.get("dice_per_class")
+        classes = ", ".join(_number(v, 4) if _is_number(v) else "n/a" for v in per_class) \
+            if isinstance(per_class, list) else ""
+        rows.append(f"<tr data-run=\"{_e(run.name)}\"><td class=\"run\">{_e(run.name)}</td>"
+                    + _value_cell("final-dice", test.get("dice"))
+                    + _value_cell("final-iou", test.get("iou"))
+                    + _value_cell("final-hd95", test.get("hd95"), digits=1)
+                    + f"<td>{_e(classes)}</td></tr>")
+    if not rows:
+        return ""
+    head = ("run", "test Dice", "test IoU", "test HD95 (px)", "Dice per class")
+    return ("<h2>Segmentation</h2>\n<table id=\"segmentation\"><tr>"
+            + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")
 
 
 def _gap_table(runs: Sequence[Run]) -> str:
@@ -600,6 +625,29 @@ def _privacy_table(runs: Sequence[Run]) -> str:
                          f"<td>{_e(_number(last.get('user_delta'), 3, 'g'))}</td><td></td></tr>")
         lines.append("</table>")
     return "<h2>Privacy spent</h2>\n" + "\n".join(lines) if lines else ""
+
+
+#: overlay images a report embeds per run, and the largest file it embeds
+MAX_OVERLAYS, MAX_OVERLAY_BYTES = 4, 8 << 20
+
+
+def _overlays(runs: Sequence[Run]) -> str:
+    """A segmentation run's test images beside their true and predicted masks: the PNGs in
+    ``RUN_DIR/overlays/`` (written by ``fedsilo demo --task segmentation``, or by a user who
+    chooses to publish test images; docs/segmentation.md), embedded as they are."""
+    parts = []
+    for run in runs:
+        folder = run.root / "overlays"
+        files = sorted(p for p in folder.glob("*.png") if p.is_file()
+                       and p.stat().st_size <= MAX_OVERLAY_BYTES)[:MAX_OVERLAYS] \
+            if folder.is_dir() else []
+        for path in files:
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            parts.append(f"<p>{_e(run.name)}: {_e(path.name)}</p>\n<img class=\"overlay\" "
+                         f"alt=\"{_e(path.name)}\" src=\"data:image/png;base64,{data}\">")
+    if not parts:
+        return ""
+    return "<h2>Test images: photograph | true mask | predicted mask</h2>\n" + "\n".join(parts)
 
 
 def _configuration(runs: Sequence[Run]) -> str:

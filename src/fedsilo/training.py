@@ -183,16 +183,19 @@ class Precision:
 
 def train_local(model: nn.Module, data: Split, *, config: TrainConfig,
                 optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                deadline: float | None = None, augment: Transform | None = None) -> LocalStats:
+                deadline: float | None = None, augment: Transform | None = None,
+                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                ) -> LocalStats:
     """Run ``config.epochs`` epochs (or ``config.max_steps`` steps) of minibatch training.
 
     ``deadline`` (a ``time.perf_counter()`` value): stop before the first step that would
     begin after it; the stats say how many steps were done.  ``augment``: applied to each
-    batch's raw pixels before normalization.
+    batch's raw pixels before normalization.  ``loss_fn``: the batch's mean loss (default
+    cross-entropy; segmentation's is Dice + cross-entropy over label maps).
     """
     start = time.perf_counter()
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
     precision = Precision(config.precision, data.labels.device)
     steps, samples, loss_sum = 0, 0, 0.0
     order = epoch_batches(len(data), config, generator)
@@ -207,8 +210,8 @@ def train_local(model: nn.Module, data: Split, *, config: TrainConfig,
                 loss = loss_fn(model(images), labels)
             precision.backward_step(loss, optimizer)
             steps += 1
-            samples += int(labels.numel())
-            loss_sum += float(loss.detach()) * int(labels.numel())
+            samples += int(labels.shape[0])
+            loss_sum += float(loss.detach()) * int(labels.shape[0])
     return LocalStats(steps=steps, samples=samples, loss=loss_sum / max(samples, 1),
                       seconds=time.perf_counter() - start)
 
@@ -238,3 +241,35 @@ def evaluate(model: nn.Module, data: Split, *, batch_size: int,
     if thresholds is not None:
         result["counts"] = threshold_counts(labels, all_probs, thresholds)
     return result
+
+
+class ClassificationTask:
+    """Classification as the roles use it (``tasks.py``): the functions above."""
+
+    name = "classification"
+    dense = False
+    loss = None
+    #: DP-SGD's per-sample loss (None: its own cross-entropy)
+    sample_loss = None
+
+    def image_size(self, height: int, width: int) -> tuple[int, int]:
+        return height, width
+
+    def load(self, sources: Sequence[Any], *, data: Any, device: torch.device, who: str
+             ) -> list[Any]:
+        from fedsilo.loading import load_splits
+
+        return list(load_splits(sources, data=data, device=device, who=who))
+
+    def train_transform(self, augmenter: Any, generator: torch.Generator
+                        ) -> Transform | None:
+        return None if augmenter is None else augmenter.bind(generator)
+
+    def check_output(self, logits: torch.Tensor, num_classes: int) -> str | None:
+        if logits.shape[-1] != num_classes:
+            return f"outputs {logits.shape[-1]} classes, the shard set has {num_classes}"
+        return None
+
+    def evaluate(self, model: nn.Module, data: Split, *, batch_size: int,
+                 thresholds: np.ndarray | None = None) -> dict[str, Any]:
+        return evaluate(model, data, batch_size=batch_size, thresholds=thresholds)

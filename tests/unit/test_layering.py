@@ -35,7 +35,8 @@ HEAVY = ("torch", "mpi4py", "h5py", "tenseal", "opacus", "torchvision")
 NOT_PURE = {"fedsilo.privacy.accounting": "opacus"}
 #: the prep tools never need torch or MPI (they run on login nodes and laptops)
 NO_TORCH_OR_MPI = ["fedsilo.prep.cli", "fedsilo.prep.pipeline", "fedsilo.prep.medmnist",
-                   "fedsilo.prep.images", "fedsilo.prep.dicom", "fedsilo.prep.records"]
+                   "fedsilo.prep.images", "fedsilo.prep.dicom", "fedsilo.prep.records",
+                  "fedsilo.prep.segmentation"]
 
 #: imports each module in turn in one fresh interpreter and records what each import added:
 #: the first module that pulls a heavy package in is the one it is attributed to

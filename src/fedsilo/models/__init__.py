@@ -41,6 +41,24 @@ def _dp_cnn(**kwargs: Any) -> Any:
     return dp_cnn(**kwargs)
 
 
+@MODELS.register("unet")
+def _unet(**kwargs: Any) -> Any:
+    """MONAI's residual U-Net for segmentation (``models/unet.py``; transposed convolutions:
+    not for DP-SGD)."""
+    from fedsilo.models.unet import unet
+
+    return unet(**kwargs)
+
+
+@MODELS.register("basic_unet")
+def _basic_unet(**kwargs: Any) -> Any:
+    """MONAI's BasicUNet for segmentation, GroupNorm, ReLU and non-trainable upsampling
+    (``models/unet.py``): every parametrized layer is a Conv2d or a GroupNorm."""
+    from fedsilo.models.unet import basic_unet
+
+    return basic_unet(**kwargs)
+
+
 @MODELS.register("resnet18")
 def _resnet18(**kwargs: Any) -> Any:
     """ResNet-18 (``models/resnet.py``): torchvision is imported only by runs that use it."""
@@ -55,10 +73,12 @@ def wants_dp_fix(config: "Config") -> bool:
 
 
 def build_for(config: "Config", *, in_channels: int, num_classes: int,
-              image_size: tuple[int, int], weights: bool = True) -> "nn.Module":
+              image_size: tuple[int, int], weights: bool = True,
+              dense: bool = False) -> "nn.Module":
     """The model a run with ``config`` trains, for ``in_channels × image_size`` images of
-    ``num_classes`` classes: built by name, pretrained weights loaded (``weights``: False to
-    skip them, when a state dict is loaded next anyway), made DP-ready (``model.dp_fix``),
+    ``num_classes`` classes (``dense``: per pixel, a segmentation model): built by name,
+    pretrained weights loaded (``weights``: False to skip them, when a state dict is loaded
+    next anyway), made DP-ready (``model.dp_fix``),
     frozen but for ``model.train_layers``, and tried on a zero image.  Raises
     :class:`~fedsilo.errors.ModelError` naming the cause on every rank alike.
     """
@@ -90,7 +110,7 @@ def build_for(config: "Config", *, in_channels: int, num_classes: int,
         trainable = adapt.freeze(model, cfg.train_layers, head=adapt.head_name(model))
         notes.append(f"training {', '.join(trainable)} only")
     adapt.check_forward(model, model_name=cfg.name, in_channels=in_channels,
-                        image_size=image_size, num_classes=num_classes)
+                        image_size=image_size, num_classes=num_classes, dense=dense)
     if notes:
         log.info("model %r: %s; %s", cfg.name, "; ".join(notes), adapt.describe_trainable(model))
     return model

@@ -278,7 +278,7 @@ def describe_trainable(model: nn.Module) -> str:
 
 
 def check_forward(model: nn.Module, *, model_name: str, in_channels: int,
-                  image_size: tuple[int, int], num_classes: int) -> None:
+                  image_size: tuple[int, int], num_classes: int, dense: bool = False) -> None:
     """Run a zero image through ``model``: a model that cannot take ``in_channels ×
     image_size`` images, or outputs another number of classes, fails here, at build time."""
     was_training = model.training
@@ -293,6 +293,13 @@ def check_forward(model: nn.Module, *, model_name: str, in_channels: int,
                          ) from None
     finally:
         model.train(was_training)
+    if dense:  # a segmentation model: one logit per class and pixel
+        if not isinstance(logits, torch.Tensor) or logits.shape != (1, num_classes,
+                                                                    *image_size):
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else "?"
+            raise ModelError(f"model {model_name!r} outputs {shape} for one image; expected "
+                             f"(1, {num_classes}, {image_size[0]}, {image_size[1]}) logits")
+        return
     if not isinstance(logits, torch.Tensor) or logits.shape != (1, num_classes):
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ModelError(f"model {model_name!r} outputs {shape} for one image; expected "

@@ -84,7 +84,8 @@ class ParticipantPrivacy:
                  num_samples: int, train: TrainConfig, rounds: int, model_name: str,
                  sample: torch.Tensor, mode: str = "auto",
                  shared: "ParticipantPrivacy | None" = None, augmult: int = 1,
-                 lookahead: int | None = None) -> None:
+                 lookahead: int | None = None, sample_loss: Any = None,
+                 dense: bool = False) -> None:
         check_model(model, name=model_name)
         self.site, self.settings, self.train_config = site, settings, train
         #: views per sample (dp.augmult): the rows of one sample are consecutive
@@ -109,6 +110,9 @@ class ParticipantPrivacy:
         self.lookahead = lookahead_for(sample.device) if lookahead is None else lookahead
         self._pool: BufferPool | None = None  # made on first use, kept for the whole job
         self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        #: each sample's loss, ``f(logits, labels, reduction="none")`` (None: cross-entropy);
+        #: segmentation's Dice + CE of each image's label map.  ``dense``: labels are maps
+        self.sample_loss, self.dense = sample_loss, dense
         self.mode: str
         self.clipper: Any
         self.module: Any
@@ -274,7 +278,7 @@ class ParticipantPrivacy:
         try:  # the buffer goes back to the pool whatever happens (a leak would stall the next)
             if labels.numel():  # Poisson sampling may draw an empty batch: then noise only
                 loss = self.clipped_sum(images, labels, group=self.augmult)
-                samples += int(labels.numel()) // self.augmult
+                samples += int(labels.shape[0]) // self.augmult
                 loss_sum += float(loss.detach())
             values = noise
             if device.type == "cuda":  # one asynchronous copy out of pinned memory
@@ -304,18 +308,23 @@ class ParticipantPrivacy:
         ``group`` > 1: sample i is the ``group`` consecutive rows i·group .. i·group+group-1
         (its augmented views), g_i and ℓ_i the means over them."""
         if self.clipper is not None:
+            extra = {} if self.sample_loss is None else {"loss_fn": self.sample_loss}
             return self.clipper.clipped_sum(images, labels,
                                             max_grad_norm=self.settings.max_grad_norm,
-                                            group=group, autocast=self.precision.autocast)
+                                            group=group, autocast=self.precision.autocast,
+                                            **extra)
         with self.precision.autocast():
-            loss = self.loss_fn(self.module(images), labels) / group
+            logits = self.module(images)
+            loss = (self.loss_fn(logits, labels) if self.sample_loss is None
+                    else self.sample_loss(logits, labels, reduction="none").sum()) / group
         loss.backward()
         self.clip_and_sum(group=group)
         return loss
 
     def _trial_step(self, images: torch.Tensor) -> None:
         self.module.train()
-        labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+        shape = (images.shape[0], *images.shape[2:]) if self.dense else (images.shape[0],)
+        labels = torch.zeros(shape, dtype=torch.long, device=images.device)
         self.clipped_sum(images, labels)
 
     def clip_and_sum(self, *, group: int = 1) -> None:

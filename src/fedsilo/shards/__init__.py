@@ -29,6 +29,7 @@ from fedsilo.shards.manifest import (
     site_file_name,
     write_manifest,
 )
+from fedsilo.shards.masks import read_masks, shard_task
 from fedsilo.shards.reader import SplitReader
 from fedsilo.shards.stats import PixelStats
 from fedsilo.shards.stats import combine as combine_stats
@@ -52,11 +53,13 @@ __all__ = [
     "check_shard",
     "combine_stats",
     "load_manifest",
+    "read_masks",
     "read_shard",
     "read_shard_attrs",
     "read_split_attrs",
     "file_digest",
     "sha256_file",
+    "shard_task",
     "site_file_name",
     "verify_shard_set",
     "write_manifest",

@@ -9,6 +9,15 @@ Layout (format 1)::
     /<split>          attrs: num_samples, class_counts[num_classes], pixel_count[C],
                              pixel_sum[C], pixel_sumsq[C], mean[C], std[C]
 
+A segmentation shard (root attr ``task="segmentation"``, written with ``masks=True``) adds
+one uint8 label map per image, chunked in tiles so a patch reads a few small chunks::
+
+    /<split>/masks    uint8 N x H x W, chunks 1 x 256 x 256, gzip 4 + shuffle
+    /<split>          attrs: pixel_class_counts[num_classes] (label-map pixels per class)
+
+Its ``labels`` are each image's highest class present (0: background only), so the
+partitioners stratify by them; its ``num_classes`` counts the label-map classes.
+
 Splits are ``train`` and ``val`` in a site shard and ``test`` in the test shard; the
 statistics are over pixels scaled to [0, 1].  Files are written to a temporary name
 in the same directory and renamed into place only once complete, so a reader never sees
@@ -51,6 +60,8 @@ RESERVED_ATTRS = ("fedsilo_format", "kind", "num_classes", "image_shape")
 CHUNK_IMAGES = 256
 _CHUNK_BYTES = 1 << 20
 _LABEL_CHUNK = 4096
+#: the side of a mask chunk (a tile of a label map)
+MASK_TILE = 256
 _GZIP_LEVEL = 4
 _HASH_BLOCK = 1 << 20
 
@@ -82,6 +93,8 @@ class ShardInfo:
     num_samples: dict[str, int]
     class_counts: dict[str, tuple[int, ...]]
     stats: dict[str, PixelStats] = field(default_factory=dict)
+    #: segmentation shards: label-map pixels per class, per split (else None)
+    pixel_class_counts: dict[str, tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +126,7 @@ class Shard:
 
 class _SplitState:
     def __init__(self, group: h5py.Group, image_shape: tuple[int, int, int], num_classes: int,
-                 compressor: "_Compressor") -> None:
+                 compressor: "_Compressor", *, masks: bool = False) -> None:
         image_bytes = int(np.prod(image_shape))
         chunk_n = max(1, min(CHUNK_IMAGES, _CHUNK_BYTES // image_bytes))
         self.chunk_n = chunk_n
@@ -132,17 +145,33 @@ class _SplitState:
             "labels", shape=(0,), maxshape=(None,), chunks=(_LABEL_CHUNK,), dtype=np.int64,
             compression="gzip", compression_opts=_GZIP_LEVEL, shuffle=True, track_times=False,
         )
+        self.masks: h5py.Dataset | None = None
+        self.pixel_class_counts = np.zeros(num_classes, dtype=np.int64)
+        if masks:
+            tile = (1, min(MASK_TILE, image_shape[1]), min(MASK_TILE, image_shape[2]))
+            self.masks = group.create_dataset(
+                "masks", shape=(0, *image_shape[1:]), maxshape=(None, *image_shape[1:]),
+                chunks=tile, dtype=np.uint8, compression="gzip", compression_opts=_GZIP_LEVEL,
+                shuffle=True, track_times=False,
+            )
         self.count = 0
         self.class_counts = np.zeros(num_classes, dtype=np.int64)
         self.stats = RunningStats(image_shape[0])
 
-    def append(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def append(self, images: np.ndarray, labels: np.ndarray,
+               masks: np.ndarray | None = None) -> None:
         n = len(labels)
         if n == 0:
             return
         self.images.resize(self.count + n, axis=0)
         self.labels.resize(self.count + n, axis=0)
         self.labels[self.count :] = labels
+        if self.masks is not None and masks is not None:
+            self.masks.resize(self.count + n, axis=0)
+            self.masks[self.count :] = masks
+            self.pixel_class_counts += np.bincount(
+                masks.reshape(-1), minlength=len(self.pixel_class_counts))[
+                    : len(self.pixel_class_counts)]
         self._write_images(images)
         self.count += n
         self.class_counts += np.bincount(labels, minlength=len(self.class_counts))
@@ -186,6 +215,8 @@ class _SplitState:
         attrs["pixel_sumsq"] = np.asarray(stats.pixel_sumsq, dtype=np.float64)
         attrs["mean"] = np.asarray(stats.mean, dtype=np.float64)
         attrs["std"] = np.asarray(stats.std, dtype=np.float64)
+        if self.masks is not None:
+            attrs["pixel_class_counts"] = self.pixel_class_counts
         return stats
 
 
@@ -216,6 +247,7 @@ class ShardWriter:
     """Streams images into a new shard file; the file appears only on a clean close.
 
     ``threads`` compress the image chunks in parallel; the file is the same for any number.
+    ``masks``: a segmentation shard; every :meth:`append` then brings a label map per image.
 
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -234,6 +266,7 @@ class ShardWriter:
         num_classes: int,
         attrs: Mapping[str, Any] | None = None,
         threads: int = 1,
+        masks: bool = False,
     ) -> None:
         if kind not in SPLITS_BY_KIND:
             raise DataError(f"shard kind must be one of {sorted(SPLITS_BY_KIND)}, got {kind!r}")
@@ -250,6 +283,9 @@ class ShardWriter:
         self.kind = kind
         self.image_shape: tuple[int, int, int] = (shape[0], shape[1], shape[2])
         self.num_classes = int(num_classes)
+        self.with_masks = bool(masks)
+        if self.with_masks and int(num_classes) > 256:
+            raise DataError(f"a uint8 label map holds at most 256 classes, got {num_classes}")
         self._compressor = _Compressor(threads)
         self._tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
         try:
@@ -264,14 +300,18 @@ class ShardWriter:
             root["image_shape"] = np.asarray(shape, dtype=np.int64)
             for key, value in extra.items():
                 root[key] = value
+            if self.with_masks:
+                root["task"] = "segmentation"
         except Exception:
             self.abort()
             raise
         self._splits: dict[str, _SplitState] = {}
         self._info: ShardInfo | None = None
 
-    def append(self, split: str, images: np.ndarray, labels: np.ndarray) -> None:
-        """Add a batch of images (uint8, N x C x H x W) and labels (N integers)."""
+    def append(self, split: str, images: np.ndarray, labels: np.ndarray,
+               masks: np.ndarray | None = None) -> None:
+        """Add a batch of images (uint8, N x C x H x W) and labels (N integers), and for a
+        segmentation shard their label maps (``masks``: uint8 N x H x W)."""
         if self._file is None:
             raise ShardError(f"shard writer for {self.path} is already closed")
         allowed = SPLITS_BY_KIND[self.kind]
@@ -280,10 +320,12 @@ class ShardWriter:
                 f"{self.path}: a {self.kind} shard holds splits {list(allowed)}, not {split!r}"
             )
         images, labels = self._validate(split, images, labels)
+        masks = self._validate_masks(split, masks, len(labels))
         if split not in self._splits:
             group = self._file.create_group(split)
-            self._splits[split] = _SplitState(group, self.image_shape, self.num_classes, self._compressor)
-        self._splits[split].append(images, labels)
+            self._splits[split] = _SplitState(group, self.image_shape, self.num_classes,
+                                              self._compressor, masks=self.with_masks)
+        self._splits[split].append(images, labels, masks)
 
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:
         """Add root attributes known only after the data (e.g. the inputs a writer skipped)."""
@@ -306,7 +348,8 @@ class ShardWriter:
             for split in SPLITS_BY_KIND[self.kind]:
                 if split not in self._splits:  # every split exists, if only empty
                     group = self._file.create_group(split)
-                    self._splits[split] = _SplitState(group, self.image_shape, self.num_classes, self._compressor)
+                    self._splits[split] = _SplitState(group, self.image_shape, self.num_classes,
+                                                      self._compressor, masks=self.with_masks)
                 stats[split] = self._splits[split].finish()
             self._compressor.close()
             self._file.close()
@@ -328,6 +371,9 @@ class ShardWriter:
                 s: tuple(int(v) for v in st.class_counts) for s, st in self._splits.items()
             },
             stats=stats,
+            pixel_class_counts={
+                s: tuple(int(v) for v in st.pixel_class_counts) for s, st in self._splits.items()
+            } if self.with_masks else None,
         )
         return self._info
 
@@ -385,6 +431,25 @@ class ShardWriter:
                 f"(num_classes={self.num_classes})"
             )
         return np.ascontiguousarray(images), labels
+
+    def _validate_masks(self, split: str, masks: np.ndarray | None, count: int
+                        ) -> np.ndarray | None:
+        where = f"{self.path} [{split}]"
+        if not self.with_masks:
+            if masks is not None:
+                raise DataError(f"{where}: masks given to a shard written without masks=True")
+            return None
+        if masks is None:
+            raise DataError(f"{where}: a segmentation shard needs a label map per image")
+        masks = np.asarray(masks)
+        if masks.dtype != np.uint8 or masks.shape != (count, *self.image_shape[1:]):
+            raise DataError(f"{where}: masks must be uint8 of shape ({count}, "
+                            f"{self.image_shape[1]}, {self.image_shape[2]}), got {masks.dtype} "
+                            f"{masks.shape}")
+        if masks.size and int(masks.max()) >= self.num_classes:
+            raise DataError(f"{where}: label value {int(masks.max())} is outside [0, "
+                            f"{self.num_classes}) (num_classes={self.num_classes})")
+        return np.ascontiguousarray(masks)
 
 
 def write_shard(

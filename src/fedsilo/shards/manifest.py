@@ -82,6 +82,12 @@ class Manifest:
     skipped: tuple[dict[str, str], ...] | None = None
     created_by: str = field(default=f"fedsilo {__version__}")
     format_version: int = MANIFEST_VERSION
+    #: ``classification`` or ``segmentation`` (image/mask pairs; docs/segmentation.md)
+    task: str = "classification"
+    #: segmentation: ``pixel_class_counts`` ({file: {split: [per class]}}), ``image_size``
+    #: [H, W], ``groups`` ({file: {split: [group of each image]}}) and ``pairs`` (the source
+    #: files, each with its sha256)
+    segmentation: dict[str, Any] | None = None
 
     def path_of(self, entry: SiteEntry, directory: str | os.PathLike[str]) -> Path:
         return Path(directory) / entry.file
@@ -123,6 +129,10 @@ class Manifest:
         }
         if self.skipped is not None:
             data["skipped"] = [dict(item) for item in self.skipped]
+        if self.task != "classification":
+            data["task"] = self.task
+        if self.segmentation is not None:
+            data["segmentation"] = self.segmentation
         return data
 
     @classmethod
@@ -289,6 +299,14 @@ def _parse(data: Any, where: str) -> Manifest:
         )
     ):
         raise fail("'skipped' must be a list of {\"path\": ..., \"reason\": ...} objects")
+    task = data.get("task", "classification")
+    if task not in ("classification", "segmentation"):
+        raise fail(f"'task' is {task!r}, expected 'classification' or 'segmentation'")
+    segmentation = data.get("segmentation")
+    if task == "segmentation":
+        _check_segmentation(segmentation, num_classes, (*sites, test), fail)
+    elif segmentation is not None:
+        raise fail("'segmentation' is given but 'task' is not 'segmentation'")
     return Manifest(
         num_sites=num_sites,
         num_classes=num_classes,
@@ -306,7 +324,33 @@ def _parse(data: Any, where: str) -> Manifest:
         ),
         created_by=str(data.get("created_by", "")),
         format_version=version,
+        task=task,
+        segmentation=segmentation,
     )
+
+
+def _check_segmentation(section: Any, num_classes: int, entries: Sequence[SiteEntry],
+                        fail: Any) -> None:
+    """A segmentation manifest's own section: per file and split, one pixel count per class."""
+    if not isinstance(section, dict) or not isinstance(section.get("pixel_class_counts"), dict):
+        raise fail("a segmentation manifest needs 'segmentation.pixel_class_counts'")
+    if num_classes > 256:
+        raise fail(f"'num_classes' {num_classes} is beyond a uint8 label map's 256")
+    counts = section["pixel_class_counts"]
+    for entry in entries:
+        per_split = counts.get(entry.file)
+        if not isinstance(per_split, dict) or set(per_split) != set(entry.num_samples):
+            raise fail(f"'segmentation.pixel_class_counts.{entry.file}' must give each split "
+                       f"of the file ({sorted(entry.num_samples)})")
+        for split, hist in per_split.items():
+            if not isinstance(hist, list) or len(hist) != num_classes or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in hist):
+                raise fail(f"'segmentation.pixel_class_counts.{entry.file}.{split}' must be "
+                           f"{num_classes} non-negative integers")
+    size = section.get("image_size")
+    if size is not None and (not isinstance(size, list) or len(size) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise fail("'segmentation.image_size' must be [H, W] of positive integers")
 
 
 def _parse_entry(entry: Any, label: str, num_classes: int, fail: Any, *,
