@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 from fedsilo.comm import COORDINATOR, World
 from fedsilo.config import Config, dump_config, load_config, names_torchvision_weights
@@ -40,6 +40,10 @@ from fedsilo.rundir import RunDir, atomic_write_text, dump_json
 from fedsilo.shards import Manifest, load_manifest
 from fedsilo.stopping import EXIT_HUNG, EXIT_PREEMPTED, StopFlag, WaitPolicy
 from fedsilo.tasks import resolve_task
+
+if TYPE_CHECKING:  # (the roles import torch: a rank loads it only once its checks passed)
+    from fedsilo.roles import PlanningRole, RoundRole
+    from fedsilo.transport import SecureTransport
 
 log = logging.getLogger("fedsilo")
 
@@ -130,7 +134,8 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
     from fedsilo.coordinator import Coordinator
     from fedsilo.participant import Participant
 
-    role, error = None, None
+    role: RoundRole | None = None
+    error = None
     try:
         cls = Coordinator if world.is_coordinator else Participant
         role = cls(world=world, config=setup.config, manifest=setup.manifest,
@@ -142,6 +147,7 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
     world.quiet_barrier(stage="loading the data and the model",
                         timeout=_mine(world, startup_wait))
     world.agree(error, stage="loading data and model")
+    assert role is not None  # every rank built its role (agreed above)
     if setup.config.he.enabled:
         _agree_on_keys(world, role)
     if setup.config.aggregation.secure != "none":
@@ -149,7 +155,6 @@ def run_job(world: World, *, config_path: str | None, overrides: Sequence[str],
     # the participants' own communicator: what they compare and draw jointly never passes
     # through the coordinator (verification.py, crypto/session.py)
     peers = world.split_participants()
-    assert role is not None  # every rank built its role (agreed above)
     role.peers = peers
     if setup.config.aggregation.secure != "none":
         _draw_session(world, role, peers)
@@ -201,7 +206,7 @@ def _record_failure(run: RunDir, exc: BaseException, *, rank: int) -> bool:
     return written
 
 
-def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag,
+def _run_rounds(world: World, role: RoundRole, setup: Setup, *, stop: StopFlag,
                 waits: WaitPolicy) -> bool:
     """The rounds, then the final validation; False if a signal stopped the run early.
 
@@ -234,17 +239,18 @@ def _run_rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag,
         raise
 
 
-def _rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag, waits: WaitPolicy,
+def _rounds(world: World, role: RoundRole, setup: Setup, *, stop: StopFlag, waits: WaitPolicy,
             pending: list[Callable[[], None]], flush: Callable[[], None], secure: bool,
             start_wait: float | None) -> bool:
     config = setup.config
     stop_seen = False  # coordinator: some rank reported a stop signal
+    planner = cast("PlanningRole", role)  # what only rank 0 is asked (under is_coordinator)
     for round_index in range(setup.resume_round + 1, config.rounds + 1):
         timer = PhaseTimer()
         with timer("coordination"):
             plan: RoundPlan | None = None
             if world.is_coordinator:  # planned before the barrier: the others wait polled
-                plan = dataclasses.replace(role.plan(round_index),
+                plan = dataclasses.replace(planner.plan(round_index),
                                            wait_s=waits.round_timeout(),
                                            local_wait_s=waits.local_timeout())
                 if not plan.stop and (stop_seen or stop.requested):
@@ -293,7 +299,7 @@ def _rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag, waits: Wai
             # gets the round's outcome (who contributed), which the transport needs
             gathered, outcome = world.agree_report(
                 (report, stop.requested), error, stage=f"round {round_index}",
-                summarize=lambda payloads: role.outcome(plan, [r for r, _ in payloads]))
+                summarize=lambda payloads: planner.outcome(plan, [r for r, _ in payloads]))
             if secure:  # each participant checks the outcome against its own sites
                 world.agree(role.check_outcome(outcome), stage=f"round {round_index}")
         if gathered is not None:
@@ -303,7 +309,7 @@ def _rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag, waits: Wai
             with timer("aggregate"):
                 aggregate = role.transport.aggregate(team, role.contribution_of_rank(), outcome)
         if world.is_coordinator:
-            pending.append(role.finish_round(plan, [r for r, _ in gathered], timer,
+            pending.append(planner.finish_round(plan, [r for r, _ in gathered], timer,
                                              outcome=outcome, aggregate=aggregate))
             if not config.runtime.overlap_eval:
                 flush()
@@ -314,9 +320,9 @@ def _rounds(world: World, role: Any, setup: Setup, *, stop: StopFlag, waits: Wai
         start_wait = waits.round_timeout()
     world.quiet_barrier(stage="the end of the rounds", timeout=_mine(world, start_wait))
     world.bcast_weights(role.global_weights)
-    report, error = role.final_validation()
+    final, error = role.final_validation()
     world.quiet_barrier(stage="the final validation", timeout=_mine(world, start_wait))
-    reports, _ = world.agree_report(report, error, stage="final validation")
+    reports, _ = world.agree_report(final, error, stage="final validation")
     role.finish_job(reports)
     return True
 
@@ -513,7 +519,7 @@ def _check_secure_floor(config: Config, manifest: Manifest) -> None:
                           f"secure round would be refused; raise participation.min to {floor}")
 
 
-def _agree_on_identities(world: World, role: Any) -> None:
+def _agree_on_identities(world: World, role: RoundRole) -> None:
     """Before any training: every rank read the same list of public identity keys (each
     participant has already checked its own private keys against it)."""
     listed = world.agree_gather(role.identity_summary(), None, stage="identity keys")
@@ -553,7 +559,7 @@ def _check_setup(setup: Setup, *, config_path: str | None, overrides: Sequence[s
                         given_manifest=setup.manifest)
 
 
-def _draw_session(world: World, role: Any, peers: Any) -> None:
+def _draw_session(world: World, role: RoundRole, peers: Any) -> None:
     """Secure modes: the participants draw the launch's joint seed by commit-then-reveal
     among themselves (``crypto/session.py``); the mask nonce and every round's mask graph
     follow from it, so no single party chooses or repeats them."""
@@ -568,14 +574,14 @@ def _draw_session(world: World, role: Any, peers: Any) -> None:
             reveals = peers.allgather(own)
         try:
             seed = session.joint_seed(commitments, reveals, own_index=index, own=own)
-            role.transport.start_session(seed)
+            cast("SecureTransport", role.transport).start_session(seed)
             role.session = session.digest(seed)
         except FedsiloError as exc:
             error = exc
     world.agree(error, stage="drawing the secure aggregation's joint randomness")
 
 
-def _agree_on_keys(world: World, role: Any) -> None:
+def _agree_on_keys(world: World, role: RoundRole) -> None:
     """Before any training: every participant holds the same key, and the coordinator's
     public context belongs to it.  Every rank judges the same gathered list the same way."""
     from fedsilo.crypto.params import key_mismatch
@@ -827,7 +833,7 @@ def _archive(run: RunDir, round_index: int, site: int, sha256: str) -> None:
     dump_json(run.root / "departed" / "index.json", index)
 
 
-def _commit(world: World, role: Any, setup: Setup) -> None:
+def _commit(world: World, role: RoundRole, setup: Setup) -> None:
     """After every check passed on every rank: write the resolved config.yaml, drop the rows
     of rounds without a complete checkpoint, and clear a previous stop marker."""
     error = None
@@ -843,7 +849,7 @@ def _commit(world: World, role: Any, setup: Setup) -> None:
             for site in setup.departed:
                 assert saved is not None  # a departure is only known from the record
                 _archive(run, setup.resume_round, site, saved["sites"][site])
-            role.restore_metrics_row()
+            cast("PlanningRole", role).restore_metrics_row()
             for kept in run.keep_markers():  # this run goes on; how it ended stays on record
                 log.info("the previous ending's marker is kept as %s", kept)
             atomic_write_text(run.config, dump_config(setup.config))

@@ -188,8 +188,6 @@ class Participant(Role):
         self.next_round = self.resume_round + 1
         #: the plan of the round under way (checked against its outcome)
         self._plan: RoundPlan | None = None
-        #: the fingerprint of the participants' joint session seed (secure modes)
-        self.session = ""
         if self.resume_round:
             for site in self.sites:
                 was = site.index if self.site_map is None else self.site_map[site.index]

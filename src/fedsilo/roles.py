@@ -11,7 +11,7 @@ dataclasses of :mod:`fedsilo.messages`; the metrics rows and the summary are
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Collection
+from typing import TYPE_CHECKING, Any, Callable, Collection, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,67 @@ from fedsilo.tasks import build_task
 from fedsilo.transport import Transport
 from fedsilo.verification import plan_weights, user_weights  # noqa: F401 - re-exported
 from fedsilo.weights import WeightLayout
+
+if TYPE_CHECKING:
+    from fedsilo.errors import FedsiloError
+    from fedsilo.messages import (
+        Aggregate,
+        Contribution,
+        FinalSiteReport,
+        RankReport,
+        RoundOutcome,
+        RoundPlan,
+    )
+
+
+class RoundRole(Protocol):
+    """What the round (:mod:`fedsilo.federation`) asks of every rank's role, in its order.
+
+    Start-up: ``key_summary`` and ``identity_summary`` (what each rank read, compared on
+    every rank), ``peers`` and ``session`` set by the federation.  Each round: the
+    ``global_weights`` (and SCAFFOLD's ``global_control``) broadcast into, ``local_round``
+    (train the rank's sampled sites; its report and any foreseeable error, agreed on by
+    every rank), ``check_outcome`` (secure modes: each participant checks what the
+    coordinator summarized against its own sites), ``contribution_of_rank`` (what the
+    ``transport`` adds up).  The end: ``final_validation`` and ``finish_job``.
+
+    A :class:`~fedsilo.participant.Participant` does the work; the coordinator trains no
+    site, so its local round, check and validation are empty.  What only the coordinator
+    does is :class:`PlanningRole`.
+    """
+
+    transport: Transport
+    #: the participants' own communicator (None on the coordinator)
+    peers: Any
+    #: secure modes: the fingerprint of the participants' joint seed ("" elsewhere)
+    session: str
+    global_weights: np.ndarray
+
+    @property
+    def global_control(self) -> np.ndarray | None: ...
+    def key_summary(self) -> dict[str, Any] | None: ...
+    def identity_summary(self) -> str | None: ...
+    def local_round(self, plan: RoundPlan) -> tuple[RankReport | None,
+                                                    FedsiloError | None]: ...
+    def contribution_of_rank(self) -> Contribution: ...
+    def check_outcome(self, outcome: RoundOutcome) -> FedsiloError | None: ...
+    def final_validation(self) -> tuple[list[FinalSiteReport] | None,
+                                        FedsiloError | None]: ...
+    def finish_job(self, reports: Sequence[Any]) -> None: ...
+
+
+class PlanningRole(RoundRole, Protocol):
+    """The coordinator's part besides (:class:`~fedsilo.coordinator.Coordinator`): it plans
+    each round, summarizes the ranks' reports into the round's outcome, and runs the
+    server step, returning the round's record (evaluation, checkpoint, metrics row) for the
+    federation to run while the next round trains."""
+
+    def restore_metrics_row(self) -> None: ...
+    def plan(self, round_index: int) -> RoundPlan: ...
+    def outcome(self, plan: RoundPlan, reports: Sequence[RankReport | None]) -> RoundOutcome: ...
+    def finish_round(self, plan: RoundPlan, reports: Sequence[Any], timer: Any, *,
+                     outcome: RoundOutcome,
+                     aggregate: Aggregate | None) -> Callable[[], None]: ...
 
 
 class Role:
@@ -68,6 +129,9 @@ class Role:
         #: participants: the participants' own communicator, without the coordinator (set by
         #: the federation); None on the coordinator
         self.peers: Any = None
+        #: secure modes, participants: the fingerprint of the joint session seed (set by
+        #: the federation; crypto/session.py)
+        self.session = ""
 
     def key_summary(self) -> dict[str, Any] | None:
         """What this rank tells the others about its keys: ids and parameters, no key."""

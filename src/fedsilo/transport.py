@@ -55,6 +55,15 @@ class Transport(Protocol):
         """Every team rank: the sum (or the rows) at the coordinator, None elsewhere."""
 
 
+class SecureTransport(Transport, Protocol):
+    """A secure transport (masks, CKKS) also takes the launch's joint session seed, drawn by
+    the participants alone (``crypto/session.py``), from which its mask nonce and every
+    round's mask graph follow."""
+
+    def start_session(self, seed: bytes) -> None:
+        """Participant, once per launch, before the first round."""
+
+
 #: the transports by name: ``TRANSPORTS.get(name)(**kwargs)``
 TRANSPORTS: Registry[Any] = Registry("transport")
 
