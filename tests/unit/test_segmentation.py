@@ -45,6 +45,14 @@ def test_patches_and_augmentation_keep_a_mask_drawn_from_the_image_aligned():
     assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
+def test_an_empty_batch_gives_empty_patches():
+    """DP-SGD's Poisson sampling may draw no image: the step then adds noise only."""
+    task = SegmentationTask(SegmentationConfig(patch_size=16))
+    x, m = task.train_transform(None, torch.Generator().manual_seed(0))(
+        torch.zeros(0, 3, 20, 20, dtype=torch.uint8), torch.zeros(0, 20, 20, dtype=torch.uint8))
+    assert x.shape == (0, 3, 16, 16) and m.shape == (0, 16, 16)
+
+
 def test_images_smaller_than_a_patch_are_padded_with_background():
     task = SegmentationTask(SegmentationConfig(patch_size=16, augment=False))
     x, m = task.train_transform(None, torch.Generator().manual_seed(0))(

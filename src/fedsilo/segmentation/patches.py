@@ -29,6 +29,9 @@ def crop_patches(images: torch.Tensor, masks: torch.Tensor, *, size: int, foregr
     >>> [tuple(t.shape) for t in crop_patches(x, m, size=8, foreground=0.5, generator=g)]
     [(2, 3, 8, 8), (2, 8, 8)]
     """
+    if not images.shape[0]:  # DP-SGD's Poisson sampling may draw no image at all
+        return (images.new_zeros((0, images.shape[1], size, size)),
+                masks.new_zeros((0, size, size)))
     pad_h, pad_w = max(0, size - images.shape[-2]), max(0, size - images.shape[-1])
     if pad_h or pad_w:
         images = F.pad(images, (0, pad_w, 0, pad_h))
@@ -64,6 +67,8 @@ def augment_pair(images: torch.Tensor, masks: torch.Tensor, *, generator: torch.
     >>> bool((y[:, 0].long() == m).all())
     True
     """
+    if not images.shape[0]:
+        return images, masks
     out_x, out_m = [], []
     for i in range(images.shape[0]):
         flip = bool(torch.rand((), generator=generator) < 0.5)
