@@ -118,10 +118,13 @@ def _add_segmentation(sources: Any) -> None:
         formatter_class=FORMATTER,
     )
     which = seg.add_mutually_exclusive_group(required=True)
-    which.add_argument("--images", type=Path, help="folder of images (with --masks)")
+    which.add_argument("--images", type=Path,
+                       help="folder of images: PNG/JPEG/TIFF/BMP, or DICOM (.dcm) (with --masks)")
     which.add_argument("--pairs", type=Path,
                        help="CSV with columns image, mask[, group][, site]")
-    seg.add_argument("--masks", type=Path, help="folder of masks, matched to --images by name")
+    seg.add_argument("--masks", type=Path,
+                     help="folder of masks, matched to --images by name; the --images folder "
+                          "itself for DICOM images with their masks beside them")
     seg.add_argument("--test-images", type=Path, help="folder of test images (else a hold-out)")
     seg.add_argument("--test-masks", type=Path, help="folder of the test images' masks")
     seg.add_argument("--test-pairs", type=Path, help="CSV of test pairs (else a hold-out)")

@@ -18,6 +18,12 @@ or unreadable, whose sizes differ, whose image differs in size from the set's fi
 whose mask holds a value outside ``0..classes-1`` is an error naming the file, or, with
 ``--skip-bad``, left out and listed under ``skipped`` in the manifest.
 
+Images may be DICOM files (``.dcm``, decoded as ``prep dicom`` does: modality LUT, the
+header's window, MONOCHROME1 inverted) with their masks as PNG/TIFF files, in a folder of
+masks or beside the images: with ``--masks`` the same folder as ``--images``, the ``.dcm``
+files are the images and the other image files their masks (``CT_0001.dcm`` and
+``CT_0001_mask.png``).
+
 Every image of a set has the same size (no resizing: a resized label map is no longer the
 annotation).  The pairs are decoded into memory once; a set of a few thousand 1-megapixel
 pairs fits easily, far larger ones are not this tool's use yet.
@@ -53,6 +59,8 @@ from fedsilo.shards import (
 
 #: image and mask files a folder source lists
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: DICOM images (their masks are image files)
+DICOM_SUFFIXES = (".dcm", ".dicom")
 #: what may follow an image's stem in its mask's stem
 _SEPARATORS = "_-. "
 #: the most rows a pairs CSV may have, and its largest size in bytes
@@ -71,11 +79,11 @@ class Pair:
     site: str | None = None
 
 
-def list_files(folder: Path) -> list[Path]:
+def list_files(folder: Path, suffixes: Sequence[str] = SUFFIXES) -> list[Path]:
     """The image files directly in ``folder``, sorted by name."""
     if not folder.is_dir():
         raise ConfigError(f"no such folder: {folder}")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
 
 
 def mask_owner(mask_stem: str, image_stems: Sequence[str]) -> str | None:
@@ -114,7 +122,12 @@ def pair_folders(images: Path, masks: Path, *, group_pattern: str | None = None
                  ) -> tuple[list[Pair], list[BadInput]]:
     """The pairs of an image folder and a mask folder, and the files that make no pair."""
     _check_pattern(group_pattern)
-    image_files = list_files(images)
+    beside = images.resolve() == masks.resolve()  # DICOM images with their masks beside them
+    image_files = list_files(images, DICOM_SUFFIXES if beside else SUFFIXES + DICOM_SUFFIXES)
+    if beside and not image_files:
+        raise DataError(f"--masks is the --images folder {images}, which holds no DICOM "
+                        f"image (.dcm): masks beside their images are for DICOM sets; give "
+                        f"a folder of masks otherwise")
     by_stem: dict[str, Path] = {}
     bad: list[BadInput] = []
     for path in image_files:
@@ -204,6 +217,7 @@ def decode_pairs(pairs: Sequence[Pair], *, num_classes: int, channels: int | Non
     """Decode every pair; those that cannot be used go to ``bad`` with the reason.
     ``size`` (H, W): the size every image must have (default: the first good image's)."""
     decoder = ImageDecoder(channels=channels)
+    dicom: Any = None  # decoded as `prep dicom` does; pydicom loads only for a DICOM set
     images: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     kept: list[Pair] = []
@@ -212,7 +226,14 @@ def decode_pairs(pairs: Sequence[Pair], *, num_classes: int, channels: int | Non
         if pair.mask is None or not pair.mask.is_file():
             bad.append(BadInput(str(pair.image), f"missing mask {pair.mask}"))
             continue
-        image = decoder(str(pair.image))
+        if pair.image.suffix.lower() in DICOM_SUFFIXES:
+            if dicom is None:
+                from fedsilo.prep.dicom import DicomDecoder
+
+                dicom = DicomDecoder(channels=channels)
+            image = dicom(str(pair.image))
+        else:
+            image = decoder(str(pair.image))
         mask = decode_mask(str(pair.mask))
         problem = image if isinstance(image, BadInput) else \
             mask if isinstance(mask, BadInput) else None

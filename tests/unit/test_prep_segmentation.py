@@ -176,3 +176,56 @@ def test_read_masks_of_damaged_files_is_a_shard_error(data, flip, value):
         assert "good.h5" in str(exc)
     else:
         assert masks.dtype == np.uint8 and masks.ndim == 3 and int(masks.max()) < 2
+
+
+def test_dicom_images_with_their_masks_beside_them(tmp_path):
+    """CT-like DICOM slices (16-bit, a modality LUT) with PNG masks in the same folder:
+    the .dcm files are the images, each mask pairs with its slice, the pixels are the
+    DICOM decoder's (as `prep dicom`), and each patient stays on one site."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_prep_sources import write_dicom
+
+    from fedsilo.prep.dicom import DicomDecoder
+
+    folder = tmp_path / "ct"
+    names = [f"patient{p}_slice{s}" for p in range(1, 5) for s in range(3)]
+    rng = np.random.default_rng(0)
+    expected = {}
+    for name in names:
+        raw = rng.integers(0, 4096, SIZE, dtype=np.uint16)
+        path = write_dicom(folder / f"{name}.dcm", raw, slope=1.0, intercept=-1024.0,
+                           center=40.0, width=400.0)
+        image = DicomDecoder(channels=1)(str(path))
+        mask = (raw > 2048).astype(np.uint8)
+        Image.fromarray(mask * 255).save(folder / f"{name}_mask.png")
+        expected[image.tobytes()] = (mask, name.split("_")[0])
+    pairs, bad = pair_folders(folder, folder, group_pattern=r"patient(\d+)")
+    assert bad == [] and len(pairs) == len(names)
+    assert all(p.image.suffix == ".dcm" and p.mask.name == f"{p.image.stem}_mask.png"
+               for p in pairs)
+    prepare_segmentation(pairs, out=tmp_path / "out", sites=2, seed=0, val_fraction=0.0,
+                         test_fraction=0.25, channels=1)
+    files_of: dict[str, set[str]] = {}  # patient -> the shard files holding its slices
+    seen = 0
+    for path in sorted((tmp_path / "out").glob("*.h5")):
+        shard = read_shard(path)
+        for split, data in shard.splits.items():
+            for image, mask in zip(data.images, read_masks(path, split)):
+                true_mask, patient = expected[image.tobytes()]
+                np.testing.assert_array_equal(mask, true_mask)
+                files_of.setdefault(patient, set()).add(path.name)
+                seen += 1
+    assert seen == len(names)
+    assert all(len(files) == 1 for files in files_of.values()), files_of
+    assert verify_shard_set(tmp_path / "out") == []
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest.image_shape == (1, *SIZE)
+
+
+def test_masks_beside_images_need_dicom_images(tmp_path):
+    _write_set(tmp_path, ["a", "b"])
+    with pytest.raises(DataError, match="holds no DICOM image"):
+        pair_folders(tmp_path / "images", tmp_path / "images")
