@@ -103,6 +103,17 @@ def run_demo(*, participants: int, rounds: int, model: str | None, samples: int 
         keys = root / "identity"
         generate_identities(str(keys), num_sites=participants)
     config = demo_config(shards=shards, rounds=rounds, model=model, seed=seed, dp=dp, keys=keys)
+    status = train_demo(root, run, config, participants=participants, mpirun=mpirun)
+    if status != 0:
+        return status
+    _print_results(run)
+    return 0
+
+
+def train_demo(root: Path, run: Path, config: dict[str, Any], *, participants: int,
+               mpirun: str | None) -> int:
+    """Write the demo's ``config`` to ROOT/demo.yaml and train it on participants + 1 ranks;
+    the exit status (a failure is said on stderr)."""
     config_path = root / "demo.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     command = mpirun_command(participants + 1, ["train", "--config", str(config_path),
@@ -111,9 +122,7 @@ def run_demo(*, participants: int, rounds: int, model: str | None, samples: int 
     status = subprocess.run(command, env=rank_environment(participants + 1)).returncode
     if status != 0:
         print(f"fedsilo demo: training failed with exit status {status}", file=sys.stderr)
-        return status
-    _print_results(run)
-    return 0
+    return status
 
 
 def _print_results(run: Path) -> None:

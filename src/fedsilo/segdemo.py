@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from fedsilo.launch import mpirun_command, rank_environment
+from fedsilo.demo import train_demo
 
 #: a child's number in CHASE_DB1's file names (Image_07L.jpg: child 07)
 CHILD_PATTERN = r"Image_(\d+)"
@@ -83,14 +80,8 @@ def run_segmentation_demo(*, participants: int, rounds: int, seed: int, out: str
         generate_identities(str(keys), num_sites=participants)
     config = segmentation_config(shards=shards, rounds=rounds, seed=seed, patch=patch,
                                  epochs=epochs, keys=keys)
-    config_path = root / "demo.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    command = mpirun_command(participants + 1, ["train", "--config", str(config_path),
-                                                "--out", str(run)], mpirun=mpirun)
-    print("fedsilo demo: " + " ".join(command), flush=True)
-    status = subprocess.run(command, env=rank_environment(participants + 1)).returncode
+    status = train_demo(root, run, config, participants=participants, mpirun=mpirun)
     if status != 0:
-        print(f"fedsilo demo: training failed with exit status {status}", file=sys.stderr)
         return status
     test_row = json.loads((run / "summary.json").read_text())["test"]
     # in the run directory, where fedsilo report finds them (the demo's test images are
