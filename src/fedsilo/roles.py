@@ -204,10 +204,11 @@ def checkpoint_due(config: Config, round_index: int) -> bool:
 def reduce_buffer(config: Config, layout: WeightLayout, *, control_variates: bool,
                   pinned: bool) -> np.ndarray:
     """Where a rank's sum of weighted updates is built (participants) or lands
-    (coordinator): float32, or float64 with runtime.reduce_dtype (not under CKKS, which
+    (coordinator): float32, or float64 with runtime.reduce_dtype float64 or fixed (the
+    rank's sites are summed in float64 before the fixed-point encoding; not under CKKS, which
     decrypts to float32); twice the model for SCAFFOLD's control variates."""
     width = layout.numel * (2 if control_variates else 1)
-    if config.runtime.reduce_dtype == "float64" and not config.he.enabled:
+    if config.runtime.reduce_dtype in ("float64", "fixed") and not config.he.enabled:
         return np.empty(width, dtype=np.float64)
     return layout.empty(pinned=pinned) if not control_variates \
         else np.empty(width, dtype=np.float32)

@@ -16,6 +16,8 @@ Nothing is written back into a role: what a rank sends is its
 
 - ``plain``: one ``MPI_Reduce`` of the float buffers, through the identity codec
   (Horovod's ``Compression.none``).
+- ``fixed``: the same ``MPI_Reduce`` in 64-bit fixed point (``runtime.reduce_dtype:
+  fixed``): an integer sum, the same bits in any order.
 - ``gather``: every contributing update gathered at the coordinator (median, trimmed mean).
 - ``masks``: pairwise-masked secure aggregation (Bonawitz et al. 2017; Bell et al. 2020):
   fixed point in Z_2^64, masks that cancel in the sum, one ``MPI_Reduce`` of uint64.
@@ -25,7 +27,7 @@ Nothing is written back into a role: what a rank sends is its
   ciphertext, and the one that decrypts can open nothing but the whole sum.
 
 >>> sorted(TRANSPORTS.names())
-['ckks', 'gather', 'masks', 'plain']
+['ckks', 'fixed', 'gather', 'masks', 'plain']
 """
 
 from __future__ import annotations
@@ -82,7 +84,27 @@ def transport_for(config: Any, strategy: Any, *, codec: Any = None,
     if secure == "ckks":
         return TRANSPORTS.get("ckks")(codec=codec, identities=identities,
                                       mask_degree=config.aggregation.mask_degree)
-    return TRANSPORTS.get("plain" if strategy.linear else "gather")()
+    if not strategy.linear:
+        return TRANSPORTS.get("gather")()
+    if config.runtime.reduce_dtype == "fixed":
+        return TRANSPORTS.get("fixed")(frac_bits=config.aggregation.frac_bits)
+    return TRANSPORTS.get("plain")()
+
+
+def headroom_error(contribution: Contribution, *, plan: RoundPlan, rank: int,
+                   frac_bits: int) -> UpdateError | None:
+    """The error, if any, of a rank whose fixed-point sum would not fit the int64 range with
+    room for every rank's (each rank checks its own, so no partial sum of the Reduce wraps)."""
+    from fedsilo.crypto.masks import check_headroom
+
+    total = contribution.total
+    peak = float(np.abs(total).max()) if total.size else 0.0
+    try:
+        check_headroom(peak, frac_bits=frac_bits, num_terms=len(plan.ranks))
+    except UpdateError as exc:
+        return UpdateError(f"rank {rank} (sites {list(contribution.sites)}), round "
+                           f"{plan.round}: {exc}")
+    return None
 
 
 class _NoPreparation:
@@ -108,6 +130,43 @@ class PlainReduce(_NoPreparation):
         if not team.is_coordinator:
             return None
         return Aggregate(total=self.codec.decompress(wire, out=contribution.total))
+
+
+@TRANSPORTS.register("fixed")
+class FixedPointReduce:
+    """The plain sum in 64-bit fixed point (``runtime.reduce_dtype: fixed``): each rank
+    encodes its float64 sum as ``round(x * 2^frac_bits)`` and one ``MPI_Reduce`` adds the
+    integers.  Integer addition is associative, so the total is the same bits whatever
+    order MPI's algorithm adds in -- on one node or across several, where Open MPI's
+    hierarchical collectives regroup a float sum (docs/strategies.md).  The masked path
+    without the masks: both give the same aggregate."""
+
+    name = "fixed"
+
+    def __init__(self, *, frac_bits: int) -> None:
+        self.frac_bits = frac_bits
+        self.ring: np.ndarray | None = None
+
+    def prepare(self, contribution: Contribution, *, plan: RoundPlan,
+                rank: int) -> tuple[dict[str, Any] | None, FedsiloError | None]:
+        """As for masks: this rank's sum must fit the int64 range with room for every
+        rank's, so no partial sum of the Reduce can wrap around."""
+        return None, headroom_error(contribution, plan=plan, rank=rank,
+                                    frac_bits=self.frac_bits)
+
+    def aggregate(self, team: Any, contribution: Contribution,
+                  outcome: RoundOutcome) -> Aggregate | None:
+        from fedsilo.crypto.masks import dequantize, quantize
+
+        total = contribution.total
+        if self.ring is None or self.ring.size != total.size:
+            self.ring = np.empty(total.size, dtype=np.uint64)
+        if team.is_coordinator:
+            team.reduce_ring(self.ring, what="the reduction of the updates")
+            return Aggregate(total=dequantize(self.ring, frac_bits=self.frac_bits, out=total))
+        quantize(total, frac_bits=self.frac_bits, out=self.ring)
+        team.reduce_ring(self.ring, what="the reduction of the updates")
+        return None
 
 
 @TRANSPORTS.register("gather")
@@ -155,16 +214,8 @@ class MaskedReduce:
                 rank: int) -> tuple[dict[str, Any] | None, FedsiloError | None]:
         """This rank's sum must fit the ring with room for every rank's (each rank checks
         its own, so every partial sum of the Reduce fits)."""
-        from fedsilo.crypto.masks import check_headroom
-
-        total = contribution.total
-        peak = float(np.abs(total).max()) if total.size else 0.0
-        try:
-            check_headroom(peak, frac_bits=self.frac_bits, num_terms=len(plan.ranks))
-        except UpdateError as exc:
-            return None, UpdateError(f"rank {rank} (sites {list(contribution.sites)}), round "
-                                     f"{plan.round}: {exc}")
-        return None, None
+        return None, headroom_error(contribution, plan=plan, rank=rank,
+                                    frac_bits=self.frac_bits)
 
     def aggregate(self, team: Any, contribution: Contribution,
                   outcome: RoundOutcome) -> Aggregate | None:

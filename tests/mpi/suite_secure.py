@@ -234,6 +234,53 @@ def test_masked_reduce_equals_the_plain_sum_and_no_rank_sends_its_update() -> No
     assert np.abs(aggregate.total - exact).max() <= num_sites * 2.0 ** -33 + 1e-15
 
 
+def test_fixed_point_reduce_is_the_exact_integer_sum_and_equals_the_masked_one() -> None:
+    """runtime.reduce_dtype: fixed -- the plain sum in 64-bit fixed point through the real
+    Reduce: the coordinator gets exactly the integer sum of every rank's quantized update
+    (computed here in Python integers, in reverse order), so no order or grouping of MPI's
+    algorithm can change a bit; and the masked transport, whose masks cancel in the same
+    ring, delivers the very same bits."""
+    from fedsilo.crypto.masks import FRAC_BITS, dequantize, quantize
+
+    def contribution() -> Contribution:
+        return Contribution(total=np.zeros(SIZE, dtype=np.float64)) if world.is_coordinator \
+            else Contribution(total=update_of(world.rank).astype(np.float64),
+                              sites=(world.rank - 1,))
+
+    ranks = tuple(range(1, world.size))
+    outcome = RoundOutcome(round=3, ranks=ranks, contributors=ranks, in_sum=ranks,
+                           rows_per_rank={}, refused=False)
+    fixed = TRANSPORTS.get("fixed")(frac_bits=FRAC_BITS)
+    mine = contribution()
+    if not world.is_coordinator:
+        _, error = fixed.prepare(mine, plan=RoundPlan(round=3, ranks=ranks), rank=world.rank)
+        assert error is None
+    got = fixed.aggregate(world, mine, outcome)
+    num_sites = world.size - 1
+    masked_total = None
+    if num_sites >= 2:
+        identities = None if world.is_coordinator else \
+            SiteIdentities(KEYS, sites=[world.rank - 1], num_sites=num_sites)
+        masks = TRANSPORTS.get("masks")(frac_bits=FRAC_BITS, mask_degree=0,
+                                        identities=identities)
+        masks.start_session(session_seed() or b"")
+        masked = masks.aggregate(world, contribution(), RoundOutcome(
+            round=3, ranks=ranks, contributors=tuple(r - 1 for r in ranks),
+            in_sum=tuple(r - 1 for r in ranks), rows_per_rank={}, refused=False))
+        masked_total = None if masked is None else masked.total
+    if not world.is_coordinator:
+        assert got is None
+        return
+    integers = [quantize(update_of(r).astype(np.float64), frac_bits=FRAC_BITS).view(np.int64)
+                .astype(object) for r in reversed(ranks)]
+    exact = np.array([int(v) % 2**64 for v in np.sum(integers, axis=0)], dtype=np.uint64)
+    expected = dequantize(exact, frac_bits=FRAC_BITS, out=np.empty(SIZE, dtype=np.float64))
+    assert got is not None and got.total is mine.total
+    assert np.array_equal(got.total, expected)
+    if masked_total is not None:
+        assert np.array_equal(masked_total, got.total)
+
+
 def test_reduce_ring_adds_modulo_two_to_the_64() -> None:
     """Unsigned wrap-around in MPI_Reduce is the ring Z_2^64 of masked aggregation."""
     big = np.uint64(2**64 - 5)

@@ -57,7 +57,8 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train_args(shards: Path, run: Path, *extra: str) -> list[str]:
     return ["train", "--set", f"data.dir={shards}", "--set", "rounds=3",
             "--set", "train.max_steps=2", "--set", "runtime.progress=off",
-            "--set", "runtime.reduce_dtype=float64", "--set", "runtime.device=cpu",
+            "--set", "runtime.reduce_dtype=fixed", "--set", "runtime.device=cpu",
+            "--set", "runtime.threads=1",
             "--out", str(run), *extra]
 
 

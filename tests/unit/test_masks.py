@@ -596,3 +596,39 @@ def test_no_partial_sum_of_the_reduction_reveals_its_updates(degree):
     total = sum(masked[s] for s in range(num_sites))
     exact = sum(quantize(values[s], frac_bits=FRAC_BITS) for s in range(num_sites))
     assert np.array_equal(total, exact)
+
+
+def test_fixed_point_sums_do_not_depend_on_the_order_where_float64_sums_do():
+    """Why runtime.reduce_dtype: fixed exists: three ranks' float64 sums whose magnitudes
+    span more than 2^53 add up to different bits in different orders (what Open MPI's
+    hierarchical Reduce does across nodes); their fixed-point encodings add up to the same
+    integers in every order."""
+    from itertools import permutations
+
+    from fedsilo.transport import TRANSPORTS, transport_for
+
+    parts = [np.array([2.0 ** 20, 0.1], dtype=np.float64),
+             np.array([3.0 * 2.0 ** -31, 0.2], dtype=np.float64),
+             np.array([-(2.0 ** 20), 0.3], dtype=np.float64)]
+    float_sums = {tuple((a + b) + c) for a, b, c in permutations(parts)}
+    assert len(float_sums) > 1  # the trap is real
+    fixed_sums = set()
+    for a, b, c in permutations(parts):
+        ring = quantize(a, frac_bits=32) + quantize(b, frac_bits=32) + quantize(c, frac_bits=32)
+        fixed_sums.add(tuple(dequantize(ring, frac_bits=32, out=np.empty(2))))
+    assert len(fixed_sums) == 1
+    (total,) = fixed_sums
+    assert total[0] == 3.0 * 2.0 ** -31 and abs(total[1] - 0.6) < 2.0 ** -32
+
+    class Config:  # only the fields transport_for reads
+        class aggregation:
+            secure, frac_bits = "none", 24
+
+        class runtime:
+            reduce_dtype = "fixed"
+
+    class Linear:
+        linear = True
+
+    chosen = transport_for(Config, Linear)
+    assert isinstance(chosen, TRANSPORTS.get("fixed")) and chosen.frac_bits == 24

@@ -307,20 +307,22 @@ class World:
         finally:
             row.Free()
 
-    def reduce_ring(self, buffer: np.ndarray) -> None:
+    def reduce_ring(self, buffer: np.ndarray, *,
+                    what: str = "the reduction of the masked updates") -> None:
         """Sum the participants' uint64 ``buffer`` modulo 2^64 into the coordinator's: one
         ``MPI_Reduce`` whose unsigned wrap-around is exactly the ring of masked aggregation
-        (``crypto/masks.py``).  The coordinator's contribution is zero, as in reduce_sum."""
+        (``crypto/masks.py``), or of the fixed-point plain sum.  The coordinator's
+        contribution is zero, as in reduce_sum; ``what`` names the wait for the watchdog."""
         if buffer.dtype != np.uint64 or not buffer.flags.c_contiguous:
             raise TypeError("masked updates must travel as one contiguous uint64 buffer")
         if self.is_coordinator:
             if self._ring_zeros is None or self._ring_zeros.size != buffer.size:
                 self._ring_zeros = np.zeros(buffer.size, dtype=np.uint64)
-            with self.watched("the reduction of the masked updates"):
+            with self.watched(what):
                 self.comm.Reduce([self._ring_zeros, MPI.UINT64_T], [buffer, MPI.UINT64_T],
                                  op=MPI.SUM, root=COORDINATOR)
         else:
-            with self.watched("the reduction of the masked updates"):
+            with self.watched(what):
                 self.comm.Reduce([buffer, MPI.UINT64_T], None, op=MPI.SUM, root=COORDINATOR)
 
 

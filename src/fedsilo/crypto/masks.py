@@ -151,7 +151,7 @@ def check_headroom(max_abs: float, *, frac_bits: int, num_terms: int) -> None:
     >>> check_headroom(1e8, frac_bits=32, num_terms=16)
     Traceback (most recent call last):
     ...
-    fedsilo.errors.UpdateError: an update value of magnitude 1e+08 is too large for fixed-point secure aggregation: with aggregation.frac_bits=32 and 16 terms every |value| must stay under 6.711e+07 (2^62 / num_terms / 2^frac_bits, one bit of margin below the int64 sign); lower train.lr or aggregation.frac_bits
+    fedsilo.errors.UpdateError: an update value of magnitude 1e+08 is too large for fixed-point aggregation: with aggregation.frac_bits=32 and 16 terms every |value| must stay under 6.711e+07 (2^62 / num_terms / 2^frac_bits, one bit of margin below the int64 sign); lower train.lr or aggregation.frac_bits
     """  # noqa: E501
     _check_frac_bits(frac_bits)
     if not _is_int(num_terms, low=1):
@@ -165,7 +165,7 @@ def check_headroom(max_abs: float, *, frac_bits: int, num_terms: int) -> None:
         return
     limit = (2.0 ** HEADROOM_BITS / num_terms - 1) / 2.0 ** frac_bits
     raise UpdateError(
-        f"an update value of magnitude {max_abs:.4g} is too large for fixed-point secure "
+        f"an update value of magnitude {max_abs:.4g} is too large for fixed-point "
         f"aggregation: with aggregation.frac_bits={frac_bits} and {num_terms} terms every "
         f"|value| must stay under {limit:.4g} (2^{HEADROOM_BITS} / num_terms / 2^frac_bits, "
         f"one bit of margin below the int64 sign); lower train.lr or aggregation.frac_bits")
