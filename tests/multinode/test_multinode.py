@@ -78,7 +78,8 @@ def test_a_cut_wire_ends_the_job_with_hung_json_and_it_resumes(bed, shards, tmp_
     """node1 (ranks 2, 3) is cut off during round 3: the coordinator's watchdog names the
     ranks of node1 it still waits on and their host in hung.json well before TCP would give
     up, and the launcher ends (its keep-alive, tuned above the watchdog, reports the lost
-    node); with the wire back, --resume finishes the run."""
+    node); with the wire back, --resume finishes the run with the very weights of a run
+    that was never cut."""
     netbed = bed(2)
     out = tmp_path / "run"
     timeout_s = 4.0
@@ -128,6 +129,12 @@ def test_a_cut_wire_ends_the_job_with_hung_json_and_it_resumes(bed, shards, tmp_
     resumed = run(netbed, (2, 2), ["train", "--resume", str(out)], timeout=90)
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert json.loads((out / "summary.json").read_text())["rounds_completed"] == 6
+    # bit for bit the run that was never cut (on one node: the same bits, see above)
+    uncut = tmp_path / "uncut"
+    reference = mpirun(4, train_args(shards, uncut, "--set", "rounds=6",
+                                     "--set", "train.max_steps=20"), timeout=120)
+    assert reference.returncode == 0, reference.output[-3000:]
+    _same_model(out, uncut)
 
 
 def test_a_short_cut_is_ridden_out(bed, shards, tmp_path):
