@@ -114,7 +114,7 @@ class ModelConfig:
 
         if self.name.startswith(TORCHVISION):
             # read from torchvision's source: no rank imports torch to check a name
-            from fedsilo.models.tvnames import check_name, check_weights
+            from fedsilo.config.tvnames import check_name, check_weights
 
             arch = check_name(self.name)  # fails early with the known names
             if self.weights is not None and names_torchvision_weights(self.weights):
