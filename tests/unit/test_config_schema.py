@@ -37,6 +37,7 @@ GOOD = [
     ["runtime.hang_timeout_s=600", "runtime.threads=4"], ["seed=9223372036854775807"],
     ["task=segmentation", "model.name=unet", "segmentation.patch_size=64"],
     ["participation.fraction=0.5", "participation.min=2"], ["train.round_deadline_s=30"],
+    ["runtime.reduce_dtype=fixed", "aggregation.frac_bits=40"],
 ]
 RECORDED = json.loads((Path(__file__).with_name("config_values.json")).read_text())
 #: refused by the first release too; what the message must say

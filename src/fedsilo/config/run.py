@@ -65,8 +65,10 @@ class RuntimeConfig:
     tensorboard: Bool = False
     #: precision of the summed updates on the wire.  float64 makes the sum exact in practice,
     #: so results do not depend on how sites are placed on ranks or on the Reduce's
-    #: grouping (docs/strategies.md); float32 halves the bytes of the Reduce
-    reduce_dtype: Literal["float32", "float64"] = "float32"
+    #: grouping (docs/strategies.md); fixed: 64-bit fixed point (aggregation.frac_bits), an
+    #: integer sum that is exact in any order, on any number of nodes; float32 halves the
+    #: bytes of the Reduce
+    reduce_dtype: Literal["float32", "float64", "fixed"] = "float32"
     #: watchdog: end the job when a rank is silent this long in a round (seconds); null:
     #: automatic, 10x the slowest round so far and at least 300 s (docs/training.md)
     hang_timeout_s: Float | None = setting(None, gt=0, le=1e7,

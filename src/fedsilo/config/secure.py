@@ -42,5 +42,6 @@ class AggregationConfig:
     #: -1 = the SecAgg+ sparse graph of O(log n) neighbours, k > 0 = k neighbours
     mask_degree: Int = setting(0, ge=-1, why="0: dense, -1: sparse (O(log n)), k > 0: "
                                             "k neighbours")
-    #: masks: fractional bits of the fixed-point encoding (resolution 2^-frac_bits)
+    #: masks (and runtime.reduce_dtype: fixed): fractional bits of the fixed-point encoding
+    #: (resolution 2^-frac_bits)
     frac_bits: Int = setting(32, ge=8, le=52)
