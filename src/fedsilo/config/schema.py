@@ -24,6 +24,7 @@ fedsilo.errors.ConfigError: config key 'train.lr' must be in (0, 1], got 2
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 import re
@@ -219,7 +220,7 @@ def _walk(root: Any, loc: tuple[Any, ...]) -> tuple[list[str], Any, Any, Any]:
             fields = getattr(hint, "__pydantic_fields__", None)
             info = fields.get(part) if fields else None
             hint = typing.get_type_hints(hint, include_extras=True).get(part, Any)
-        elif typing.get_origin(hint) in (dict, typing.Mapping, _abc_mapping()):
+        elif typing.get_origin(hint) in (dict, collections.abc.Mapping):
             keys.append(str(part))
             hint = typing.get_args(hint)[1] if typing.get_args(hint) else Any
         elif _is_union(hint):
@@ -228,12 +229,6 @@ def _walk(root: Any, loc: tuple[Any, ...]) -> tuple[list[str], Any, Any, Any]:
         else:
             keys.append(str(part))
     return keys, _unwrap(hint), info, parent
-
-
-def _abc_mapping() -> Any:
-    import collections.abc
-
-    return collections.abc.Mapping
 
 
 def _unwrap(hint: Any) -> Any:
