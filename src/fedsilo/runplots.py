@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
-    from fedsilo.runreport import Run
+    from fedsilo.runrecords import Run
 
 #: the coordinator's phases of a round, in order; together (with "other") they make up
 #: ``seconds.round``.  ``local_*_max`` are parts of ``local`` and are not stacked.
@@ -92,8 +92,8 @@ def _test(runs: Sequence[Run]) -> Any:
 
 def _gap(runs: Sequence[Run]) -> Any:
     """Centralized − federated test accuracy and AUC per round, one line per federated
-    run (``runreport.baseline_gaps``), with zero marked: above it, federating costs."""
-    from fedsilo.runreport import baseline_gaps
+    run (``runrecords.baseline_gaps``), with zero marked: above it, federating costs."""
+    from fedsilo.runrecords import baseline_gaps
 
     gaps = [gap for gap in baseline_gaps(runs) if gap.rounds]
     if not gaps:

@@ -167,11 +167,11 @@ def test_an_image_size_the_model_cannot_take_fails_at_build_time():
 
 
 def test_the_names_read_from_torchvision_source_are_those_it_registers():
-    """config checks tv: names from torchvision's source (models/tvnames.py) so that no rank
+    """config checks tv: names from torchvision's source (config/tvnames.py) so that no rank
     imports torch to check one; they must be exactly what torchvision offers once imported."""
     import torchvision.models
 
-    from fedsilo.models.tvnames import catalogue
+    from fedsilo.config.tvnames import catalogue
 
     imported = {arch: tuple(torchvision.models.get_model_weights(arch).__members__)
                 for arch in torchvision.models.list_models(module=torchvision.models)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from fedsilo.config.model import TORCHVISION  # the prefix of torchvision names (tv:resnet50)
 from fedsilo.models.registry import MODELS, build_model
 
 if TYPE_CHECKING:
@@ -15,9 +16,6 @@ if TYPE_CHECKING:
     from fedsilo.config import Config
 
 log = logging.getLogger("fedsilo")
-
-#: the prefix of torchvision model names (``tv:resnet50``)
-TORCHVISION = "tv:"
 
 
 # The zoo registers by name here and imports each model's module (torch, torchvision) only

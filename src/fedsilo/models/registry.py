@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Protocol
 
+from fedsilo.config.plugins import MODELS as _MODELS
 from fedsilo.registry import Registry
 
 if TYPE_CHECKING:
@@ -15,7 +16,8 @@ class ModelFactory(Protocol):
                  norm_groups: int) -> torch.nn.Module: ...
 
 
-MODELS: Registry[Callable[..., object]] = Registry("model")
+#: defined with the configuration, which checks names in it without importing this package
+MODELS: Registry[Callable[..., object]] = _MODELS
 
 
 def build_model(name: str, *, in_channels: int, num_classes: int, image_size: tuple[int, int],

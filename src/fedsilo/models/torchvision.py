@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from fedsilo.config import names_torchvision_weights
+from fedsilo.config.tvnames import PREFIX, check_name  # noqa: F401 - check_name re-exported
 from fedsilo.errors import ConfigError, ModelError
 from fedsilo.models.adapt import head_name, mismatches, set_module
-from fedsilo.models.tvnames import PREFIX, check_name  # noqa: F401 - check_name re-exported
 
 log = logging.getLogger("fedsilo")
 

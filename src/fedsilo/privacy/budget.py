@@ -13,10 +13,9 @@ True
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from fedsilo.config import MAX_NOISE_MULTIPLIER, MAX_TARGET_EPSILON, MIN_NOISE_MULTIPLIER
+from fedsilo.config.dp import DELTA, EPSILON, EPSILON_WHY, MAX_TARGET_EPSILON, NOISE_MULTIPLIER
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.accounting import PrivacyAccountant, noise_multiplier_for, plan_steps
 
@@ -51,7 +50,8 @@ def _check_arguments(*, num_samples: int, batch_size: int, epochs: int, rounds: 
                      delta: float, target_epsilon: float | None,
                      noise_multiplier: float | None, max_steps: int | None,
                      accountant: str) -> None:
-    """The flags' ranges are those of the configuration keys (``fedsilo.config``)."""
+    """The flags' ranges are those of the configuration keys, declared once in
+    :mod:`fedsilo.config.dp`."""
     if (target_epsilon is None) == (noise_multiplier is None):
         raise ConfigError("give exactly one of --target-epsilon and --noise-multiplier")
     for name, value in (("--samples", num_samples), ("--batch-size", batch_size),
@@ -59,28 +59,23 @@ def _check_arguments(*, num_samples: int, batch_size: int, epochs: int, rounds: 
                         ("--max-steps", 1 if max_steps is None else max_steps)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
-    _check_finite("--delta", delta, 0 < delta < 1, "in (0, 1)")
+    _refuse("--delta", DELTA.error(delta))
     if target_epsilon is not None:
-        _check_finite("--target-epsilon", target_epsilon,
-                      0 < target_epsilon <= MAX_TARGET_EPSILON, f"in (0, {MAX_TARGET_EPSILON:g}]",
-                      "a larger ε promises no privacy: e^ε overflows a double from ε ≈ 709"
-                      if target_epsilon > MAX_TARGET_EPSILON else "")
+        _refuse("--target-epsilon", EPSILON.error(
+            target_epsilon, why=EPSILON_WHY if target_epsilon > MAX_TARGET_EPSILON else ""))
         if accountant == "gdp":
             raise ConfigError(
                 "--accountant gdp cannot plan for --target-epsilon: GDP is a CLT approximation "
                 "that can under-report ε, so it cannot enforce a budget; use --accountant rdp "
                 "or prv for a target, or give --noise-multiplier to report GDP's ε")
     if noise_multiplier is not None:
-        _check_finite("--noise-multiplier", noise_multiplier,
-                      MIN_NOISE_MULTIPLIER <= noise_multiplier <= MAX_NOISE_MULTIPLIER,
-                      f"in [{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}]",
-                      "the range dp.noise_multiplier accepts")
+        _refuse("--noise-multiplier", NOISE_MULTIPLIER.error(
+            noise_multiplier, why="the range dp.noise_multiplier accepts"))
 
 
-def _check_finite(flag: str, value: float, ok: bool, expected: str, why: str = "") -> None:
-    if not (math.isfinite(value) and ok):
-        raise ConfigError(f"{flag} must be a finite number {expected}, got {value:.6g}"
-                          + (f" ({why})" if why else ""))
+def _refuse(flag: str, error: str | None) -> None:
+    if error:
+        raise ConfigError(f"{flag} {error}")
 
 
 def format_budget(plan: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ window of upcoming batches at once (``loading.py``).  With augmentation multipli
 is the mean of their gradients, formed *before* clipping: one sample still moves the
 clipped sum by at most C.  Under ``train.precision: bf16`` the forward pass runs under
 autocast and the per-sample norms and clipped sums are computed in fp32 from the same bf16
-activations (so the bound is exact); fp16 is refused (config.py).
+activations (so the bound is exact); fp16 is refused (config/root.py).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class ParticipantPrivacy:
         self.site, self.settings, self.train_config = site, settings, train
         #: views per sample (dp.augmult): the rows of one sample are consecutive
         self.augmult = augmult
-        assert train.precision != "fp16", "config.py refuses fp16 under DP"
+        assert train.precision != "fp16", "config/root.py refuses fp16 under DP"
         self.precision = Precision(train.precision, sample.device)
         self.num_samples = num_samples
         self.sample_rate, self.steps_per_round, planned = plan_steps(

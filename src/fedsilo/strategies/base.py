@@ -25,7 +25,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fedsilo.aggregate import fedavg_weights, weighted_mean
-from fedsilo.config import coerce_value
+from fedsilo.config.plugins import STRATEGIES as _STRATEGIES
+from fedsilo.config.schema import coerce_value
 from fedsilo.errors import CheckpointError, ConfigError
 from fedsilo.registry import Registry
 
@@ -76,7 +77,7 @@ class Strategy:
     def validate_options(cls, options: Mapping[str, Any]) -> Any:
         """The options as ``cls.Options``: unknown keys and wrong types fail by key name.
 
-        Values go through the config's coercion (:func:`fedsilo.config.coerce_value`), so
+        Values go through the config schema's leaf types (:func:`fedsilo.config.coerce_value`), so
         float fields accept ints and ``"1e-3"``, int fields accept integral floats.
         """
         fields = {f.name: f for f in dataclasses.fields(cls.Options)}
@@ -172,4 +173,6 @@ class Strategy:
         return self._state
 
 
-STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
+#: defined with the configuration, which checks a strategy's options without importing this
+#: package
+STRATEGIES: Registry[type[Strategy]] = _STRATEGIES
