@@ -1,6 +1,7 @@
 """Federated segmentation as a real MPI job (issue 28): image/mask pairs -> shards -> a
 U-Net trained by two sites -> Dice in the metrics rows; resumed, it ends with exactly the
-model of an uninterrupted run."""
+model of an uninterrupted run; streamed from its shards, with exactly the model of a run
+that holds them in memory."""
 
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ def seg_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-def _args(shards: Path, out: Path, rounds: int) -> list[str]:
-    return ["train", "--set", f"data.dir={shards}", "--set", "model.name=basic_unet",
+def _args(shards: Path, out: Path, rounds: int, *more: str) -> list[str]:
+    return ["train", *more, "--set", f"data.dir={shards}", "--set", "model.name=basic_unet",
             "--set", f"rounds={rounds}", "--set", "segmentation.patch_size=16",
             "--set", "train.batch_size=4", "--set", "train.epochs=2",
             "--set", "train.optimizer=adam", "--set", "train.lr=0.01",
@@ -69,3 +70,25 @@ def test_federated_segmentation_trains_and_resumes_bit_identically(seg_shards, t
     a = torch.load(short / "model.pt", weights_only=True)
     b = torch.load(full / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_streamed_and_in_memory_segmentation_end_with_identical_weights(seg_shards, tmp_path):
+    """data.in_memory=false streams whole images and label maps by windows (1 MiB budget:
+    windows of a few images) and cuts the same patches: the same model as held in memory."""
+    models = {}
+    for mode in ("true", "false"):
+        job = mpirun(3, _args(seg_shards, tmp_path / mode, 2, "--set",
+                              f"data.in_memory={mode}", "--set", "data.memory_limit_mb=1"),
+                     timeout=240)
+        assert job.returncode == 0, job.output[-4000:]
+        models[mode] = _load(tmp_path / mode / "model.pt")
+    assert "the coordinator streams test.h5" in job.stderr
+    assert _same(models["true"], models["false"])
