@@ -342,6 +342,8 @@ def prepare_segmentation(
     out.mkdir(parents=True, exist_ok=True)
     infos: list[ShardInfo] = []
     group_record: dict[str, dict[str, list[str]]] = {}
+    #: sha256 of each split's label maps as stored (uint8, row order), as check_shard reads
+    mask_digests: dict[str, dict[str, str]] = {}
     for k, part in enumerate(parts):
         site = _subset(train, part)
         keep, val = group_holdout(site.labels, site.groups, val_fraction,
@@ -349,8 +351,10 @@ def prepare_segmentation(
         splits = {"train": _subset(site, keep), "val": _subset(site, val)}
         infos.append(_write(out / files[k], "site", splits, num_classes, {"site": k}))
         group_record[files[k]] = {s: [p.group for p in d.pairs] for s, d in splits.items()}
+        mask_digests[files[k]] = {s: _masks_sha256(d) for s, d in splits.items()}
     test_info = _write(out / TEST_FILE, "test", {"test": test}, num_classes, {})
     group_record[TEST_FILE] = {"test": [p.group for p in test.pairs]}
+    mask_digests[TEST_FILE] = {"test": _masks_sha256(test)}
     everything = [*train.pairs, *test.pairs]
     manifest = build_manifest(
         sites=infos, test=test_info, partition=partition, seed=seed,
@@ -364,6 +368,7 @@ def prepare_segmentation(
                                                 (info.pixel_class_counts or {}).items()}
                                for info in [*infos, test_info]},
         "groups": group_record,
+        "mask_sha256": mask_digests,
         "pairs": [{"image": p.image.name, "mask": p.mask.name if p.mask else None,
                    "group": p.group, "image_sha256": _sha256(p.image),
                    "mask_sha256": _sha256(p.mask) if p.mask else None}
@@ -386,6 +391,10 @@ def _write(path: Path, kind: str, splits: dict[str, Decoded], num_classes: int,
         for split, data in splits.items():
             writer.append(split, data.images, data.labels, masks=data.masks)
     return writer.info
+
+
+def _masks_sha256(data: Decoded) -> str:
+    return hashlib.sha256(np.ascontiguousarray(data.masks, dtype=np.uint8).tobytes()).hexdigest()
 
 
 def _sha256(path: Path) -> str:

@@ -138,7 +138,7 @@ class StreamedSplit:
 
     def batches(self, indexes: Iterable[Any], *, transform: Transform | None = None
                 ) -> Batches:
-        windows = _WindowReader(self.reader, indexes, max_rows=self.window_rows)
+        windows = WindowReader(self.reader.read, indexes, max_rows=self.window_rows)
         try:
             for batch_indexes, unique, rows in windows:
                 for index in batch_indexes:
@@ -171,8 +171,9 @@ class StreamedSplit:
         self.reader.close()
 
 
-class _WindowReader:
-    """A thread that reads windows of upcoming batches ahead of the one consuming them.
+class WindowReader:
+    """A thread that reads windows of upcoming batches ahead of the one consuming them:
+    ``read`` (ascending rows -> what they hold) is given each window's distinct rows.
 
     At most three windows exist at once: the one being consumed, one ready in the queue and
     one being read.  An error in the thread is handed over and raised by the consumer;
@@ -182,21 +183,23 @@ class _WindowReader:
 
     _END = object()
 
-    def __init__(self, reader: SplitReader, indexes: Iterable[Any], *, max_rows: int) -> None:
+    def __init__(self, read: Callable[[np.ndarray], Any], indexes: Iterable[Any], *,
+                 max_rows: int) -> None:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(reader, iter(indexes), max_rows),
+        self._thread = threading.Thread(target=self._run, args=(read, iter(indexes), max_rows),
                                         name="fedsilo-reader", daemon=True)
         self._thread.start()
 
-    def _run(self, reader: SplitReader, indexes: Iterator[Any], max_rows: int) -> None:
+    def _run(self, read: Callable[[np.ndarray], Any], indexes: Iterator[Any],
+             max_rows: int) -> None:
         try:
             pending: list[np.ndarray] = []
             count, target = 0, 1
             for index in indexes:
                 index = np.asarray(index, dtype=np.int64)
                 if pending and count + index.size > max(target, 1):
-                    if not self._emit(reader, pending):
+                    if not self._emit(read, pending):
                         return
                     target = min(max_rows, 2 * count)
                     pending, count = [], 0
@@ -204,16 +207,16 @@ class _WindowReader:
                 count += index.size
                 if self._stop.is_set():
                     return
-            if pending and not self._emit(reader, pending):
+            if pending and not self._emit(read, pending):
                 return
         except BaseException as exc:  # handed to the consumer, raised there
             self._put(exc)
         else:
             self._put(self._END)
 
-    def _emit(self, reader: SplitReader, pending: list[np.ndarray]) -> bool:
+    def _emit(self, read: Callable[[np.ndarray], Any], pending: list[np.ndarray]) -> bool:
         unique = np.unique(np.concatenate(pending))
-        return self._put((pending, unique, reader.read(unique)))
+        return self._put((pending, unique, read(unique)))
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
@@ -224,7 +227,7 @@ class _WindowReader:
                 continue
         return False
 
-    def __iter__(self) -> Iterator[tuple[list[np.ndarray], np.ndarray, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[list[np.ndarray], np.ndarray, Any]]:
         while True:
             item = self._queue.get()
             if item is self._END:
@@ -238,21 +241,49 @@ class _WindowReader:
         self._thread.join()
 
 
+@dataclass(frozen=True)
+class LoadPlan:
+    """How a rank's splits are served: held in memory, or streamed with a chunk cache per
+    split and windows of read-ahead batches of up to ``window_bytes``."""
+
+    hold: bool
+    cache_bytes: int
+    window_bytes: int
+
+
+def plan_loading(sources: Sequence[tuple[Any, Any, Any]], *, data: DataConfig, who: str,
+                 row_bytes: Callable[[Any], int] | None = None) -> LoadPlan:
+    """Hold or stream ``sources`` (``data.in_memory``; ``auto``: in memory when their raw
+    rows, ``row_bytes`` each (default: the reader's image bytes), fit in
+    ``data.memory_limit_mb``), and log the choice naming ``who``."""
+    limit = data.memory_limit_mb * _MIB
+    size = row_bytes or (lambda reader: int(reader.row_bytes))
+    raw = sum(reader.num_samples * size(reader) for reader, _, _ in sources)
+    hold = data.in_memory == "true" or (data.in_memory == "auto" and raw <= limit)
+    files = sorted({reader.path.name for reader, _, _ in sources})
+    what = "raw pixels" if row_bytes is None else "raw pixels and label maps"
+    why = f"data.in_memory={data.in_memory}" if data.in_memory != "auto" else \
+        f"{raw / _MIB:.1f} MiB of {what} {'<=' if hold else '>'} " \
+        f"data.memory_limit_mb={data.memory_limit_mb}"
+    if hold:
+        log.info("%s holds %s in memory (%s)", who, ", ".join(files), why)
+        return LoadPlan(True, 0, 0)
+    # half the budget caches chunks (shared by the splits); windows take an eighth each,
+    # and at most three are alive (consumed, ready, being read) during one pass
+    cache = limit // (2 * len(sources))
+    window = limit // 8
+    log.info("%s streams %s from disk (%s): chunk cache %.1f MiB per split, windows of up "
+             "to %.1f MiB", who, ", ".join(files), why, cache / _MIB, window / _MIB)
+    return LoadPlan(False, cache, window)
+
+
 def load_splits(sources: Sequence[tuple[SplitReader, Any, Any]], *, data: DataConfig,
                 device: torch.device, who: str) -> list[TensorSplit | StreamedSplit]:
     """One split per ``(reader, mean, std)``: all held in memory or all streamed
-    (``data.in_memory``; ``auto``: in memory when their raw pixels fit in
-    ``data.memory_limit_mb``).  ``who`` names the rank in the log line."""
-    limit = data.memory_limit_mb * _MIB
-    raw = sum(reader.num_samples * reader.row_bytes for reader, _, _ in sources)
-    hold = data.in_memory == "true" or (data.in_memory == "auto" and raw <= limit)
-    files = sorted({reader.path.name for reader, _, _ in sources})
-    why = f"data.in_memory={data.in_memory}" if data.in_memory != "auto" else \
-        f"{raw / _MIB:.1f} MiB of raw pixels {'<=' if hold else '>'} " \
-        f"data.memory_limit_mb={data.memory_limit_mb}"
+    (:func:`plan_loading`).  ``who`` names the rank in the log line."""
+    plan = plan_loading(sources, data=data, who=who)
     splits: list[TensorSplit | StreamedSplit] = []
-    if hold:
-        log.info("%s holds %s in memory (%s)", who, ", ".join(files), why)
+    if plan.hold:
         for reader, mean, std in sources:
             try:
                 images = reader.read(np.arange(reader.num_samples))
@@ -262,14 +293,8 @@ def load_splits(sources: Sequence[tuple[SplitReader, Any, Any]], *, data: DataCo
             splits.append(TensorSplit.from_arrays(images, labels, mean=mean, std=std,
                                                   device=device))
         return splits
-    # half the budget caches chunks (shared by the splits); windows take an eighth each,
-    # and at most three are alive (consumed, ready, being read) during one pass
-    cache = limit // (2 * len(sources))
-    window = limit // 8
-    log.info("%s streams %s from disk (%s): chunk cache %.1f MiB per split, windows of up "
-             "to %.1f MiB", who, ", ".join(files), why, cache / _MIB, window / _MIB)
     for reader, mean, std in sources:
-        reader.cache_bytes = cache
+        reader.cache_bytes = plan.cache_bytes
         splits.append(StreamedSplit(reader, mean=mean, std=std, device=device,
-                                    window_bytes=window))
+                                    window_bytes=plan.window_bytes))
     return splits

@@ -1,10 +1,15 @@
 """Federated segmentation as a real MPI job (issue 28): image/mask pairs -> shards -> a
-U-Net trained by two sites -> Dice in the metrics rows; resumed, it ends with exactly the
-model of an uninterrupted run."""
+U-Net trained by two sites -> Dice in the metrics rows; killed and resumed, it ends with
+exactly the model of an uninterrupted run; streamed from its shards, with exactly the model
+of a run that holds them in memory."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,20 +46,30 @@ def seg_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-def _args(shards: Path, out: Path, rounds: int) -> list[str]:
-    return ["train", "--set", f"data.dir={shards}", "--set", "model.name=basic_unet",
+def _args(shards: Path, out: Path, rounds: int, *more: str) -> list[str]:
+    return ["train", *more, "--set", f"data.dir={shards}", "--set", "model.name=basic_unet",
             "--set", f"rounds={rounds}", "--set", "segmentation.patch_size=16",
             "--set", "train.batch_size=4", "--set", "train.epochs=2",
             "--set", "train.optimizer=adam", "--set", "train.lr=0.01",
             "--set", "runtime.threads=1", "--out", str(out)]
 
 
-def test_federated_segmentation_trains_and_resumes_bit_identically(seg_shards, tmp_path):
-    short, full = tmp_path / "short", tmp_path / "full"
-    job = mpirun(3, _args(seg_shards, full, 2), timeout=240)
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_federated_segmentation_trains_and_resumes_bit_identically_after_a_kill(seg_shards,
+                                                                                tmp_path):
+    rounds = 4
+    crashed, full = tmp_path / "crashed", tmp_path / "full"
+    job = mpirun(3, _args(seg_shards, full, rounds), timeout=240)
     assert job.returncode == 0, job.output[-4000:]
     rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
     for row in rows:
         assert {"dice", "iou", "hd95", "dice_per_class", "auc", "loss"} <= set(row)
         assert len(row["dice_per_class"]) == 2 and 0 <= row["dice"] <= 1
@@ -63,9 +78,38 @@ def test_federated_segmentation_trains_and_resumes_bit_identically(seg_shards, t
     summary = json.loads((full / "summary.json").read_text())
     assert summary["ending"] == "finished"
 
-    assert mpirun(3, _args(seg_shards, short, 1), timeout=240).returncode == 0
-    job = mpirun(3, ["train", "--resume", str(short), "--set", "rounds=2"], timeout=240)
+    # the same run, killed (SIGKILL, every rank) once round 2 has a complete checkpoint
+    from fedsilo.launch import mpirun_command, rank_environment
+
+    process = subprocess.Popen(mpirun_command(3, _args(seg_shards, crashed, rounds)),
+                               env=rank_environment(3), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = crashed / "checkpoints" / "round-0002" / "coordinator.pt"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert marker.exists()
+    assert not (crashed / "summary.json").exists(), "the run finished before it was killed"
+    job = mpirun(3, ["train", "--resume", str(crashed)], timeout=240)
     assert job.returncode == 0, job.output[-4000:]
-    a = torch.load(short / "model.pt", weights_only=True)
-    b = torch.load(full / "model.pt", weights_only=True)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "resuming" in job.stderr
+    assert _same(_load(crashed / "model.pt"), _load(full / "model.pt"))
+    resumed = [json.loads(x) for x in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["dice"], r["loss"]) for r in resumed] == \
+        [(r["round"], r["dice"], r["loss"]) for r in rows]
+
+
+def test_streamed_and_in_memory_segmentation_end_with_identical_weights(seg_shards, tmp_path):
+    """data.in_memory=false streams whole images and label maps by windows (1 MiB budget:
+    windows of a few images) and cuts the same patches: the same model as held in memory."""
+    models = {}
+    for mode in ("true", "false"):
+        job = mpirun(3, _args(seg_shards, tmp_path / mode, 2, "--set",
+                              f"data.in_memory={mode}", "--set", "data.memory_limit_mb=1"),
+                     timeout=240)
+        assert job.returncode == 0, job.output[-4000:]
+        models[mode] = _load(tmp_path / mode / "model.pt")
+    assert "the coordinator streams test.h5" in job.stderr
+    assert _same(models["true"], models["false"])

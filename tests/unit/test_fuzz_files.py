@@ -299,6 +299,107 @@ def test_a_shard_is_checked_or_named(edits):
         assert _digests(Path(tmp)) == before
 
 
+@functools.lru_cache(maxsize=1)
+def _seg_shard() -> Path:
+    """A small valid segmentation shard (a site's train and val splits), made once."""
+    from fedsilo.shards import ShardWriter
+
+    out = Path(tempfile.mkdtemp(prefix="fuzz-seg-")) / "site-000.h5"
+    rng = np.random.default_rng(0)
+    with ShardWriter(out, kind="site", image_shape=(1, 12, 10), num_classes=3,
+                     masks=True) as writer:
+        for split, n in (("train", 5), ("val", 2)):
+            masks = rng.integers(0, 3, (n, 12, 10), dtype=np.uint8)
+            writer.append(split, rng.integers(0, 256, (n, 1, 12, 10), dtype=np.uint8),
+                          masks.reshape(n, -1).max(1).astype(np.int64), masks=masks)
+    return out
+
+
+seg_edits = st.one_of(
+    shard_edits,
+    st.builds(lambda split: ("drop", split, "masks"), st.sampled_from(["train", "val"])),
+    st.builds(lambda split, dtype, shape: ("dataset", split, "masks", dtype, shape),
+              st.sampled_from(["train", "val"]), st.sampled_from(["u1", "i8", "f4", "S3"]),
+              st.lists(st.integers(0, 13), min_size=0, max_size=4)),
+    st.builds(lambda split, n: ("huge", split, "masks", n), st.sampled_from(["train", "val"]),
+              st.sampled_from([6, 2**31, 2**40])),
+    st.builds(lambda split, at, value: ("pixel", split, at, value),
+              st.sampled_from(["train", "val"]), st.integers(0, 10**6), st.integers(0, 255)),
+    st.builds(lambda where, key, value: ("attr", where, key, value),
+              st.sampled_from(["", "train", "val"]),
+              st.sampled_from(["task", "num_classes", "pixel_class_counts"]),
+              st.one_of(st.integers(-5, 300), st.text(max_size=14),
+                        st.sampled_from(["segmentation", "classification"]),
+                        st.lists(st.integers(-5, 2**40), max_size=4))),
+)
+
+
+def _edit_seg_shard(path: Path, edit: tuple[Any, ...]) -> None:
+    if edit[0] != "pixel":
+        _edit_shard(path, edit)
+        return
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        masks = f[f"{edit[1]}/masks"]
+        if masks.size:
+            flat = edit[2] % masks.size
+            index = np.unravel_index(flat, masks.shape)
+            masks[tuple(int(i) for i in index)] = edit[3]
+
+
+@FUZZ
+@given(edits=st.lists(seg_edits, min_size=1, max_size=2))
+def test_a_segmentation_shard_is_checked_and_its_masks_read_or_named(edits):
+    """A segmentation shard's readers: ``check_shard`` (masks scanned: shape, values, pixel
+    counts), ``read_masks`` and the streamed split's ``MaskReader``: what they give holds
+    (label maps of the images' size, every value a class), or one ShardError naming the
+    file; nothing changes on disk."""
+    from fedsilo.shards import MaskReader, check_shard, read_masks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "site-000.h5"
+        shutil.copy(_seg_shard(), path)
+        for edit in edits:
+            try:
+                _edit_seg_shard(path, edit)
+            except (OSError, KeyError, ValueError, TypeError, OverflowError):
+                pass  # an edit h5py cannot make on an already damaged file
+        before = _digests(Path(tmp))
+        try:
+            info = check_shard(path, kind="site", task="segmentation")
+        except FedsiloError as exc:
+            _one_line(exc, str(path))
+        else:
+            assert info.pixel_class_counts is not None and info.mask_sha256 is not None
+            for split, n in info.num_samples.items():
+                shape = info.image_shape[1:]
+                assert sum(info.pixel_class_counts[split]) == n * shape[0] * shape[1]
+        for split in ("train", "val"):
+            try:
+                masks = read_masks(path, split)
+            except FedsiloError as exc:
+                _one_line(exc, str(path))
+            else:
+                assert masks.dtype == np.uint8 and masks.ndim == 3
+                assert not masks.size or int(masks.max()) < 256
+            try:
+                reader = MaskReader(path, split)
+            except FedsiloError as exc:
+                _one_line(exc, str(path))
+                continue
+            try:
+                rows = np.arange(0, reader.num_samples, 2)[:3]
+                got = reader.read(rows)
+                assert got.shape == (rows.size, *reader.shape[1:])
+                assert not got.size or int(got.max()) < reader.num_classes
+            except FedsiloError as exc:
+                _one_line(exc, str(path))
+            finally:
+                reader.close()
+        assert _digests(Path(tmp)) == before
+
+
 # -- run markers and summary.json (fedsilo report; train --resume keeps them) ---------------
 
 MARKERS = ("stopped.json", "hung.json", "failed.json", "summary.json")
@@ -578,6 +679,8 @@ def test_the_fuzzed_shard_set_is_valid():
 
     load_manifest(_shard_set())
     check_shard(_shard_set() / "site-000.h5", kind="site")
+    info = check_shard(_seg_shard(), kind="site", task="segmentation")
+    assert info.num_samples == {"train": 5, "val": 2} and info.mask_sha256 is not None
     with tempfile.TemporaryDirectory() as tmp:
         atomic_torch_save(Path(tmp) / "c.pt", _coordinator_state())
         read_coordinator_state(Path(tmp) / "c.pt")

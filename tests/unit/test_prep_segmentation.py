@@ -229,3 +229,69 @@ def test_masks_beside_images_need_dicom_images(tmp_path):
     _write_set(tmp_path, ["a", "b"])
     with pytest.raises(DataError, match="holds no DICOM image"):
         pair_folders(tmp_path / "images", tmp_path / "images")
+
+
+def _edit_masks(path, split, edit):
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        edit(f[split])
+
+
+@pytest.mark.parametrize("damage", ["unknown class", "flipped pixel", "flipped and recounted",
+                                    "other shape", "dropped"])
+def test_prep_verify_reports_a_corrupted_mask(tmp_path, damage):
+    """``prep verify`` reads every label map: a value outside the classes, pixels changed
+    (against the stored and the manifest's pixel counts and mask sha256, even where whoever
+    changed them fixed the counts), a map of another shape than its image, no masks."""
+    from fedsilo.cli import main
+
+    _write_set(tmp_path, [f"Image_{k:02d}" for k in range(8)])
+    pairs, _ = pair_folders(tmp_path / "images", tmp_path / "masks")
+    prepare_segmentation(pairs, out=tmp_path / "out", sites=2, seed=0, val_fraction=0,
+                         test_fraction=0.25)
+    site = tmp_path / "out" / "site-001.h5"
+    assert verify_shard_set(tmp_path / "out") == []
+
+    def flip(group, recount=False):
+        masks = group["masks"]
+        before = int(masks[0, 2, 3])
+        masks[0, 2, 3] = 1 - before
+        if recount:
+            counts = group.attrs["pixel_class_counts"]
+            counts[before] -= 1
+            counts[1 - before] += 1
+            group.attrs["pixel_class_counts"] = counts
+
+    def reshape(group):
+        del group["masks"]
+        group.create_dataset("masks", data=np.zeros((group["images"].shape[0], 20, 24),
+                                                    np.uint8))
+
+    edits = {"unknown class": lambda g: g["masks"].__setitem__((1, 0, 0), 7),
+             "flipped pixel": flip, "flipped and recounted": lambda g: flip(g, recount=True),
+             "other shape": reshape, "dropped": lambda g: g.__delitem__("masks")}
+    _edit_masks(site, "train", edits[damage])
+    problems = verify_shard_set(tmp_path / "out")
+    expected = {
+        "unknown class": r"site-001.h5 \[train\]: label value 7 in the masks is outside \[0, 2\)",
+        "flipped pixel": r"site-001.h5 \[train\]: pixel_class_counts attribute .* disagrees "
+                         r"with the masks",
+        "flipped and recounted": r"site-001.h5 \[train\]: mask pixel counts per class .* in the"
+                                 r" file, .* in the manifest",
+        "other shape": r"site-001.h5 \[train\]: masks \(\d+, 20, 24\) do not match images",
+        "dropped": r"site-001.h5 \[train\]: a segmentation split needs 'images' and 'masks'",
+    }[damage]
+    assert any(__import__("re").search(expected, p) for p in problems), problems
+    assert any("sha256 mismatch" in p for p in problems)  # the file's bytes changed too
+    if damage == "flipped and recounted":
+        assert any("masks sha256 mismatch" in p for p in problems), problems
+    assert main(["prep", "verify", str(tmp_path / "out")]) != 0
+    # the run's own check of the shard (every rank, before training) refuses it as well,
+    # by its content or, where the counts were fixed, by the manifest's sha256
+    from fedsilo.shards import check_shard
+
+    sha = load_manifest(tmp_path / "out").sites[1].sha256
+    with pytest.raises(ShardError, match="site-001.h5"):
+        check_shard(site, kind="site", task="segmentation",
+                    expected_sha256=sha if damage == "flipped and recounted" else None)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fedsilo.config import SegmentationConfig
+from fedsilo.loading import in_order
 from fedsilo.models import build_model
 from fedsilo.segmentation import scores
 from fedsilo.segmentation.loss import dice_ce_per_sample
@@ -182,3 +183,66 @@ def test_dp_engine_clips_segmentation_per_image_exactly(mode):
     privacy.clipped_sum(images, masks)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
+
+
+def _seg_shard(path, images: np.ndarray, masks: np.ndarray) -> None:
+    from fedsilo.shards import ShardWriter
+
+    with ShardWriter(path, kind="test", image_shape=images.shape[1:], num_classes=3,
+                     masks=True) as writer:
+        writer.append("test", images, masks.reshape(len(masks), -1).max(1).astype(np.int64),
+                      masks=masks)
+
+
+def test_a_streamed_split_gives_the_batches_of_one_held_in_memory(tmp_path):
+    """Streaming (data.in_memory=false) reads windows of whole images and label maps and
+    cuts the same patches from them, drawing from the same generator: bit for bit the
+    batches of the split held in memory, whatever the batch order (repeats included)."""
+    from fedsilo.config import DataConfig
+    from fedsilo.segmentation.task import StreamedSegSplit, load_seg_splits
+    from fedsilo.shards import SplitReader
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (7, 2, 40, 33), dtype=np.uint8)
+    masks = rng.integers(0, 3, (7, 40, 33), dtype=np.uint8)
+    _seg_shard(tmp_path / "t.h5", images, masks)
+    task = SegmentationTask(SegmentationConfig(patch_size=16, foreground=0.5, augment=True))
+    order = [np.array([4, 0, 4]), np.array([6]), np.array([1, 2, 3, 5]), np.array([], int)]
+    out = {}
+    for mode in ("true", "false"):
+        data = DataConfig(in_memory=mode, memory_limit_mb=1)  # type: ignore[arg-type]
+        split = load_seg_splits([(SplitReader(tmp_path / "t.h5", "test", cache_bytes=0),
+                                  [0.5, 0.4], [0.2, 0.3])], patch_size=16, device=torch.device(
+                                      "cpu"), data=data, who="test")[0]
+        assert isinstance(split, StreamedSegSplit) == (mode == "false")
+        if isinstance(split, StreamedSegSplit):
+            split.window_rows = 2  # several windows, one batch split across two
+        transform = task.train_transform(None, torch.Generator().manual_seed(5))
+        out[mode] = (list(split.batches(order, transform=transform)),
+                     list(split.batches(in_order(7, 3))), split.sample(2), split.labels)
+    held, streamed = out["true"], out["false"]
+    for a, b in zip(held[0] + held[1], streamed[0] + streamed[1], strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert held[0][0][0].shape == (3, 2, 16, 16) and held[1][0][1].shape == (3, 40, 33)
+    assert torch.equal(held[1][2][1], torch.from_numpy(masks[6:7]).long())
+    assert torch.equal(held[2], streamed[2]) and torch.equal(held[3], streamed[3])
+
+
+def test_a_streamed_mask_with_an_unknown_class_is_a_data_error(tmp_path):
+    import h5py
+
+    from fedsilo.config import DataConfig
+    from fedsilo.errors import DataError
+    from fedsilo.segmentation.task import load_seg_splits
+    from fedsilo.shards import SplitReader
+
+    images = np.zeros((3, 1, 8, 8), np.uint8)
+    _seg_shard(tmp_path / "t.h5", images, np.zeros((3, 8, 8), np.uint8))
+    with h5py.File(tmp_path / "t.h5", "r+") as f:
+        f["test/masks"][2, 3, 3] = 9
+    split = load_seg_splits([(SplitReader(tmp_path / "t.h5", "test", cache_bytes=0), [0.5],
+                              [0.2])], patch_size=8, device=torch.device("cpu"),
+                            data=DataConfig(in_memory="false"), who="test")[0]
+    assert len(list(split.batches([np.array([0, 1])]))) == 1
+    with pytest.raises(DataError, match=r"t.h5 \[test\]: label value 9 is outside \[0, 3\)"):
+        list(split.batches([np.array([2])]))

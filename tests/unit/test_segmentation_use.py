@@ -84,6 +84,20 @@ def test_the_segmentation_demo_config_is_valid_and_ships_its_data(tmp_path):
     assert config.aggregation.secure == "masks" and config.eval.every == 3
 
 
+def test_the_shipped_chase_db1_recipe_is_a_valid_segmentation_config():
+    """jobs/configs/chase_db1.yaml (docs/segmentation.md's recommendation) loads, and is the
+    recipe benchmarks/RESULTS.md measured."""
+    from fedsilo.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    config = load_config(root / "jobs" / "configs" / "chase_db1.yaml")
+    assert config.task == "segmentation" and config.model.name == "basic_unet"
+    assert (config.rounds, config.train.epochs, config.train.batch_size) == (80, 20, 8)
+    assert (config.train.optimizer, config.train.lr, config.train.lr_decay) == \
+        ("adam", 0.002, 0.96)
+    assert (config.segmentation.patch_size, config.segmentation.foreground) == (128, 0.5)
+
+
 def test_report_and_tensorboard_show_segmentation_figures(tmp_path):
     """A copy of a stored run with segmentation figures added: the report's segmentation
     table and overlay images, and TensorBoard's test/dice."""

@@ -1,5 +1,12 @@
 """The segmentation task: splits of whole images with their label maps, patch batches for
-training, Dice + cross-entropy, and sliding-window evaluation (see ``tasks.py``)."""
+training, Dice + cross-entropy, and sliding-window evaluation (see ``tasks.py``).
+
+A split is held in memory (:class:`SegSplit`) or streamed from its shard
+(:class:`StreamedSegSplit`), as ``data.in_memory`` decides for classification
+(``loading.py``, counting the label maps beside the pixels).  Both give the same batches
+bit for bit: the whole images and label maps of a batch, in its order, cut into patches by
+the same transform drawing from the same generator.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +19,21 @@ import torch
 from torch import nn
 
 from fedsilo.config import DataConfig, SegmentationConfig
-from fedsilo.loading import Batches, Transform, channel_stat, in_order, normalize
+from fedsilo.errors import DataError, ShardError
+from fedsilo.loading import (
+    Batches,
+    Transform,
+    WindowReader,
+    channel_stat,
+    in_order,
+    normalize,
+    plan_loading,
+)
 from fedsilo.segmentation import scores
 from fedsilo.segmentation.loss import dice_ce_per_sample
 from fedsilo.segmentation.patches import augment_pair, crop_patches
 from fedsilo.segmentation.window import sliding_window
-from fedsilo.shards import SplitReader, read_masks
+from fedsilo.shards import MaskReader, SplitReader, read_masks
 
 
 @dataclass(frozen=True)
@@ -37,12 +53,7 @@ class SegSplit:
 
     def sample(self, count: int) -> torch.Tensor:
         """The centre patches of the first ``count`` images, normalized (model checks)."""
-        size = self.patch_size
-        images = self.images[:count]
-        pad_h, pad_w = max(0, size - images.shape[-2]), max(0, size - images.shape[-1])
-        images = torch.nn.functional.pad(images, (0, pad_w, 0, pad_h))
-        top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
-        return normalize(images[..., top: top + size, left: left + size], self.mean, self.std)
+        return _centre_patches(self.images[:count], self.patch_size, self.mean, self.std)
 
     def batches(self, indexes: Iterable[Any], *, transform: Transform | None = None
                 ) -> Batches:
@@ -57,11 +68,88 @@ class SegSplit:
             yield normalize(pixels, self.mean, self.std), masks.long()
 
 
+def _centre_patches(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor
+                    ) -> torch.Tensor:
+    pad_h, pad_w = max(0, size - images.shape[-2]), max(0, size - images.shape[-1])
+    images = torch.nn.functional.pad(images, (0, pad_w, 0, pad_h))
+    top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
+    return normalize(images[..., top: top + size, left: left + size], mean, std)
+
+
+class StreamedSegSplit:
+    """A segmentation split read from its shard a window of batches at a time: only the
+    labels stay in memory; a reader thread reads the whole images and label maps of the
+    upcoming batches (``loading.WindowReader``), and each batch is cut into patches as it
+    is consumed."""
+
+    def __init__(self, reader: SplitReader, *, mean: Any, std: Any, device: torch.device,
+                 window_bytes: int, patch_size: int) -> None:
+        self.reader, self.device, self.patch_size = reader, device, patch_size
+        self.masks = MaskReader(reader.path, reader.split)
+        if self.masks.num_samples != reader.num_samples:
+            self.close()
+            raise ShardError(f"{reader.where}: {self.masks.num_samples} masks for "
+                             f"{reader.num_samples} images")
+        self.labels = torch.from_numpy(reader.labels()).to(device)
+        self.mean, self.std = channel_stat(mean, device), channel_stat(std, device)
+        self.window_rows = max(1, int(window_bytes) // (reader.row_bytes + self.masks.map_bytes))
+
+    def __len__(self) -> int:
+        return self.reader.num_samples
+
+    def _read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.reader.read(rows), self.masks.read(rows)
+
+    def sample(self, count: int) -> torch.Tensor:
+        try:
+            images, _ = self._read(np.arange(min(count, len(self))))
+        except ShardError as exc:
+            raise DataError(f"the shard became unreadable while in use: {exc}") from exc
+        return _centre_patches(torch.from_numpy(images).to(self.device), self.patch_size,
+                               self.mean, self.std)
+
+    def batches(self, indexes: Iterable[Any], *, transform: Transform | None = None
+                ) -> Batches:
+        """As :meth:`SegSplit.batches`, read from the shard."""
+        windows = WindowReader(self._read, indexes, max_rows=self.window_rows)
+        try:
+            for batch_indexes, unique, (images, masks) in windows:
+                for index in batch_indexes:
+                    where = np.searchsorted(unique, index)
+                    pixels = torch.from_numpy(np.take(images, where, axis=0)).to(self.device)
+                    maps = torch.from_numpy(np.take(masks, where, axis=0)).to(self.device)
+                    if transform is not None:
+                        pixels, maps = transform(pixels, maps)
+                    yield normalize(pixels, self.mean, self.std), maps.long()
+        except ShardError as exc:
+            raise DataError(f"the shard became unreadable while in use: {exc}") from exc
+        finally:
+            windows.close()
+
+    def close(self) -> None:
+        self.reader.close()
+        self.masks.close()
+
+
 def load_seg_splits(sources: Sequence[tuple[SplitReader, Any, Any]], *, patch_size: int,
-                    device: torch.device) -> list[SegSplit]:
-    """One in-memory :class:`SegSplit` per ``(reader, mean, std)`` (masks validated by
-    :func:`fedsilo.shards.read_masks`)."""
-    splits = []
+                    device: torch.device, data: DataConfig | None = None,
+                    who: str = "this rank") -> list[SegSplit | StreamedSegSplit]:
+    """One :class:`SegSplit` (in memory; masks validated by
+    :func:`fedsilo.shards.read_masks`) or :class:`StreamedSegSplit` per ``(reader, mean,
+    std)``: all held or all streamed, as ``data`` decides (``loading.plan_loading``;
+    without ``data``: held)."""
+    if data is not None:
+        plan = plan_loading(sources, data=data, who=who,
+                            row_bytes=lambda r: r.row_bytes + r.image_shape[1] * r.image_shape[2])
+        if not plan.hold:
+            streamed: list[SegSplit | StreamedSegSplit] = []
+            for reader, mean, std in sources:
+                reader.cache_bytes = plan.cache_bytes
+                streamed.append(StreamedSegSplit(reader, mean=mean, std=std, device=device,
+                                                 window_bytes=plan.window_bytes,
+                                                 patch_size=patch_size))
+            return streamed
+    splits: list[SegSplit | StreamedSegSplit] = []
     for reader, mean, std in sources:
         try:
             images = reader.read(np.arange(reader.num_samples))
@@ -90,8 +178,9 @@ class SegmentationTask:
         return self.config.patch_size, self.config.patch_size
 
     def load(self, sources: Sequence[tuple[SplitReader, Any, Any]], *, data: DataConfig,
-             device: torch.device, who: str) -> list[SegSplit]:
-        return load_seg_splits(sources, patch_size=self.config.patch_size, device=device)
+             device: torch.device, who: str) -> list[SegSplit | StreamedSegSplit]:
+        return load_seg_splits(sources, patch_size=self.config.patch_size, device=device,
+                               data=data, who=who)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return dice_ce_per_sample(logits, target, dice_weight=self.config.dice_weight).mean()
@@ -123,13 +212,14 @@ class SegmentationTask:
         return None
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: SegSplit, *, batch_size: int,
+    def evaluate(self, model: nn.Module, data: SegSplit | StreamedSegSplit, *, batch_size: int,
                  thresholds: Any = None) -> dict[str, Any]:
         return evaluate_segmentation(model, data, config=self.config, batch_size=batch_size)
 
 
 @torch.no_grad()
-def evaluate_segmentation(model: Callable[[torch.Tensor], torch.Tensor], data: SegSplit, *,
+def evaluate_segmentation(model: Callable[[torch.Tensor], torch.Tensor],
+                          data: SegSplit | StreamedSegSplit, *,
                           config: SegmentationConfig, batch_size: int = 8,
                           keep: int = 0) -> dict[str, Any]:
     """Sliding-window inference over every whole image of ``data``: loss, pixel accuracy,

@@ -12,10 +12,10 @@ from fedsilo.shards.hdf5 import (
     ShardInfo,
     ShardWriter,
     SplitData,
+    file_digest,
     read_shard,
     read_shard_attrs,
     read_split_attrs,
-    file_digest,
     sha256_file,
     write_shard,
 )
@@ -29,7 +29,7 @@ from fedsilo.shards.manifest import (
     site_file_name,
     write_manifest,
 )
-from fedsilo.shards.masks import read_masks, shard_task
+from fedsilo.shards.masks import MaskReader, read_masks, shard_task
 from fedsilo.shards.reader import SplitReader
 from fedsilo.shards.stats import PixelStats
 from fedsilo.shards.stats import combine as combine_stats
@@ -42,6 +42,7 @@ __all__ = [
     "SPLITS_BY_KIND",
     "TEST_FILE",
     "Manifest",
+    "MaskReader",
     "PixelStats",
     "Shard",
     "ShardInfo",

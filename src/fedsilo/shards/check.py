@@ -2,11 +2,15 @@
 
 Every problem becomes a :class:`ShardError` whose message names the file and the cause,
 so a rank with a bad shard can stop the whole job with one clear line.  Pixel and label
-data are scanned block by block, never loaded whole.
+data are scanned block by block, never loaded whole.  In a segmentation shard the label
+maps are scanned too: their shape against the images', every value a class, their pixel
+counts per class against the split's ``pixel_class_counts``, and their sha256 (what the
+manifest records, ``verify.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,11 +20,14 @@ import numpy as np
 
 from fedsilo.errors import ShardError
 from fedsilo.shards.hdf5 import FORMAT_VERSION, SPLITS_BY_KIND, ShardInfo, sha256_file
-from fedsilo.shards.stats import PixelStats
 from fedsilo.shards.manifest import image_shape_problem
+from fedsilo.shards.masks import mask_problem
+from fedsilo.shards.stats import PixelStats
 
 #: HDF5 chunks read per block while scanning
 _CHUNKS_PER_BLOCK = 16
+#: label-map bytes read per block while scanning masks
+_MASK_BLOCK_BYTES = 16 << 20
 _STATS_ATTRS = ("pixel_count", "pixel_sum", "pixel_sumsq")
 
 
@@ -32,8 +39,10 @@ def check_shard(
     image_shape: Sequence[int] | None = None,
     num_classes: int | None = None,
     required_splits: Sequence[str] | None = None,
+    task: str | None = None,
 ) -> ShardInfo:
-    """Validate a shard file and return what it holds; raise ShardError if it is unusable."""
+    """Validate a shard file and return what it holds; raise ShardError if it is unusable.
+    ``task``: the task the file must be for (classification or segmentation)."""
     path = Path(path)
     if kind not in SPLITS_BY_KIND:
         raise ShardError(f"{path}: cannot check for unknown shard kind {kind!r}")
@@ -60,7 +69,7 @@ def check_shard(
         try:
             return _check_open(
                 f, path, digest, kind=kind, image_shape=image_shape,
-                num_classes=num_classes, required_splits=required_splits,
+                num_classes=num_classes, required_splits=required_splits, task=task,
             )
         except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise ShardError(f"{path}: corrupt shard, reading failed: {exc}") from exc
@@ -75,6 +84,7 @@ def _check_open(
     image_shape: Sequence[int] | None,
     num_classes: int | None,
     required_splits: Sequence[str] | None,
+    task: str | None = None,
 ) -> ShardInfo:
     attrs = f.attrs
     if "fedsilo_format" not in attrs:
@@ -110,20 +120,62 @@ def _check_open(
             f"{_fmt_shape(image_shape)} was expected"
         )
 
+    file_task = attrs.get("task", "classification")
+    file_task = file_task.decode() if isinstance(file_task, bytes) else str(file_task)
+    if file_task not in ("classification", "segmentation"):
+        raise ShardError(f"{path}: unknown task {file_task!r} (classification or segmentation)")
+    if task is not None and file_task != task:
+        raise ShardError(f"{path}: is a {file_task} shard, expected a {task} shard")
+
     splits = list(required_splits) if required_splits is not None else list(SPLITS_BY_KIND[kind])
     splits += sorted(k for k in f.keys() if k not in splits and isinstance(f[k], h5py.Group))
     num_samples: dict[str, int] = {}
     class_counts: dict[str, tuple[int, ...]] = {}
     stats: dict[str, PixelStats] = {}
+    pixel_counts: dict[str, tuple[int, ...]] = {}
+    mask_digests: dict[str, str] = {}
     for split in splits:
         n, counts, split_stats = _check_split(f, path, split, file_shape, file_classes)
         num_samples[split], class_counts[split], stats[split] = n, counts, split_stats
+        if file_task == "segmentation":
+            pixel_counts[split], mask_digests[split] = _check_masks(f, path, split)
     if num_samples.get("train", 1) == 0:
         raise ShardError(f"{path}: training split is empty (0 samples)")
+    seg = file_task == "segmentation"
     return ShardInfo(
         path=path, sha256=digest, kind=kind, num_classes=file_classes,
         image_shape=file_shape, num_samples=num_samples, class_counts=class_counts, stats=stats,
+        pixel_class_counts=pixel_counts if seg else None,
+        mask_sha256=mask_digests if seg else None,
     )
+
+
+def _check_masks(f: h5py.File, path: Path, split: str) -> tuple[tuple[int, ...], str]:
+    """A segmentation split's label maps: shape, values and pixel counts; their sha256."""
+    where = f"{path} [{split}]"
+    problem, num_classes = mask_problem(f, split)
+    if problem is not None:
+        raise ShardError(f"{path}{' ' if problem.startswith('[') else ': '}{problem}")
+    masks = f[split]["masks"]
+    counts = np.zeros(num_classes, dtype=np.int64)
+    digest = hashlib.sha256()
+    step = max(1, _MASK_BLOCK_BYTES // max(1, int(masks.shape[1]) * int(masks.shape[2])))
+    for start in range(0, int(masks.shape[0]), step):
+        block = np.ascontiguousarray(masks[start: start + step])
+        top = int(block.max()) if block.size else 0
+        if top >= num_classes:
+            raise ShardError(f"{where}: label value {top} in the masks is outside [0, "
+                             f"{num_classes}) (num_classes={num_classes})")
+        counts += np.bincount(block.ravel(), minlength=num_classes)
+        digest.update(block.tobytes())
+    stored = f[split].attrs.get("pixel_class_counts")
+    if stored is None:
+        raise ShardError(f"{where}: missing split attribute 'pixel_class_counts'")
+    if np.asarray(stored).ravel().tolist() != counts.tolist():
+        raise ShardError(f"{where}: pixel_class_counts attribute "
+                         f"{np.asarray(stored).ravel().tolist()} disagrees with the masks "
+                         f"{counts.tolist()}")
+    return tuple(int(v) for v in counts), digest.hexdigest()
 
 
 def _check_split(
@@ -207,7 +259,8 @@ def check_listed_shard(manifest: Any, directory: str | os.PathLike[str], entry: 
     path = manifest.path_of(entry, directory)
     info = check_shard(path, kind=kind, expected_sha256=entry.sha256 if verify_hash else None,
                        image_shape=tuple(manifest.image_shape),
-                       num_classes=manifest.num_classes, required_splits=SPLITS_BY_KIND[kind])
+                       num_classes=manifest.num_classes, required_splits=SPLITS_BY_KIND[kind],
+                       task=getattr(manifest, "task", None))
     for split, n in sorted(entry.num_samples.items()):
         real_n = info.num_samples.get(split)
         real_counts = tuple(info.class_counts.get(split, ()))

@@ -95,6 +95,9 @@ class ShardInfo:
     stats: dict[str, PixelStats] = field(default_factory=dict)
     #: segmentation shards: label-map pixels per class, per split (else None)
     pixel_class_counts: dict[str, tuple[int, ...]] | None = None
+    #: segmentation shards: sha256 of each split's label maps (uint8, row order), as
+    #: ``check_shard`` computes it (else None)
+    mask_sha256: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -85,8 +85,9 @@ class Manifest:
     #: ``classification`` or ``segmentation`` (image/mask pairs; docs/segmentation.md)
     task: str = "classification"
     #: segmentation: ``pixel_class_counts`` ({file: {split: [per class]}}), ``image_size``
-    #: [H, W], ``groups`` ({file: {split: [group of each image]}}) and ``pairs`` (the source
-    #: files, each with its sha256)
+    #: [H, W], ``groups`` ({file: {split: [group of each image]}}), ``pairs`` (the source
+    #: files, each with its sha256) and ``mask_sha256`` ({file: {split: sha256 of the
+    #: split's label maps as stored}}, checked by ``prep verify``)
     segmentation: dict[str, Any] | None = None
 
     def path_of(self, entry: SiteEntry, directory: str | os.PathLike[str]) -> Path:
@@ -347,6 +348,16 @@ def _check_segmentation(section: Any, num_classes: int, entries: Sequence[SiteEn
                     isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in hist):
                 raise fail(f"'segmentation.pixel_class_counts.{entry.file}.{split}' must be "
                            f"{num_classes} non-negative integers")
+    digests = section.get("mask_sha256")
+    if digests is not None:
+        for entry in entries:
+            per_split = digests.get(entry.file) if isinstance(digests, dict) else None
+            if not isinstance(per_split, dict) or set(per_split) != set(entry.num_samples) \
+                    or not all(isinstance(v, str) and _SHA256.match(v)
+                               for v in per_split.values()):
+                raise fail(f"'segmentation.mask_sha256.{entry.file}' must give each split of "
+                           f"the file ({sorted(entry.num_samples)}) a sha256 of 64 lowercase "
+                           f"hex digits")
     size = section.get("image_size")
     if size is not None and (not isinstance(size, list) or len(size) != 2 or not all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedsilo.errors import ShardError
 from fedsilo.shards.check import check_shard
-from fedsilo.shards.hdf5 import sha256_file
+from fedsilo.shards.hdf5 import ShardInfo, sha256_file
 from fedsilo.shards.manifest import Manifest, SiteEntry, load_manifest
 from fedsilo.shards.stats import PixelStats, combine
 
@@ -18,7 +18,10 @@ def verify_shard_set(directory: str | os.PathLike[str]) -> list[str]:
 
     Checks the manifest, then each file: presence, sha256, format, shapes, label ranges,
     and that its per-split sample and class counts match the manifest; finally that the
-    manifest's normalization agrees with the sites' pixel sums.
+    manifest's normalization agrees with the sites' pixel sums.  In a segmentation set,
+    also each split's label maps (``check_shard``: shape equal to the images', every value
+    a class, pixel counts as stored) against the manifest's pixel class counts, mask
+    sha256 and image size.
     """
     directory = Path(directory)
     try:
@@ -53,7 +56,8 @@ def _verify_file(
     path = manifest.path_of(entry, directory)
     try:
         info = check_shard(
-            path, kind=kind, image_shape=manifest.image_shape, num_classes=manifest.num_classes
+            path, kind=kind, image_shape=manifest.image_shape, num_classes=manifest.num_classes,
+            task=manifest.task,
         )
     except ShardError as exc:
         problems.append(str(exc))
@@ -84,9 +88,35 @@ def _verify_file(
                 f"{path} [{split}]: class counts {list(info.class_counts[split])} in the file, "
                 f"{list(entry.class_counts[split])} in the manifest"
             )
+    if manifest.task == "segmentation":
+        _verify_masks(manifest, path, entry, info, problems)
     if len(problems) > found or "train" not in info.stats:
         return None
     return info.stats["train"]
+
+
+def _verify_masks(manifest: Manifest, path: Path, entry: SiteEntry, info: ShardInfo,
+                  problems: list[str]) -> None:
+    """A segmentation file's label maps against the manifest's ``segmentation`` section."""
+    section = manifest.segmentation or {}
+    size = section.get("image_size")
+    if size is not None and list(size) != list(manifest.image_shape[1:]):
+        problems.append(f"{path}: the manifest's segmentation.image_size {list(size)} is not "
+                        f"its image shape's {list(manifest.image_shape[1:])}")
+    counts = section.get("pixel_class_counts", {}).get(entry.file, {})
+    digests = section.get("mask_sha256", {}).get(entry.file)
+    for split in sorted(info.pixel_class_counts or {}):
+        have = list((info.pixel_class_counts or {})[split])
+        want = counts.get(split)
+        if want is not None and list(want) != have:
+            problems.append(f"{path} [{split}]: mask pixel counts per class {have} in the "
+                            f"file, {list(want)} in the manifest")
+        digest = (info.mask_sha256 or {}).get(split)
+        if digests is not None and digests.get(split) != digest:
+            expected = str(digests.get(split))
+            problems.append(f"{path} [{split}]: masks sha256 mismatch: manifest has "
+                            f"{expected[:12]}..., file has {str(digest)[:12]}... (the label "
+                            f"maps changed since prep wrote them)")
 
 
 def _sha_problem(path: Path, expected: str, actual: str) -> str:
