@@ -341,6 +341,32 @@ class UserDPConfig:
 
 
 @dataclass(frozen=True)
+class DPValidationConfig:
+    """Model and threshold selection under DP (binary tasks; docs/privacy.md, "Validation
+    under DP"): each site releases its validation scores as a histogram per class with
+    Gaussian noise of std ``noise_multiplier`` on every count (drawn from its secret), and
+    accounts each release in its own ε; the coordinator chooses best.pt and the decision
+    threshold on the noised sums."""
+
+    enabled: bool = False
+    #: σ of each released count (a validation example moves one count by 1)
+    noise_multiplier: float = 10.0
+    #: equal-width bins of the positive-class probability (the thresholds are their edges)
+    bins: int = 10
+    #: the sites validate the global model every N rounds, and the final model
+    every: int = 5
+
+    def __post_init__(self) -> None:
+        _check_noise_multiplier("dp.validation.noise_multiplier", self.noise_multiplier)
+        _check(2 <= self.bins <= 100, "dp.validation.bins", "must be in [2, 100]")
+        _check(self.every >= 1, "dp.validation.every", "must be >= 1")
+
+    def releases(self, rounds: int) -> int:
+        """Validation releases a site makes over a job of ``rounds`` rounds (at most)."""
+        return (rounds - 1) // self.every + 1
+
+
+@dataclass(frozen=True)
 class DPConfig:
     """Sample-level DP-SGD on every participant (see docs/privacy.md).
 
@@ -373,6 +399,8 @@ class DPConfig:
     #: user-level DP-FedAvg, independent of (and combinable with) sample-level DP-SGD;
     #: accounted over rounds at dp.delta and reported as ``user_epsilon``
     user: UserDPConfig = field(default_factory=UserDPConfig)
+    #: noised federated validation, so best.pt and a threshold exist under DP
+    validation: DPValidationConfig = field(default_factory=DPValidationConfig)
 
     def __post_init__(self) -> None:
         _check(self.augmult >= 1, "dp.augmult", "must be >= 1")
@@ -595,7 +623,25 @@ class Config:
     def _check_selection(self) -> None:
         """Model selection and thresholds read the sites' validation figures, which no site
         releases under DP (docs/privacy.md): asking for them there is an error."""
+        noised = self.dp.validation
+        if noised.enabled and not self.dp.enabled:
+            raise ConfigError("dp.validation.enabled noises each site's validation figures and "
+                              "accounts them in its DP-SGD accountant; it needs dp.enabled=true")
+        if noised.enabled and self.task == "segmentation":
+            raise ConfigError("dp.validation is for binary classification (a histogram of the "
+                              "positive-class probability); set it to false with "
+                              "task=segmentation")
+        if noised.enabled and self.dp.user.enabled:
+            raise ConfigError("dp.validation is accounted in each site's sample-level ε; "
+                              "user-level DP (dp.user) does not account it: turn one off")
         if not (self.dp.enabled or self.dp.user.enabled):
+            return
+        if noised.enabled:
+            if self.checkpoint.best_by == "val_loss":
+                raise ConfigError(
+                    "config key 'checkpoint.best_by' is 'val_loss', but under DP the sites "
+                    "release only a noised histogram of their validation scores "
+                    "(dp.validation), from which no loss follows; use val_auc, val_acc or auto")
             return
         for key, value, off in (("best_by", self.checkpoint.best_by, ("auto", "none")),
                                 ("threshold", self.checkpoint.threshold, ("none",))):
@@ -603,8 +649,8 @@ class Config:
                 raise ConfigError(
                     f"config key 'checkpoint.{key}' is {value!r}, but under DP no site "
                     f"releases validation figures (they are computed on private data without "
-                    f"noise, docs/privacy.md); set checkpoint.{key}={off[0]} and judge the "
-                    f"model on the coordinator's test set")
+                    f"noise, docs/privacy.md); set checkpoint.{key}={off[0]}, or let the "
+                    f"sites release noised validation figures (dp.validation.enabled=true)")
 
     def _check_data_and_precision(self) -> None:
         if self.dp.enabled and self.train.precision == "fp16":

@@ -192,6 +192,12 @@ def private(config: Config) -> bool:
     return config.dp.enabled or config.dp.user.enabled
 
 
+def noised_validation(config: Config) -> bool:
+    """Whether the sites release noised validation histograms under DP-SGD (dp.validation):
+    the only validation figures that leave a site under DP."""
+    return config.dp.enabled and config.dp.validation.enabled
+
+
 def uses_secret(config: Config) -> bool:
     """Whether a site's mechanisms draw randomness (DP-SGD, or a user-level noise share)."""
     return config.dp.enabled or (config.dp.user.enabled and config.dp.user.noise == "distributed")
