@@ -102,3 +102,20 @@ def test_released_counts_are_not_the_exact_counts_and_hide_one_example():
     bound = 2 * norm.cdf(1 / (2 * SIGMA_V)) - 1
     assert advantage <= bound + 4 * math.sqrt(0.5 / trials), (advantage, bound)
     assert site.validation_released == 2 * trials  # every release was accounted
+
+
+def test_the_shipped_dp_recipe_deploys_a_selected_model_with_a_threshold():
+    """jobs/configs/pneumoniamnist-dp.yaml: DP-SGD with noised validation, so its runs
+    have a best.pt chosen on val_auc and a Youden threshold."""
+    from pathlib import Path
+
+    from fedsilo.config import load_config
+    from fedsilo.roles import noised_validation
+    from fedsilo.selection import resolve_best_by
+
+    path = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "pneumoniamnist-dp.yaml"
+    config = load_config(path)
+    assert config.dp.enabled and noised_validation(config)
+    assert config.checkpoint.threshold == "youden"
+    assert resolve_best_by(config.checkpoint.best_by, private=True,
+                           noised=noised_validation(config)) == "val_auc"
