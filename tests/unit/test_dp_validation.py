@@ -119,3 +119,23 @@ def test_the_shipped_dp_recipe_deploys_a_selected_model_with_a_threshold():
     assert config.checkpoint.threshold == "youden"
     assert resolve_best_by(config.checkpoint.best_by, private=True,
                            noised=noised_validation(config)) == "val_auc"
+
+
+@pytest.mark.parametrize("key, value", [("validation_left", -1), ("validation_left", "2"),
+                                        ("validation_released", 10**6),
+                                        ("validation_released", True)])
+def test_a_damaged_checkpoint_count_of_releases_is_refused(key, value):
+    """A site's checkpoint says how many validation releases it made and has left; a
+    damaged count would misstate what its ε reserves."""
+    from fedsilo.errors import CheckpointError
+
+    site = engine(releases=2)
+    site.release_validation(np.zeros(4), secret=new_secret(), round_index=1)
+    state = site.state_dict()
+    assert (state["validation_left"], state["validation_released"]) == (1, 1)
+    fresh = engine(releases=2)
+    fresh.load_state_dict(state, remaining_rounds=3)
+    assert (fresh.validation_left, fresh.validation_released) == (1, 1)
+    assert fresh.epsilon == site.epsilon
+    with pytest.raises(CheckpointError, match=key):
+        engine(releases=2).load_state_dict({**state, key: value}, remaining_rounds=3)
