@@ -14,13 +14,16 @@ from fedsilo.privacy.accounting import PrivacyAccountant
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
-ROUNDS, EVERY, BINS, SIGMA_V, TARGET = 4, 2, 8, 10.0, 4.0
+# σ_v small against the 96 validation images (46 / 50 by class), so the noised sums keep
+# both classes (the noise of a class total has std σ_v·√(bins·sites) ≈ 10) in every run:
+# each run draws fresh secrets
+ROUNDS, EVERY, BINS, SIGMA_V, TARGET = 4, 2, 8, 2.0, 8.0
 
 
 def test_dp_run_selects_best_pt_and_a_threshold_on_noised_validation(tmp_path: Path) -> None:
     shards = tmp_path / "set"
-    job = fedsilo_cli(["prep", "synthetic", "--samples", "600", "--classes", "2", "--sites", "3",
-                       "--partition", "dirichlet:0.5", "--seed", "1", "--out", str(shards)])
+    job = fedsilo_cli(["prep", "synthetic", "--samples", "1200", "--classes", "2", "--sites",
+                       "3", "--partition", "dirichlet:0.5", "--seed", "1", "--out", str(shards)])
     assert job.returncode == 0, job.output
     run = tmp_path / "run"
     job = mpirun(4, ["train", "--set", f"data.dir={shards}", "--set", f"rounds={ROUNDS}",
@@ -67,3 +70,21 @@ def sum_val_samples(shards: Path) -> int:
         with h5py.File(path, "r") as handle:
             total += int(handle["val/labels"].shape[0])
     return total
+
+
+def test_noised_validation_of_a_multiclass_set_is_refused_on_every_rank(tmp_path: Path) -> None:
+    shards = tmp_path / "set3"
+    job = fedsilo_cli(["prep", "synthetic", "--samples", "120", "--classes", "3", "--sites", "3",
+                       "--seed", "1", "--out", str(shards)])
+    assert job.returncode == 0, job.output
+    job = mpirun(4, ["train", "--set", f"data.dir={shards}", "--set", "rounds=1",
+                     "--set", "model.name=dp_cnn", "--set", "dp.enabled=true",
+                     "--set", "dp.validation.enabled=true", "--out", str(tmp_path / "run")],
+                 timeout=120)
+    assert job.returncode != 0
+    needle = "dp.validation releases a histogram of p(positive class), for binary tasks"
+    for rank in range(4):
+        mine = [line for line in job.stderr.splitlines()
+                if line.startswith(f"[rank {rank}/4]") and " ERROR " in line]
+        assert mine and needle in mine[0] and "3 classes" in mine[0], job.stderr[-3000:]
+    assert "Traceback" not in job.stderr
