@@ -412,6 +412,9 @@ def _budget_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], int | None
         "accountant": given.get("accountant", config.dp.accountant),
         **sigma_or_eps,
     }
+    if config.dp.validation.enabled:  # dp.validation's releases are in the site's ε too
+        inputs["validation_sigma"] = config.dp.validation.noise_multiplier
+        inputs["validation_releases"] = config.dp.validation.releases(int(inputs["rounds"]))
     return inputs, site
 
 

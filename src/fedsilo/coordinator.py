@@ -47,13 +47,22 @@ from fedsilo.report import job_summary, metrics_row
 from fedsilo.roles import (
     Role,
     checkpoint_due,
+    noised_validation,
     plan_weights,
     private,
     reduce_buffer,
     user_weights,
 )
 from fedsilo.rundir import atomic_torch_save, dump_json, finite_json
-from fedsilo.selection import BestModel, choose_threshold, resolve_best_by, sum_counts
+from fedsilo.selection import (
+    BestModel,
+    choose_threshold,
+    counts_from_histogram,
+    metrics_from_counts,
+    resolve_best_by,
+    sum_counts,
+    sum_histograms,
+)
 from fedsilo.shards import SplitReader
 from fedsilo.strategies import build_strategy
 from fedsilo.tasks import fields_of_test
@@ -91,7 +100,8 @@ class Coordinator(Role):
         self.transport = transport_for(config, self.strategy, codec=codec)
         self.last_test: dict[str, Any] | None = None
         #: model selection by federated validation (checkpoint.best_by; docs/model.md)
-        metric = resolve_best_by(config.checkpoint.best_by, private=private(config))
+        metric = resolve_best_by(config.checkpoint.best_by, private=private(config),
+                                 noised=noised_validation(config))
         self.best = BestModel(metric) if metric is not None else None
         #: the final model's federated validation and summed confusion counts (finish_job)
         self.final_val: dict[str, Any] | None = None
@@ -438,9 +448,20 @@ class Coordinator(Role):
         model (round 0) is no candidate."""
         if self.best is None or model_round < 1:
             return
-        val = weighted_validation([r.val for r in reports if r.val is not None])
-        counts = sum_counts([r.val_counts for r in reports if r.val_counts is not None])
+        val, counts = self._pooled_validation(reports)
         self.best.offer(model_round, val, self.global_weights, counts=counts)
+
+    def _pooled_validation(self, reports: Sequence[SiteReport | FinalSiteReport]
+                           ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The sites' validation pooled, and the summed confusion counts (binary tasks with
+        a threshold rule).  Under DP with dp.validation: both follow from the sum of the
+        sites' noised histograms (post-processing of what they released), else ({}, None)."""
+        if private(self.config):
+            hist = sum_histograms([r.val_hist for r in reports if r.val_hist is not None])
+            counts = counts_from_histogram(hist)
+            return metrics_from_counts(counts), counts
+        val = weighted_validation([r.val for r in reports if r.val is not None])
+        return val, sum_counts([r.val_counts for r in reports if r.val_counts is not None])
 
     def _best_state(self) -> dict[str, Any]:
         """The best model so far, for the coordinator's checkpoint (``--resume`` keeps it)."""
@@ -486,9 +507,7 @@ class Coordinator(Role):
         """``model.pt`` (the final model) and, with model selection, ``best.pt``, each with
         its card; what summary.json says of them lands in ``self.model_records``."""
         rule = self.config.checkpoint.threshold
-        val = None if private(self.config) else \
-            weighted_validation([r.val for r in finals if r.val is not None])
-        counts = sum_counts([r.val_counts for r in finals if r.val_counts is not None])
+        val, counts = self._pooled_validation(finals)
         self.final_val, self.final_counts = val or None, counts
         final_threshold = choose_threshold(counts, rule=rule)
         write_model(self.run_dir.model, self.layout.to_state_dict(self.global_weights),

@@ -73,6 +73,9 @@ class SiteReport:
     privacy: dict[str, Any] | None = None
     #: whether the site adds anything to the sum (its update, or a user-level noise share)
     in_sum: bool = False
+    #: dp.validation: the site's validation histogram with its DP noise (released, and
+    #: accounted in its ε; summed by the coordinator and never written per site)
+    val_hist: dict[str, Any] | None = None
     # -- withheld under DP: computed on private data without noise ---------------------
     train_loss: float | None = None
     val: Metrics | None = None
@@ -119,6 +122,8 @@ class FinalSiteReport:
     val: Metrics | None = None
     #: as :attr:`SiteReport.val_counts`, for the final model
     val_counts: dict[str, Any] | None = None
+    #: as :attr:`SiteReport.val_hist`, for the final model
+    val_hist: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

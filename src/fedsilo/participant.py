@@ -42,13 +42,14 @@ from fedsilo.privacy.secret import Purpose, SecretStream, check_secret, new_secr
 from fedsilo.roles import (
     Role,
     checkpoint_due,
+    noised_validation,
     private,
     reduce_buffer,
     user_weights,
     uses_secret,
 )
 from fedsilo.rundir import atomic_torch_save
-from fedsilo.selection import threshold_grid
+from fedsilo.selection import histogram_edges, histogram_from_edge_counts, threshold_grid
 from fedsilo.shards import SplitReader
 from fedsilo.strategies import build_strategy
 from fedsilo.training import (
@@ -160,7 +161,10 @@ class Participant(Role):
                     train=config.train, rounds=config.rounds, model_name=config.model.name,
                     sample=site.train_data.sample(2), mode=config.dp.grad_sample_mode,
                     shared=first, augmult=config.dp.augmult,
-                    sample_loss=self.task.sample_loss, dense=self.task.dense)
+                    sample_loss=self.task.sample_loss, dense=self.task.dense,
+                    validation_sigma=config.dp.validation.noise_multiplier
+                    if noised_validation(config) else None,
+                    validation_releases=config.dp.validation.releases(config.rounds))
                 first = first or site.privacy
         for site in self.sites:
             if self.strategy.control_variates:
@@ -433,6 +437,8 @@ class Participant(Role):
                                    batch_size=self.config.eval.batch_size,
                                    thresholds=self._threshold_grid())
             val_counts = None if validation is None else validation.pop("counts", None)
+            val_hist = self._noised_validation(site, model_round=round_index - 1) \
+                if self._validation_due(round_index - 1) else None
             val_seconds = time.perf_counter() - begin
             stats, planned = self._train(site, round_index, deadline)
             if stats.steps == 0:
@@ -466,7 +472,7 @@ class Participant(Role):
         now = time.perf_counter()
         report = SiteReport(site=site.index, num_samples=len(site.train_data), contributed=True,
                             steps=stats.steps, planned_steps=planned,
-                            privacy=self._privacy_report(site))
+                            privacy=self._privacy_report(site), val_hist=val_hist)
         if not private(self.config):
             # Under DP these would be side channels: the loss and validation metrics are
             # computed on private data without noise, and the timings follow the Poisson
@@ -580,7 +586,14 @@ class Participant(Role):
         self.layout.load(self.model, self.global_weights)
         reports: list[FinalSiteReport] = []
         for site in self.sites:
-            report = FinalSiteReport(site=site.index, privacy=self._privacy_report(site))
+            report = FinalSiteReport(site=site.index)
+            if noised_validation(self.config) and site.privacy is not None:
+                try:
+                    report.val_hist = self._noised_validation(site,
+                                                              model_round=self.config.rounds)
+                except DataError as exc:
+                    return reports, exc
+            report.privacy = self._privacy_report(site)
             if not private(self.config):  # under DP, validation metrics stay on the site
                 try:
                     validation = self.task.evaluate(self.model, site.val_data,
@@ -592,6 +605,31 @@ class Participant(Role):
                 report.val = validation
             reports.append(report)
         return reports, None
+
+    def _validation_due(self, model_round: int) -> bool:
+        """dp.validation: whether the sites validate the global model of ``model_round`` in
+        a round (every dp.validation.every rounds; the final model at the job's end)."""
+        every = self.config.dp.validation.every
+        return noised_validation(self.config) and 1 <= model_round < self.config.rounds \
+            and model_round % every == 0
+
+    def _noised_validation(self, site: Site, *, model_round: int) -> dict[str, Any] | None:
+        """dp.validation: the histogram of ``site``'s validation scores under the loaded
+        global model, noised from its secret and accounted in its ε (privacy/engine.py);
+        nothing else of the validation leaves the site."""
+        assert site.privacy is not None and site.secret is not None, "DP-SGD is on"
+        bins = self.config.dp.validation.bins
+        exact = self.task.evaluate(self.model, site.val_data,
+                                   batch_size=self.config.eval.batch_size,
+                                   thresholds=histogram_edges(bins))
+        hist = histogram_from_edge_counts(exact["counts"])
+        noised = site.privacy.release_validation(
+            np.array(hist["pos"] + hist["neg"], dtype=np.float64), secret=site.secret,
+            round_index=model_round)
+        if noised is None:
+            return None
+        return {"pos": [float(v) for v in noised[:bins]],
+                "neg": [float(v) for v in noised[bins:]]}
 
     def _threshold_grid(self) -> np.ndarray | None:
         """checkpoint.threshold on a binary task: the grid the validation counts are at."""

@@ -17,7 +17,7 @@ import numpy as np
 from fedsilo import __version__
 from fedsilo.aggregate import weighted_validation
 from fedsilo.messages import FinalSiteReport, RankReport, RoundPlan
-from fedsilo.roles import private
+from fedsilo.roles import noised_validation, private
 from fedsilo.tasks import fields_of_test
 
 if TYPE_CHECKING:
@@ -177,6 +177,9 @@ def job_summary(coordinator: Coordinator, finals: Sequence[FinalSiteReport]) -> 
     if not private(config):  # under DP, validation metrics stay on the sites
         summary["val"] = weighted_validation([r.val for r in finals if r.val is not None])
         summary["val_per_site"] = {str(r.site): r.val for r in finals}
+    elif noised_validation(config) and coordinator.final_val:
+        # the sites' noised validation histograms of the final model, summed (dp.validation)
+        summary["val"] = {**coordinator.final_val, "noised": True}
     if config.dp.enabled:
         summary["privacy"] = {str(r.site): {
             "epsilon": r.privacy["epsilon"], "delta": r.privacy["delta"],
@@ -186,6 +189,9 @@ def job_summary(coordinator: Coordinator, finals: Sequence[FinalSiteReport]) -> 
             "accountant": config.dp.accountant,
             "grad_sample_mode": r.privacy["grad_sample_mode"],
             "stopped_round": coordinator.stopped.get(r.site),
+            **({"validation_releases": r.privacy["validation_releases"],
+                "validation_noise_multiplier": r.privacy["validation_noise_multiplier"]}
+               if "validation_releases" in r.privacy else {}),
         } for r in finals if r.privacy is not None}
         summary["stopped"] = {str(k): v for k, v in sorted(coordinator.stopped.items())}
     if coordinator.user_accountant is not None:

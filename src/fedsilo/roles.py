@@ -18,7 +18,7 @@ import torch
 
 from fedsilo.comm import World
 from fedsilo.config import Config
-from fedsilo.errors import ModelError
+from fedsilo.errors import ConfigError, ModelError
 from fedsilo.models import build_for
 from fedsilo.rundir import RunDir
 from fedsilo.runtime import configure_threads, defer_dynamo_import, select_device
@@ -107,6 +107,10 @@ class Role:
         self.returning = returning or {}
         #: the shard paths this rank already checked against the manifest at start-up
         self.checked = set(checked)
+        if noised_validation(config) and manifest.num_classes != 2:
+            raise ConfigError(f"dp.validation releases a histogram of p(positive class), for "
+                              f"binary tasks; this shard set has {manifest.num_classes} "
+                              f"classes: set dp.validation.enabled=false")
         self.threads = configure_threads(config.runtime.threads, local_size=world.local_size)
         defer_dynamo_import()  # an optimizer no longer costs an import of torch._dynamo
         self.device = select_device(config.runtime.device, local_rank=world.local_rank,
@@ -190,6 +194,12 @@ def private(config: Config) -> bool:
     """Whether a DP guarantee covers this run: then nothing computed on a site's private data
     without noise (losses, validation metrics, update norms, timings) leaves the site."""
     return config.dp.enabled or config.dp.user.enabled
+
+
+def noised_validation(config: Config) -> bool:
+    """Whether the sites release noised validation histograms under DP-SGD (dp.validation):
+    the only validation figures that leave a site under DP."""
+    return config.dp.enabled and config.dp.validation.enabled
 
 
 def uses_secret(config: Config) -> bool:

@@ -82,20 +82,25 @@ def choose_threshold(counts: Mapping[str, Any] | None, *, rule: str) -> float | 
         score = (tp + (neg - fp)) / (pos + neg)
     else:
         raise ValueError(f"unknown threshold rule {rule!r}")
-    ts = grid()[: len(score)]
+    ts = np.asarray(counts.get("thresholds", grid()), dtype=np.float64)[: len(score)]
     best = np.flatnonzero(score >= score.max() - 1e-12)
     return float(ts[best[np.argmin(np.abs(ts[best] - 0.5))]])
 
 
-def resolve_best_by(best_by: str, *, private: bool) -> str | None:
-    """The metric model selection uses (None: no selection).
+def resolve_best_by(best_by: str, *, private: bool, noised: bool = False) -> str | None:
+    """The metric model selection uses (None: no selection).  ``noised``: under DP, the
+    sites release noised validation histograms (``dp.validation``): auto is val_auc then.
 
     >>> resolve_best_by("auto", private=False), resolve_best_by("auto", private=True)
     ('val_loss', None)
+    >>> resolve_best_by("auto", private=True, noised=True)
+    'val_auc'
     """
-    if best_by == "none" or (best_by == "auto" and private):
+    if best_by == "none" or (best_by == "auto" and private and not noised):
         return None
-    return "val_loss" if best_by == "auto" else best_by
+    if best_by == "auto":
+        return "val_auc" if private else "val_loss"
+    return best_by
 
 
 def metric_value(val: Mapping[str, Any] | None, metric: str) -> float | None:
@@ -173,3 +178,107 @@ class BestModel:
         self.val, self.counts = meta["val"], meta["counts"]
         weights = state.get("weights")
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float32)
+
+
+# -- validation under DP (dp.validation; docs/privacy.md, "Validation under DP") ------------
+#
+# A site releases the histogram of its validation scores, one count per (class, bin) of
+# equal-width bins of the positive-class probability, each count plus N(0, σ²) from its
+# secret.  Adding or removing one validation example moves exactly one count by 1, so the
+# release is the Gaussian mechanism with L2 sensitivity 1 and noise multiplier σ.  Everything
+# the coordinator derives (the sum over sites, cumulative counts, AUC, accuracy, a
+# threshold) is post-processing of those noised counts.
+
+
+def histogram_edges(bins: int) -> np.ndarray:
+    """The bin edges 0, 1/bins, ..., 1 of the positive-class probability."""
+    return np.round(np.linspace(0.0, 1.0, bins + 1), 6)
+
+
+def score_histogram(labels: np.ndarray, probs: np.ndarray, *, bins: int) -> dict[str, Any]:
+    """Exact counts of validation examples per class and bin: bin k holds p in
+    (edge_k, edge_k+1] (bin 0 also p <= 0), so "p > edge_j" is the sum of bins j..bins-1.
+
+    >>> h = score_histogram(np.array([0, 0, 1, 1]), np.array([0.05, 0.3, 0.35, 0.9]), bins=4)
+    >>> h["pos"], h["neg"]
+    ([0, 1, 0, 1], [1, 1, 0, 0])
+    """
+    scores = np.asarray(probs, dtype=np.float64)
+    if scores.ndim == 2:
+        scores = scores[:, 1]
+    edges = histogram_edges(bins)
+    index = np.clip(np.searchsorted(edges, scores, side="left") - 1, 0, bins - 1)
+    positive = np.asarray(labels) == 1
+    return {"pos": [int(v) for v in np.bincount(index[positive], minlength=bins)],
+            "neg": [int(v) for v in np.bincount(index[~positive], minlength=bins)]}
+
+
+def histogram_from_edge_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
+    """The histogram of :func:`score_histogram` from :func:`threshold_counts` at the edges
+    (0, 1/bins, ..., 1): bin k holds what is above edge k but not above edge k+1.
+
+    >>> labels, probs = np.array([0, 0, 1, 1]), np.array([0.05, 0.3, 0.35, 0.9])
+    >>> histogram_from_edge_counts(threshold_counts(labels, probs, histogram_edges(4)))
+    {'pos': [0, 1, 0, 1], 'neg': [1, 1, 0, 0]}
+    """
+    out = {}
+    for key, name in (("pos", "tp"), ("neg", "fp")):
+        above = np.asarray(counts[name], dtype=np.int64)
+        bins = np.append(above[1:-1], 0)  # above edge 1 .. bins-1, and above 1: none
+        upper = np.concatenate([[int(counts[key])], above[1:-1]])
+        out[key] = [int(v) for v in upper - bins]
+    return out
+
+
+def sum_histograms(hists: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, Any] | None:
+    """The sites' (noised) histograms added up, or None when there are none."""
+    if not hists:
+        return None
+    sizes = {len(h["pos"]) for h in hists} | {len(h["neg"]) for h in hists}
+    if len(sizes) != 1:
+        raise ValueError(f"validation histograms of different sizes: {sorted(sizes)}")
+    return {"pos": [float(v) for v in np.sum([h["pos"] for h in hists], axis=0)],
+            "neg": [float(v) for v in np.sum([h["neg"] for h in hists], axis=0)]}
+
+
+def counts_from_histogram(hist: Mapping[str, Sequence[float]] | None) -> dict[str, Any] | None:
+    """The confusion counts at the interior edges (``thresholds``) of a noised histogram:
+    positives above each edge, clamped to [0, the class total] and made non-increasing in
+    the threshold (post-processing: it changes no guarantee).  None without a histogram.
+
+    >>> c = counts_from_histogram({"pos": [0, 1, 0, 1], "neg": [1, 1, 0, 0]})
+    >>> c["thresholds"], c["tp"], c["fp"], c["pos"], c["neg"]
+    ([0.25, 0.5, 0.75], [2.0, 1.0, 1.0], [1.0, 0.0, 0.0], 2.0, 2.0)
+    """
+    if hist is None:
+        return None
+    out: dict[str, Any] = {"thresholds": [float(t) for t in histogram_edges(len(hist["pos"]))
+                                          [1:-1]]}
+    for key, name in (("pos", "tp"), ("neg", "fp")):
+        values = np.asarray(hist[key], dtype=np.float64)
+        total = max(0.0, float(values.sum()))
+        above = np.cumsum(values[::-1])[::-1][1:]  # p > edge_j, j = 1 .. bins-1
+        above = np.minimum.accumulate(np.clip(above, 0.0, total))
+        out[name], out[key] = [float(v) for v in above], total
+    return out
+
+
+def metrics_from_counts(counts: Mapping[str, Any] | None) -> dict[str, float]:
+    """Pooled validation figures from confusion counts: ``auc`` (the trapezoids of the ROC
+    curve through the counts' thresholds), ``acc`` at the threshold nearest 0.5, and
+    ``num_samples``; {} when a class is missing (no ROC curve).
+
+    >>> m = metrics_from_counts(counts_from_histogram({"pos": [0, 1, 0, 1], "neg": [1, 1, 0, 0]}))
+    >>> m["auc"], m["acc"], m["num_samples"]
+    (0.875, 0.75, 4.0)
+    """
+    if counts is None or counts["pos"] <= 0 or counts["neg"] <= 0:
+        return {}
+    pos, neg = float(counts["pos"]), float(counts["neg"])
+    tpr = np.concatenate([[1.0], np.asarray(counts["tp"], np.float64) / pos, [0.0]])
+    fpr = np.concatenate([[1.0], np.asarray(counts["fp"], np.float64) / neg, [0.0]])
+    auc = float(np.sum((fpr[:-1] - fpr[1:]) * (tpr[:-1] + tpr[1:]) / 2.0))
+    ts = np.asarray(counts.get("thresholds", grid()), dtype=np.float64)
+    j = int(np.argmin(np.abs(ts - 0.5)))
+    acc = (float(counts["tp"][j]) + neg - float(counts["fp"][j])) / (pos + neg)
+    return {"acc": acc, "auc": auc, "num_samples": pos + neg}

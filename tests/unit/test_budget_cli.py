@@ -163,3 +163,30 @@ def test_config_errors_name_their_cause(capsys, tmp_path):
     cfg = write_config(tmp_path / "n.yaml", "dp: {target_epsilon: null}\n")
     code, _, err = run(capsys, "--config", cfg, "--samples", "100")
     assert code == 2 and "sets neither dp.target_epsilon nor dp.noise_multiplier" in err
+
+
+def test_budget_plans_the_noised_validation_as_training_does(capsys, tmp_path):
+    """With dp.validation, fedsilo budget gives the σ a site trains with: planned over what
+    the validation releases leave, and ε counting them."""
+    from fedsilo.config import SiteDP, TrainConfig
+    from fedsilo.privacy.engine import ParticipantPrivacy
+
+    cfg = write_config(tmp_path / "c.yaml", "rounds: 6\ntrain: {batch_size: 50}\n"
+                       "dp: {enabled: true, target_epsilon: 2.0, validation: "
+                       "{enabled: true, noise_multiplier: 8.0, every: 2}}\n")
+    code, out, _ = run(capsys, "--config", cfg, "--samples", "1000", "--json")
+    assert code == 0
+    plan = json.loads(out)
+    assert plan["validation"] == {"noise_multiplier": 8.0, "releases": 3}
+    import torch
+    from torch import nn
+
+    engine = ParticipantPrivacy(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), site=0,
+                                settings=SiteDP(2.0, None, 1e-5, 1.0), mechanism="rdp",
+                                num_samples=1000, train=TrainConfig(batch_size=50), rounds=6,
+                                model_name="m", sample=torch.randn(2, 1, 2, 2), mode="hooks",
+                                validation_sigma=8.0, validation_releases=3)
+    assert plan["noise_multiplier"] == engine.noise_multiplier
+    assert 1.99 <= plan["epsilon"] <= 2.0
+    code, out, _ = run(capsys, "--config", cfg, "--samples", "1000")
+    assert "3 noised releases at sigma 8 (dp.validation)" in out

@@ -34,7 +34,8 @@ def test_dumped_config_loads_back_identically(tmp_path):
     ("train.lr=true", "'train.lr' must be a number"),
     ("train.optimizer=rmsprop", "'train.optimizer' must be one of sgd, adam"),
     ("model.name=vgg99",
-     "unknown model 'vgg99'; known: basic_unet, dp_cnn, resnet18, small_cnn, unet"),
+     "unknown model 'vgg99'; known: basic_unet, dp_cnn, resnet18, scatter_cnn, "
+     "scatter_linear, small_cnn, unet"),
     ("strategy.name=nope", "unknown strategy 'nope'"),
     ("data=3", "'data' must be a mapping"),
     ("rounds", "not of the form key=value"),

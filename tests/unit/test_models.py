@@ -28,7 +28,8 @@ def test_groupnorm_groups_must_divide_channels():
 
 
 def test_unknown_model():
-    with pytest.raises(ConfigError, match="known: basic_unet, dp_cnn, resnet18, small_cnn, unet"):
+    with pytest.raises(ConfigError, match="known: basic_unet, dp_cnn, resnet18, scatter_cnn, "
+                                          "scatter_linear, small_cnn, unet"):
         MODELS.get("alexnet")
 
 

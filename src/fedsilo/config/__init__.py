@@ -23,6 +23,7 @@ from fedsilo.config.dp import (
     MIN_NOISE_MULTIPLIER,
     SITE_DP_KEYS,
     DPConfig,
+    DPValidationConfig,
     SiteDP,
     UserDPConfig,
 )
@@ -44,7 +45,7 @@ from fedsilo.config.train import TrainConfig
 __all__ = [
     "MAX_NOISE_MULTIPLIER", "MAX_TARGET_EPSILON", "MIN_NOISE_MULTIPLIER", "SITE_DP_KEYS",
     "TORCHVISION", "AggregationConfig", "AugmentConfig", "CheckpointConfig", "Config",
-    "DPConfig", "DataConfig", "EvalConfig", "HEConfig", "ModelConfig", "ParticipationConfig",
+    "DPConfig", "DPValidationConfig", "DataConfig", "EvalConfig", "HEConfig", "ModelConfig", "ParticipationConfig",
     "RuntimeConfig", "SegmentationConfig", "SiteDP", "StrategyConfig", "TrainConfig",
     "UserDPConfig", "apply_override", "coerce_value", "config_from_dict", "dump_config",
     "load_config", "names_torchvision_weights",

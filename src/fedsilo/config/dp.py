@@ -142,6 +142,27 @@ class UserDPConfig:
 
 
 @dataclass(frozen=True, config=SECTION_CONFIG)
+class DPValidationConfig:
+    """Model and threshold selection under DP (binary tasks; docs/privacy.md, "Validation
+    under DP"): each site releases its validation scores as a histogram per class with
+    Gaussian noise of std ``noise_multiplier`` on every count (drawn from its secret), and
+    accounts each release in its own ε; the coordinator chooses best.pt and the decision
+    threshold on the noised sums."""
+
+    enabled: Bool = False
+    #: σ of each released count (a validation example moves one count by 1)
+    noise_multiplier: NoiseMultiplier = 10.0
+    #: equal-width bins of the positive-class probability (the thresholds are their edges)
+    bins: Int = setting(10, ge=2, le=100)
+    #: the sites validate the global model every N rounds, and the final model
+    every: Int = setting(5, ge=1)
+
+    def releases(self, rounds: int) -> int:
+        """Validation releases a site makes over a job of ``rounds`` rounds (at most)."""
+        return (rounds - 1) // self.every + 1
+
+
+@dataclass(frozen=True, config=SECTION_CONFIG)
 class DPConfig:
     """Sample-level DP-SGD on every participant (see docs/privacy.md).
 
@@ -174,6 +195,8 @@ class DPConfig:
     #: user-level DP-FedAvg, independent of (and combinable with) sample-level DP-SGD;
     #: accounted over rounds at dp.delta and reported as ``user_epsilon``
     user: UserDPConfig = setting(default_factory=UserDPConfig)
+    #: noised federated validation, so best.pt and a threshold exist under DP
+    validation: DPValidationConfig = setting(default_factory=DPValidationConfig)
 
     def __post_init__(self) -> None:
         self._check_site("dp", self.for_site(0, _sites={}))  # the job-wide settings

@@ -112,8 +112,27 @@ class Config:
 
     def _check_selection(self) -> None:
         """Model selection and thresholds read the sites' validation figures, which no site
-        releases under DP (docs/privacy.md): asking for them there is an error."""
+        releases under DP (docs/privacy.md) unless they are noised (dp.validation): asking
+        for them otherwise is an error."""
+        noised = self.dp.validation
+        if noised.enabled and not self.dp.enabled:
+            raise ConfigError("dp.validation.enabled noises each site's validation figures and "
+                              "accounts them in its DP-SGD accountant; it needs dp.enabled=true")
+        if noised.enabled and self.task == "segmentation":
+            raise ConfigError("dp.validation is for binary classification (a histogram of the "
+                              "positive-class probability); set it to false with "
+                              "task=segmentation")
+        if noised.enabled and self.dp.user.enabled:
+            raise ConfigError("dp.validation is accounted in each site's sample-level ε; "
+                              "user-level DP (dp.user) does not account it: turn one off")
         if not (self.dp.enabled or self.dp.user.enabled):
+            return
+        if noised.enabled:
+            if self.checkpoint.best_by == "val_loss":
+                raise ConfigError(
+                    "config key 'checkpoint.best_by' is 'val_loss', but under DP the sites "
+                    "release only a noised histogram of their validation scores "
+                    "(dp.validation), from which no loss follows; use val_auc, val_acc or auto")
             return
         for key, value, off in (("best_by", self.checkpoint.best_by, ("auto", "none")),
                                 ("threshold", self.checkpoint.threshold, ("none",))):
@@ -121,8 +140,8 @@ class Config:
                 raise ConfigError(
                     f"config key 'checkpoint.{key}' is {value!r}, but under DP no site "
                     f"releases validation figures (they are computed on private data without "
-                    f"noise, docs/privacy.md); set checkpoint.{key}={off[0]} and judge the "
-                    f"model on the coordinator's test set")
+                    f"noise, docs/privacy.md); set checkpoint.{key}={off[0]}, or let the "
+                    f"sites release noised validation figures (dp.validation.enabled=true)")
 
     def _check_data_and_precision(self) -> None:
         if self.dp.enabled and self.train.precision == "fp16":

@@ -39,6 +39,24 @@ def _dp_cnn(**kwargs: Any) -> Any:
     return dp_cnn(**kwargs)
 
 
+@MODELS.register("scatter_linear")
+def _scatter_linear(**kwargs: Any) -> Any:
+    """Kymatio's fixed ScatterNet features, GroupNorm, a linear head (Tramèr & Boneh 2021;
+    ``models/scatternet.py``): for DP-SGD on small sites."""
+    from fedsilo.models.scatternet import scatter_linear
+
+    return scatter_linear(**kwargs)
+
+
+@MODELS.register("scatter_cnn")
+def _scatter_cnn(**kwargs: Any) -> Any:
+    """Kymatio's fixed ScatterNet features, GroupNorm, a small tanh CNN
+    (``models/scatternet.py``): for DP-SGD on small sites."""
+    from fedsilo.models.scatternet import scatter_cnn
+
+    return scatter_cnn(**kwargs)
+
+
 @MODELS.register("unet")
 def _unet(**kwargs: Any) -> Any:
     """MONAI's residual U-Net for segmentation (``models/unet.py``; transposed convolutions:

@@ -85,7 +85,8 @@ class ParticipantPrivacy:
                  sample: torch.Tensor, mode: str = "auto",
                  shared: "ParticipantPrivacy | None" = None, augmult: int = 1,
                  lookahead: int | None = None, sample_loss: Any = None,
-                 dense: bool = False) -> None:
+                 dense: bool = False, validation_sigma: float | None = None,
+                 validation_releases: int = 0) -> None:
         check_model(model, name=model_name)
         self.site, self.settings, self.train_config = site, settings, train
         #: views per sample (dp.augmult): the rows of one sample are consecutive
@@ -96,14 +97,24 @@ class ParticipantPrivacy:
         self.sample_rate, self.steps_per_round, planned = plan_steps(
             num_samples=num_samples, batch_size=train.batch_size, epochs=train.epochs,
             max_steps=train.max_steps, rounds=rounds)
+        self.accountant = PrivacyAccountant(mechanism)
+        #: dp.validation: σ of each validation release, and the releases still planned (their
+        #: ε is reserved: σ of DP-SGD is planned over what they leave of the budget)
+        self.validation_sigma = validation_sigma
+        self.validation_left = validation_releases if validation_sigma is not None else 0
+        self.validation_released = 0
         if settings.noise_multiplier is not None:
             self.noise_multiplier = settings.noise_multiplier
+        elif self.validation_left:
+            assert settings.target_epsilon is not None, "config: a budget or a sigma"
+            self.noise_multiplier = noise_multiplier_for_remaining(
+                accountant=self._reserved(self.accountant), target_epsilon=settings.target_epsilon,
+                delta=settings.delta, sample_rate=self.sample_rate, num_steps=planned)
         else:
             assert settings.target_epsilon is not None, "config: a budget or a sigma"
             self.noise_multiplier = noise_multiplier_for(
                 target_epsilon=settings.target_epsilon, delta=settings.delta,
                 sample_rate=self.sample_rate, num_steps=planned, mechanism=mechanism)
-        self.accountant = PrivacyAccountant(mechanism)
         self.stopped_round: int | None = None
         self.params = [p for p in model.parameters() if p.requires_grad]
         #: noise buffers of the look-ahead (0: the noise is drawn in place, step by step)
@@ -161,10 +172,41 @@ class ParticipantPrivacy:
     def epsilon(self) -> float:
         return self.accountant.epsilon(delta=self.settings.delta)
 
+    def _reserved(self, accountant: PrivacyAccountant) -> PrivacyAccountant:
+        """A copy of ``accountant`` that has also spent the validation releases still
+        planned (dp.validation)."""
+        trial = PrivacyAccountant(accountant.mechanism)
+        trial.history = list(accountant.history)
+        if self.validation_left and self.validation_sigma is not None:
+            trial.spend(noise_multiplier=self.validation_sigma, sample_rate=1.0,
+                        num_steps=self.validation_left)
+        return trial
+
     def next_round_epsilon(self) -> float:
-        return self.accountant.epsilon_after(
+        """ε after one more round, with the validation releases still planned."""
+        return self._reserved(self.accountant).epsilon_after(
             noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
             num_steps=self.steps_per_round, delta=self.settings.delta)
+
+    def release_validation(self, counts: np.ndarray, *, secret: bytes,
+                           round_index: int) -> np.ndarray | None:
+        """``counts`` (a validation histogram, flat) plus N(0, σ_v²) from the site's secret,
+        accounted as one Gaussian mechanism of sensitivity 1 (q = 1) in this site's ε; None
+        (nothing released, nothing spent) when it would take ε over the budget."""
+        assert self.validation_sigma is not None, "dp.validation is on"
+        sigma, target = self.validation_sigma, self.settings.target_epsilon
+        if target is not None and self.accountant.epsilon_after(
+                noise_multiplier=sigma, sample_rate=1.0, num_steps=1,
+                delta=self.settings.delta) > target:
+            log.warning("site %d releases no validation histogram of round %d: it would take "
+                        "ε over the budget %s", self.site, round_index, target)
+            return None
+        noise = SecretStream(secret, purpose=Purpose.VALIDATION, round_index=round_index,
+                             step=0).gaussian(int(counts.size)) * sigma
+        self.accountant.spend(noise_multiplier=sigma, sample_rate=1.0, num_steps=1)
+        self.validation_left = max(0, self.validation_left - 1)
+        self.validation_released += 1
+        return np.asarray(counts, dtype=np.float64) + noise
 
     def round_fits(self) -> bool:
         """Whether one more round stays within the budget (always, without a budget)."""
@@ -182,8 +224,11 @@ class ParticipantPrivacy:
         return {"epsilon": self.epsilon, "delta": self.settings.delta,
                 "target_epsilon": self.settings.target_epsilon,
                 "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-                "steps": self.accountant.num_steps, "stopped_round": self.stopped_round,
-                "grad_sample_mode": self.mode}
+                "steps": self.accountant.num_steps - self.validation_released,
+                "stopped_round": self.stopped_round, "grad_sample_mode": self.mode,
+                **({"validation_releases": self.validation_released,
+                    "validation_noise_multiplier": self.validation_sigma}
+                   if self.validation_sigma is not None else {})}
 
     # -- training ---------------------------------------------------------------------
 
@@ -344,7 +389,9 @@ class ParticipantPrivacy:
 
     def state_dict(self) -> dict[str, Any]:
         return {"accountant": self.accountant.state_dict(), "stopped_round": self.stopped_round,
-                "noise_multiplier": self.noise_multiplier}
+                "noise_multiplier": self.noise_multiplier,
+                "validation_left": self.validation_left,
+                "validation_released": self.validation_released}
 
     def load_state_dict(self, state: Mapping[str, Any], *, remaining_rounds: int) -> None:
         """Continue from a checkpoint; ``remaining_rounds`` are the rounds the resumed job may
@@ -362,6 +409,18 @@ class ParticipantPrivacy:
             raise CheckpointError(f"site {self.site}: the checkpoint's 'stopped_round' must be "
                                   f"a round number or null, got {stopped!r}")
         self.stopped_round = stopped
+        left = state.get("validation_left", self.validation_left)
+        if isinstance(left, bool) or not isinstance(left, int) or left < 0:
+            raise CheckpointError(f"site {self.site}: the checkpoint's 'validation_left' must "
+                                  f"be a count >= 0, got {left!r}")
+        self.validation_left = min(left, self.validation_left) if self.validation_sigma \
+            is not None else 0
+        released = state.get("validation_released", 0)
+        if isinstance(released, bool) or not isinstance(released, int) \
+                or not 0 <= released <= self.accountant.num_steps:
+            raise CheckpointError(f"site {self.site}: the checkpoint's 'validation_released' "
+                                  f"must be a count of its accounted releases, got {released!r}")
+        self.validation_released = released
         saved_sigma = state.get("noise_multiplier", self.noise_multiplier)
         if isinstance(saved_sigma, bool) or not isinstance(saved_sigma, (int, float)) \
                 or not (math.isfinite(saved_sigma) and saved_sigma > 0):
@@ -372,16 +431,17 @@ class ParticipantPrivacy:
         steps = remaining_rounds * self.steps_per_round
         saved = float(state.get("noise_multiplier", self.noise_multiplier))
         target, delta = self.settings.target_epsilon, self.settings.delta
-        if steps <= 0 or self.accountant.epsilon_after(
+        reserved = self._reserved(self.accountant)
+        if steps <= 0 or reserved.epsilon_after(
                 noise_multiplier=saved, sample_rate=self.sample_rate, num_steps=steps,
                 delta=delta) <= target:
             self.noise_multiplier = saved
             return
-        if self.accountant.epsilon(delta=delta) >= target:
+        if reserved.epsilon(delta=delta) >= target:
             self.noise_multiplier = saved  # nothing left: round_fits() stops the site
             return
         self.noise_multiplier = noise_multiplier_for_remaining(
-            accountant=self.accountant, target_epsilon=target, delta=delta,
+            accountant=reserved, target_epsilon=target, delta=delta,
             sample_rate=self.sample_rate, num_steps=steps)
         log.info("site %d: σ planned again over the remaining budget: %.4g for %d more "
                  "rounds (was %.4g)", self.site, self.noise_multiplier, remaining_rounds, saved)

@@ -57,6 +57,7 @@ class Purpose(enum.IntEnum):
     POISSON = 1  #: DP-SGD's Poisson sampling mask of one step
     NOISE = 2  #: DP-SGD's Gaussian noise of one step
     USER_NOISE = 3  #: user-level DP noise (central) or a site's noise share (distributed)
+    VALIDATION = 4  #: the noise of a site's validation histogram (dp.validation)
 
 
 def new_secret() -> bytes:
