@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from helpers import mpirun
+from localjobs import local_mpirun
 
 HERE = Path(__file__).resolve().parent
 SUITES = sorted(p.name for p in HERE.glob("suite_*.py"))
@@ -27,3 +28,12 @@ def test_secure_transport_suite_with_more_participants(num_ranks: int) -> None:
     job = mpirun(num_ranks, ["suite_secure.py"], timeout=240, cwd=HERE, python_args=())
     assert job.returncode == 0, job.output[-5000:]
     assert "0 failed" in job.stdout and " passed" in job.stdout, job.output[-3000:]
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_suite_on_in_process_ranks(suite: str) -> None:
+    """The same suites on forked ranks over fedsilo.comm.local.LocalComm (the in-process
+    tier's communicator): World's collectives, masks and CKKS behave as under mpirun."""
+    job = local_mpirun(4, [suite], timeout=180, cwd=HERE, python_args=())
+    assert job.returncode == 0, job.output[-5000:]
+    assert "0 failed" in job.stdout and "[4 ranks]" in job.stdout, job.output[-3000:]
