@@ -1,4 +1,4 @@
-"""Federated segmentation as a real MPI job (issue 28): image/mask pairs -> shards -> a
+"""Federated segmentation as a multi-rank job (issue 28): image/mask pairs -> shards -> a
 U-Net trained by two sites -> Dice in the metrics rows; resumed, it ends with exactly the
 model of an uninterrupted run."""
 
@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import mpirun
+from localjobs import local_mpirun
 from PIL import Image
 
 from fedsilo.prep.segmentation import pair_folders, prepare_segmentation
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+#: the jobs run on ranks forked in-process (tests/localjobs.py; faithful to mpirun by
+#: test_local_faithful.py)
+pytestmark = [pytest.mark.local, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def _args(shards: Path, out: Path, rounds: int) -> list[str]:
 
 def test_federated_segmentation_trains_and_resumes_bit_identically(seg_shards, tmp_path):
     short, full = tmp_path / "short", tmp_path / "full"
-    job = mpirun(3, _args(seg_shards, full, 2), timeout=240)
+    job = local_mpirun(3, _args(seg_shards, full, 2), timeout=240)
     assert job.returncode == 0, job.output[-4000:]
     rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
@@ -63,8 +65,8 @@ def test_federated_segmentation_trains_and_resumes_bit_identically(seg_shards, t
     summary = json.loads((full / "summary.json").read_text())
     assert summary["ending"] == "finished"
 
-    assert mpirun(3, _args(seg_shards, short, 1), timeout=240).returncode == 0
-    job = mpirun(3, ["train", "--resume", str(short), "--set", "rounds=2"], timeout=240)
+    assert local_mpirun(3, _args(seg_shards, short, 1), timeout=240).returncode == 0
+    job = local_mpirun(3, ["train", "--resume", str(short), "--set", "rounds=2"], timeout=240)
     assert job.returncode == 0, job.output[-4000:]
     a = torch.load(short / "model.pt", weights_only=True)
     b = torch.load(full / "model.pt", weights_only=True)
