@@ -46,8 +46,10 @@ def local_mpirun(num_ranks: int, argv: Sequence[str], *, timeout: float, cwd: Pa
     env["PYTHONUNBUFFERED"] = "1"
     with tempfile.TemporaryDirectory(prefix="fedsilo-local-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        umask = os.umask(0o077)
+        os.umask(umask)
         start = time.monotonic()
-        conn.send({"size": num_ranks, "argv": [str(a) for a in argv],
+        conn.send({"umask": umask, "size": num_ranks, "argv": [str(a) for a in argv],
                    "cwd": str(cwd or os.getcwd()), "env": env,
                    "python_args": [str(a) for a in python_args],
                    "stdout": str(out), "stderr": str(err)})
@@ -137,6 +139,7 @@ def _lead(request: dict[str, Any]) -> int:
     from fedsilo.comm.local import launch
 
     os.chdir(request["cwd"])
+    os.umask(request["umask"])  # what a process launched from the test would inherit
     os.environ.clear()
     os.environ.update(request["env"])
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
