@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fedsilo_cli, mpirun
+from helpers import fedsilo_cli
+from localjobs import local_mpirun
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+#: the jobs run on ranks forked in-process (tests/localjobs.py; faithful to mpirun by
+#: test_local_faithful.py)
+pytestmark = [pytest.mark.local, pytest.mark.slow]
 
 #: one recipe for both: a federated round and a baseline round are the same local training
 RECIPE = ["--set", "rounds=2", "--set", "train.lr=0.05", "--set", "train.batch_size=32",
@@ -22,7 +25,7 @@ def test_a_one_site_federation_is_the_baseline(shards1: Path, tmp_path: Path) ->
     config must give the same weights (up to float32 rounding of w + (w_k − w)) and the same
     test metrics, round by round."""
     fed, base = tmp_path / "fed", tmp_path / "base"
-    job = mpirun(2, ["train", "--set", f"data.dir={shards1}", *RECIPE, "--out", str(fed)],
+    job = local_mpirun(2, ["train", "--set", f"data.dir={shards1}", *RECIPE, "--out", str(fed)],
                  timeout=240)
     assert job.returncode == 0, job.output[-4000:]
     job = fedsilo_cli(["baseline", "--set", f"data.dir={shards1}", *RECIPE, "--out", str(base)],
@@ -44,7 +47,7 @@ def test_a_one_site_federation_is_the_baseline(shards1: Path, tmp_path: Path) ->
 def test_baseline_report_and_personal_models_of_a_federation(shards3: Path,
                                                             tmp_path: Path) -> None:
     fed, base, cmp = tmp_path / "fed", tmp_path / "base", tmp_path / "cmp"
-    job = mpirun(4, ["train", "--set", f"data.dir={shards3}", *RECIPE, "--out", str(fed)],
+    job = local_mpirun(4, ["train", "--set", f"data.dir={shards3}", *RECIPE, "--out", str(fed)],
                  timeout=300)
     assert job.returncode == 0, job.output[-4000:]
     job = fedsilo_cli(["baseline", "--set", f"data.dir={shards3}", *RECIPE, "--out", str(base)],

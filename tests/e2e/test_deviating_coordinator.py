@@ -16,10 +16,13 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import fedsilo_cli, mpirun
+from helpers import fedsilo_cli
+from localjobs import local_mpirun
 from test_faults import assert_agreed_failure
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+#: the jobs run on ranks forked in-process (tests/localjobs.py; faithful to mpirun by
+#: test_local_faithful.py)
+pytestmark = [pytest.mark.local, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
 
@@ -39,7 +42,7 @@ def deviate(shards: Path, keys: Path, out: Path, fault: str, *extra: str, rounds
             *extra, "--out", str(out)]
     os.environ["FEDSILO_TEST_FAULT"] = fault
     try:
-        return mpirun(4, argv, timeout=240, python_args=(str(HERE / "inject.py"),))
+        return local_mpirun(4, argv, timeout=240, python_args=(str(HERE / "inject.py"),))
     finally:
         os.environ.pop("FEDSILO_TEST_FAULT", None)
 
@@ -97,14 +100,14 @@ def test_a_rolled_back_resume_is_refused(shards3, ids3, tmp_path):
             "--set", "checkpoint.keep=10", "--set", "dp.enabled=true",
             "--set", "dp.noise_multiplier=1.0", "--set", "dp.target_epsilon=null",
             "--set", "aggregation.secure=masks", "--set", f"aggregation.keys={ids3}"]
-    job = mpirun(4, [*argv, "--out", str(run)], timeout=240)
+    job = local_mpirun(4, [*argv, "--out", str(run)], timeout=240)
     assert job.returncode == 0, job.output[-3000:]
     for r in (2, 3, 4):
         (run / "checkpoints" / f"round-{r:04d}" / "coordinator.pt").unlink()
-    job = mpirun(4, ["train", "--resume", str(run)], timeout=240)
+    job = local_mpirun(4, ["train", "--resume", str(run)], timeout=240)
     assert_agreed_failure(job, "refuses to resume from round 1: it saved its own state of "
                                "round 4 already")
     (run / "checkpoints" / "round-0004").rename(tmp_path / "gone")  # the crash: round 4 lost
     (run / "checkpoints" / "round-0003").rename(tmp_path / "gone3")
-    job = mpirun(4, ["train", "--resume", str(run)], timeout=240)
+    job = local_mpirun(4, ["train", "--resume", str(run)], timeout=240)
     assert job.returncode == 0, job.output[-3000:]

@@ -18,9 +18,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import fedsilo_cli, mpirun
+from helpers import fedsilo_cli
+from localjobs import local_mpirun
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+#: the jobs run on ranks forked in-process (tests/localjobs.py; faithful to mpirun by
+#: test_local_faithful.py)
+pytestmark = [pytest.mark.local, pytest.mark.slow]
 
 STEPS, BATCH, SIGMA, LR = 5, 16, 0.8, 0.1
 
@@ -28,7 +31,7 @@ STEPS, BATCH, SIGMA, LR = 5, 16, 0.8, 0.1
 def dp_run(shards: Path, out: Path, *extra: str, rounds: int = 1) -> None:
     """One participant (so the global step is that participant's update), dp_cnn, plain
     SGD without momentum (so the update is linear in the noise)."""
-    job = mpirun(2, ["train", "--set", f"data.dir={shards}", "--set", f"rounds={rounds}",
+    job = local_mpirun(2, ["train", "--set", f"data.dir={shards}", "--set", f"rounds={rounds}",
                      "--set", "model.name=dp_cnn", "--set", f"train.lr={LR}",
                      "--set", "train.momentum=0", "--set", f"train.batch_size={BATCH}",
                      "--set", f"train.max_steps={STEPS}", "--set", "dp.enabled=true",
@@ -165,7 +168,7 @@ def user_run(shards: Path, out: Path, *, noise: str, rounds: int, extra=()) -> N
             "--set", f"dp.user.noise_multiplier={USER_SIGMA}", *extra, "--out", str(out)]
     os.environ["FEDSILO_TEST_FAULT"] = "data:2:1"
     try:
-        job = mpirun(4, argv, timeout=300,
+        job = local_mpirun(4, argv, timeout=300,
                      python_args=(str(Path(__file__).parent / "inject.py"),))
     finally:
         os.environ.pop("FEDSILO_TEST_FAULT")
@@ -260,7 +263,7 @@ def test_participants_refuse_weights_that_single_them_out(shards3: Path, tmp_pat
 
     os.environ["FEDSILO_TEST_FAULT"] = "weights:0:2"
     try:
-        job = mpirun(4, ["train", "--set", f"data.dir={shards3}", "--set", "rounds=2",
+        job = local_mpirun(4, ["train", "--set", f"data.dir={shards3}", "--set", "rounds=2",
                          "--set", "train.max_steps=1", "--out", str(tmp_path / "run")],
                      timeout=120, python_args=(str(Path(__file__).parent / "inject.py"),))
     finally:
@@ -299,7 +302,7 @@ def test_the_released_part_carries_no_secret_and_sites_keep_their_own_state(
             "--set", "dp.target_epsilon=null", "--set", "dp.user.enabled=true",
             "--set", "dp.user.noise=central", "--set", "runtime.tensorboard=true",
             "--set", f"checkpoint.site_dir={sites}", "--set", "runtime.progress=off"]
-    job = mpirun(4, [*argv, "--set", "rounds=2", "--out", str(run)], timeout=300)
+    job = local_mpirun(4, [*argv, "--set", "rounds=2", "--out", str(run)], timeout=300)
     assert job.returncode == 0, job.output[-3000:]
     assert not list(run.glob("checkpoints/*/site-*.pt")), "site state in the shared run dir"
     site_files = sorted(tmp_path.glob("hospital-*/round-*/site-*.pt"))
@@ -329,7 +332,7 @@ def test_the_released_part_carries_no_secret_and_sites_keep_their_own_state(
     again = fedsilo_cli(["release", str(run), "--out", str(release)])
     assert again.returncode != 0 and "not an empty directory" in again.stderr
 
-    job = mpirun(4, ["train", "--resume", str(run), "--set", "rounds=3"], timeout=300)
+    job = local_mpirun(4, ["train", "--resume", str(run), "--set", "rounds=3"], timeout=300)
     assert job.returncode == 0, job.output[-3000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3]

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fedsilo_cli, mpirun
+from helpers import fedsilo_cli
+from localjobs import local_mpirun
 from test_dp_train import SIGMA, budget_after_two_rounds, crash_copy, dp_args, rows_of
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+#: the jobs run on ranks forked in-process (tests/localjobs.py; faithful to mpirun by
+#: test_local_faithful.py)
+pytestmark = [pytest.mark.local, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +35,11 @@ def test_budget_stop_under_encryption_equals_plaintext(shards3: Path, keys: Path
     extra = ["--set", f"dp.noise_multiplier={SIGMA}", "--set", "dp.target_epsilon=1000",
              "--set", f"dp.sites.1.target_epsilon={budget}", "--set", "checkpoint.keep=10"]
     plain = tmp_path / "plain"
-    job = mpirun(4, dp_args(shards3, plain, *extra), timeout=300)
+    job = local_mpirun(4, dp_args(shards3, plain, *extra), timeout=300)
     assert job.returncode == 0, job.output[-3000:]
     # rounds 3 and 4 again, from the same secrets, encrypted
     encrypted = crash_copy(plain, tmp_path / "encrypted", after_round=2)
-    job = mpirun(4, ["train", "--resume", str(encrypted), "--set", "he.enabled=true",
+    job = local_mpirun(4, ["train", "--resume", str(encrypted), "--set", "he.enabled=true",
                      "--set", f"he.keys={keys}"], timeout=300)
     assert job.returncode == 0, job.output[-3000:]
     assert "participant 1 has spent its privacy budget" in job.stderr
@@ -70,10 +73,10 @@ def test_user_level_distributed_noise_under_encryption(shards3: Path, keys: Path
             "--set", "dp.user.clip_norm=0.5", "--set", "dp.user.noise_multiplier=1.0",
             "--set", "checkpoint.keep=10"]
     plain = tmp_path / "plain"
-    job = mpirun(4, dp_args(shards3, plain, *user, rounds=2), timeout=300)
+    job = local_mpirun(4, dp_args(shards3, plain, *user, rounds=2), timeout=300)
     assert job.returncode == 0, job.output[-3000:]
     encrypted = crash_copy(plain, tmp_path / "encrypted", after_round=1)
-    job = mpirun(4, ["train", "--resume", str(encrypted), "--set", "he.enabled=true",
+    job = local_mpirun(4, ["train", "--resume", str(encrypted), "--set", "he.enabled=true",
                      "--set", f"he.keys={keys}"], timeout=300)
     assert job.returncode == 0, job.output[-3000:]
     rows = rows_of(encrypted)

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import mpirun
+from localjobs import local_mpirun
 
 from fedsilo.privacy import PrivacyAccountant, plan_steps
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+#: the jobs run on ranks forked in-process (tests/localjobs.py; faithful to mpirun by
+#: test_local_faithful.py)
+pytestmark = [pytest.mark.local, pytest.mark.slow]
 
 ROUNDS, BATCH, MAX_STEPS, SIGMA = 4, 32, 3, 1.0
 
@@ -47,7 +49,7 @@ def budget_after_two_rounds(shards: Path) -> float:
 
 def test_dp_training_reports_epsilon_with_site_overrides(shards3: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    job = mpirun(4, dp_args(shards3, run, "--set", "dp.target_epsilon=8",
+    job = local_mpirun(4, dp_args(shards3, run, "--set", "dp.target_epsilon=8",
                             "--set", "dp.sites.2.target_epsilon=3", rounds=2), timeout=300)
     assert job.returncode == 0, job.output[-4000:]
     rows = rows_of(run)
@@ -109,7 +111,7 @@ def test_budget_stop_and_resume_after_a_kill(shards3: Path, tmp_path: Path) -> N
     extra = ["--set", f"dp.noise_multiplier={SIGMA}", "--set", "dp.target_epsilon=1000",
              "--set", f"dp.sites.1.target_epsilon={budget}", "--set", "checkpoint.keep=10"]
     reference = tmp_path / "reference"
-    job = mpirun(4, dp_args(shards3, reference, *extra), timeout=300)
+    job = local_mpirun(4, dp_args(shards3, reference, *extra), timeout=300)
     assert job.returncode == 0, job.output[-4000:]
     assert "participant 1 has spent its privacy budget" in job.stderr
     assert "stops contributing from round 3; 2 participant(s) continue" in job.stderr
@@ -136,7 +138,7 @@ def test_budget_stop_and_resume_after_a_kill(shards3: Path, tmp_path: Path) -> N
     crashed = crash_copy(reference, tmp_path / "crashed", after_round=2)
     state = torch.load(crashed / "checkpoints" / "round-0002" / "site-001.pt", weights_only=True)
     assert state["privacy"]["accountant"]["history"][0][2] >= 2 * MAX_STEPS
-    job = mpirun(4, ["train", "--resume", str(crashed)], timeout=300)
+    job = local_mpirun(4, ["train", "--resume", str(crashed)], timeout=300)
     assert job.returncode == 0, job.output[-4000:]
     resumed = rows_of(crashed)
     assert [r["epsilon"] for r in resumed] == [r["epsilon"] for r in rows]
@@ -149,9 +151,11 @@ def test_budget_stop_and_resume_after_a_kill(shards3: Path, tmp_path: Path) -> N
 
 def test_budget_abort_ends_every_rank(shards3: Path, tmp_path: Path) -> None:
     budget = budget_after_two_rounds(shards3)
-    job = mpirun(4, dp_args(shards3, tmp_path / "run", "--set", f"dp.noise_multiplier={SIGMA}",
-                            "--set", "dp.target_epsilon=1000", "--set", "dp.budget_policy=abort",
-                            "--set", f"dp.sites.1.target_epsilon={budget}"), timeout=300)
+    job = local_mpirun(4, dp_args(shards3, tmp_path / "run",
+                                  "--set", f"dp.noise_multiplier={SIGMA}",
+                                  "--set", "dp.target_epsilon=1000",
+                                  "--set", "dp.budget_policy=abort",
+                                  "--set", f"dp.sites.1.target_epsilon={budget}"), timeout=300)
     assert job.returncode != 0
     needle = "participant 1 (site-001) would exceed its privacy budget in round 3"
     for rank in range(4):
@@ -183,7 +187,7 @@ def test_user_level_dp(shards3: Path, tmp_path: Path, noise: str, sigma: float) 
     reported per round and per site (test_dp_attacks.py removes the noise with the secrets
     and checks the clipped signal against the sensitivity)."""
     run, clip = tmp_path / "run", 0.01
-    job = mpirun(4, ["train", "--set", f"data.dir={shards3}", "--set", "rounds=2",
+    job = local_mpirun(4, ["train", "--set", f"data.dir={shards3}", "--set", "rounds=2",
                      "--set", "train.max_steps=2", "--set", "checkpoint.keep=3",
                      "--set", "dp.user.enabled=true", "--set", f"dp.user.clip_norm={clip}",
                      "--set", f"dp.user.noise_multiplier={sigma}",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from helpers import mpirun
+from localjobs import local_mpirun
 
 from fedsilo.privacy import PrivacyAccountant, plan_steps
 from fedsilo.stopping import EXIT_HUNG
@@ -174,7 +175,7 @@ def test_every_budget_spent_ends_the_job_cleanly(shards3, tmp_path):
     for k in range(3):
         budget = (_site_epsilon(shards3, k, 2, 4) + _site_epsilon(shards3, k, 3, 4)) / 2
         extra += ["--set", f"dp.sites.{k}.target_epsilon={budget}"]
-    job = mpirun(4, args(shards3, run, *extra, rounds=4), timeout=120)
+    job = local_mpirun(4, args(shards3, run, *extra, rounds=4), timeout=120)
     assert job.returncode == 0, job.output[-3000:]
     assert markers(run) == {"summary.json"}, job.output[-3000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -196,7 +197,7 @@ def test_a_truncated_last_checkpoint_falls_back_to_the_previous_round(shards3, t
     run = tmp_path / "run"
     old = os.umask(0o022)
     try:
-        job = mpirun(4, args(shards3, run), timeout=120)
+        job = local_mpirun(4, args(shards3, run), timeout=120)
     finally:
         os.umask(old)
     assert job.returncode == 0, job.output[-3000:]
@@ -208,7 +209,7 @@ def test_a_truncated_last_checkpoint_falls_back_to_the_previous_round(shards3, t
     last = run / "checkpoints" / "round-0003" / "coordinator.pt"
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 2])
-    job = mpirun(4, ["train", "--resume", str(run)], timeout=120)
+    job = local_mpirun(4, ["train", "--resume", str(run)], timeout=120)
     assert job.returncode == 0, job.output[-3000:]
     assert "round-0003/coordinator.pt cannot be read" in job.stderr, job.stderr[-3000:]
     assert "resuming from round 2, the previous complete checkpoint" in job.stderr

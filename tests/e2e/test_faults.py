@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 from helpers import mpirun
+from localjobs import local_mpirun
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
@@ -27,11 +28,14 @@ def shards(shards3: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(shards3, tmp_path / "shards"))
 
 
-def train(shards: Path, out: Path, *extra: str, ranks: int = 4, verify: bool = True):
+def train(shards: Path, out: Path, *extra: str, ranks: int = 4, verify: bool = True,
+          launch=local_mpirun):
+    """A job on in-process ranks (``launch=mpirun`` for a real one): the errors agreed by
+    every rank are the round's logic, the same under either launcher."""
     args = ["train", "--set", f"data.dir={shards}", "--set", "rounds=2", *extra, "--out", str(out)]
     if not verify:
         args[1:1] = ["--set", "data.verify_hashes=false"]
-    return mpirun(ranks, args, timeout=240)
+    return launch(ranks, args, timeout=240)
 
 
 def assert_agreed_failure(job, *needles: str, ranks: int = 4) -> None:
@@ -56,7 +60,8 @@ def site(shards: Path, k: int) -> Path:
 
 
 def test_unknown_config_key(shards, tmp_path):
-    job = train(shards, tmp_path / "run", "--set", "train.epochz=2")
+    # under a real mpirun: bad input ends a real launch within seconds on every rank
+    job = train(shards, tmp_path / "run", "--set", "train.epochz=2", launch=mpirun)
     assert_agreed_failure(job, "unknown config key 'train.epochz'", "coordinator")
 
 
@@ -245,12 +250,12 @@ def test_resume_without_participant_checkpoint(shards, tmp_path):
     run = tmp_path / "run"
     assert train(shards, run).returncode == 0
     (run / "checkpoints" / "round-0002" / "site-001.pt").unlink()
-    job = mpirun(4, ["train", "--resume", str(run)], timeout=240)
+    job = local_mpirun(4, ["train", "--resume", str(run)], timeout=240)
     assert_agreed_failure(job, "site-001.pt is missing", "participant 2")
 
 
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
-    job = mpirun(2, ["train", "--resume", str(tmp_path)], timeout=240)
+    job = local_mpirun(2, ["train", "--resume", str(tmp_path)], timeout=240)
     assert_agreed_failure(job, "no config.yaml there", ranks=2)
 
 
@@ -276,7 +281,8 @@ def test_a_silent_participant_is_named_and_the_run_resumes(shards, tmp_path):
     hung = json.loads((run / "hung.json").read_text())
     assert hung["silent_ranks"] == [2] and hung["last_checkpoint_round"] == 1
     assert hung["exit_status"] == EXIT_HUNG
-    resumed = mpirun(4, ["train", "--resume", str(run)], timeout=240)
+    # the resume is the round's logic: on in-process ranks
+    resumed = local_mpirun(4, ["train", "--resume", str(run)], timeout=240)
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 3
     assert not (run / "hung.json").exists()

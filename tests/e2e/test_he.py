@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fedsilo_cli, mpirun
+from helpers import fedsilo_cli
+from localjobs import local_mpirun
 from test_faults import assert_agreed_failure
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+#: the jobs run on ranks forked in-process (tests/localjobs.py; faithful to mpirun by
+#: test_local_faithful.py)
+pytestmark = [pytest.mark.local, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,7 +38,7 @@ def train(shards: Path, out: Path, *extra: str, rounds: int = 2, env: dict | Non
     if env:
         os.environ.update(env)
     try:
-        return mpirun(4, args, timeout=240, python_args=python_args)
+        return local_mpirun(4, args, timeout=240, python_args=python_args)
     finally:
         for key in env or {}:
             os.environ.pop(key)

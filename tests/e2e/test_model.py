@@ -15,9 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import InProcess, Job, fedsilo_cli, mpirun
+from helpers import InProcess, Job, fedsilo_cli
+from localjobs import local_mpirun
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+#: the jobs run on ranks forked in-process (tests/localjobs.py; faithful to mpirun by
+#: test_local_faithful.py)
+pytestmark = [pytest.mark.local, pytest.mark.slow]
 
 ROUNDS = 4
 
@@ -45,7 +48,7 @@ def shards2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(shards2: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "run"
-    job = mpirun(4, train_args(shards2, out, rounds=ROUNDS), timeout=300)
+    job = local_mpirun(4, train_args(shards2, out, rounds=ROUNDS), timeout=300)
     assert job.returncode == 0, job.output[-4000:]
     return out
 
@@ -143,7 +146,7 @@ def test_the_best_so_far_survives_resume(run: Path, tmp_path: Path) -> None:
     part = tmp_path / "part"
     shutil.copytree(run, part, ignore=shutil.ignore_patterns(
         "round-0003", "round-0004", "model.*", "best.*", "summary.json", "report"))
-    job = mpirun(4, ["train", "--resume", str(part)], timeout=300)
+    job = local_mpirun(4, ["train", "--resume", str(part)], timeout=300)
     assert job.returncode == 0, job.output[-3000:]
     assert summary_of(part)["resumed_from_round"] == 2
     assert summary_of(part)["best"] == summary_of(run)["best"]

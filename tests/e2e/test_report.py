@@ -1,4 +1,4 @@
-"""See a run: TensorBoard events written by a real MPI job (and continued by a resume), the
+"""See a run: TensorBoard events written by a multi-rank job (and continued by a resume), the
 tqdm bar, and ``fedsilo report`` on what the job left.
 
 One DP job (2 sites on one participant rank, 3 rounds, ``--tensorboard``) and one resume
@@ -14,13 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_shards
-from helpers import fedsilo_cli, mpirun
+from helpers import fedsilo_cli
+from localjobs import local_mpirun
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from fedsilo.boardlog import scalars
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+#: the jobs run on ranks forked in-process (tests/localjobs.py; faithful to mpirun by
+#: test_local_faithful.py)
+pytestmark = [pytest.mark.local, pytest.mark.slow]
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -32,7 +35,7 @@ def job(tmp_path_factory):
     base = tmp_path_factory.mktemp("report")
     shards = make_shards(base / "shards", participants=2, samples=400, partition="iid")
     run = base / "run"
-    first = mpirun(2, ["train", "--set", f"data.dir={shards}", "--set", "rounds=3",
+    first = local_mpirun(2, ["train", "--set", f"data.dir={shards}", "--set", "rounds=3",
                        "--set", "train.batch_size=32", "--set", "train.max_steps=3",
                        "--set", "dp.enabled=true", "--set", "dp.target_epsilon=50",
                        "--set", "runtime.progress=on", "--tensorboard", "--out", str(run)],
@@ -41,7 +44,7 @@ def job(tmp_path_factory):
     before = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     (run / "checkpoints" / "round-0003" / "coordinator.pt").unlink()
     (run / "summary.json").unlink()
-    second = mpirun(2, ["train", "--resume", str(run)], timeout=240)
+    second = local_mpirun(2, ["train", "--resume", str(run)], timeout=240)
     assert second.returncode == 0, second.output[-4000:]
     return {"run": run, "shards": shards, "first": first, "before": before}
 

@@ -14,13 +14,16 @@ from pathlib import Path
 import pytest
 from conftest import make_shards
 from helpers import mpirun
+from localjobs import local_mpirun
 from test_faults import assert_agreed_failure
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+#: the jobs run on ranks forked in-process (tests/localjobs.py), but for two jobs sharing a
+#: run directory (a real mpirun launched beside one)
+pytestmark = [pytest.mark.local, pytest.mark.slow]
 
 
 def train(shards: Path, out: Path, *extra: str, rounds: int = 2):
-    return mpirun(4, ["train", "--set", f"data.dir={shards}", "--set", f"rounds={rounds}",
+    return local_mpirun(4, ["train", "--set", f"data.dir={shards}", "--set", f"rounds={rounds}",
                       "--set", "train.max_steps=2", *extra, "--out", str(out)], timeout=240)
 
 
@@ -44,15 +47,15 @@ def test_a_refused_resume_changes_nothing(finished: Path, tmp_path: Path) -> Non
     for byte as it was, so a plain --resume still works."""
     run = Path(shutil.copytree(finished, tmp_path / "run"))
     before = snapshot(run)
-    job = mpirun(4, ["train", "--resume", str(run), "--set", "model.name=dp_cnn",
+    job = local_mpirun(4, ["train", "--resume", str(run), "--set", "model.name=dp_cnn",
                      "--set", "rounds=3"], timeout=240)
     assert_agreed_failure(job, "CheckpointError", "the shard set or the model changed")
     assert snapshot(run) == before
     # a round count below the rounds already done: refused, nothing changed either
-    job = mpirun(4, ["train", "--resume", str(run), "--set", "rounds=1"], timeout=240)
+    job = local_mpirun(4, ["train", "--resume", str(run), "--set", "rounds=1"], timeout=240)
     assert_agreed_failure(job, "ConfigError", "has completed 2 rounds", "rounds >= 2")
     assert snapshot(run) == before
-    job = mpirun(4, ["train", "--resume", str(run), "--set", "rounds=3"], timeout=240)
+    job = local_mpirun(4, ["train", "--resume", str(run), "--set", "rounds=3"], timeout=240)
     assert job.returncode == 0, job.output[-3000:]
     assert [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()] \
         == [1, 2, 3]
@@ -64,7 +67,7 @@ def test_a_checkpoint_of_another_shape_is_named(finished: Path, tmp_path: Path) 
     configuration, from the shard set recorded in the checkpoint, before any model is built."""
     shards = make_shards(tmp_path / "four", participants=3, classes=4, samples=600)
     run = Path(shutil.copytree(finished, tmp_path / "run"))
-    job = mpirun(4, ["train", "--resume", str(run), "--set", f"data.dir={shards}",
+    job = local_mpirun(4, ["train", "--resume", str(run), "--set", f"data.dir={shards}",
                      "--set", "rounds=3"], timeout=240)
     assert_agreed_failure(job, "CheckpointError", "was trained on another shard set",
                           "num_classes 3 -> 4", "cannot change within a run")
@@ -79,7 +82,7 @@ def test_a_changed_shard_set_is_refused_naming_what_changed(finished: Path,
     shards = make_shards(tmp_path / "four-sites", participants=4, samples=1500)
     run = Path(shutil.copytree(finished, tmp_path / "run"))
     before = snapshot(run)
-    job = mpirun(4, ["train", "--resume", str(run), "--set", f"data.dir={shards}",
+    job = local_mpirun(4, ["train", "--resume", str(run), "--set", f"data.dir={shards}",
                      "--set", "rounds=3"], timeout=240)
     assert_agreed_failure(job, "CheckpointError", "was trained on another shard set",
                           "site(s) [3] were added", "hold other data")
@@ -99,6 +102,7 @@ def test_a_manifest_that_inflates_a_site_is_caught(shards3: Path, tmp_path: Path
     assert_agreed_failure(job, "ShardError", "site-000.h5", "the manifest says split 'train'")
 
 
+@pytest.mark.mpi
 def test_two_jobs_cannot_share_a_run_directory(shards3: Path, tmp_path: Path) -> None:
     from fedsilo.launch import mpirun_command, rank_environment
 
@@ -152,7 +156,7 @@ def test_a_site_leaves_and_sites_join_keeping_their_own_dp_state(shards3: Path,
     run = tmp_path / "run"
     dp = ["--set", "dp.enabled=true", "--set", "dp.target_epsilon=null",
           "--set", "dp.noise_multiplier=1.0"]
-    job = mpirun(4, ["train", "--set", f"data.dir={shards3}", "--set", "rounds=2",
+    job = local_mpirun(4, ["train", "--set", f"data.dir={shards3}", "--set", "rounds=2",
                      "--set", "train.max_steps=2", *dp, "--out", str(run)], timeout=240)
     assert job.returncode == 0, job.output[-3000:]
 
@@ -163,7 +167,7 @@ def test_a_site_leaves_and_sites_join_keeping_their_own_dp_state(shards3: Path,
     two = epsilons(2)
     # site 1 leaves: sites 0 and 2 remain (site 2 is now at index 1)
     left = shard_set_of([a[0], a[2]], shards3 / "test.h5", tmp_path / "left")
-    job = mpirun(3, ["train", "--resume", str(run), "--set", f"data.dir={left}",
+    job = local_mpirun(3, ["train", "--resume", str(run), "--set", f"data.dir={left}",
                      "--set", "rounds=3", "--sites-changed"], timeout=240)
     assert job.returncode == 0, job.output[-3000:]
     assert (run / "departed" / "site-001-round-0002.pt").is_file()
@@ -173,7 +177,7 @@ def test_a_site_leaves_and_sites_join_keeping_their_own_dp_state(shards3: Path,
     # a new site joins, and site 1 comes back: both fresh
     joined = shard_set_of([a[0], a[1], a[2], other / "site-000.h5"], shards3 / "test.h5",
                           tmp_path / "joined")
-    job = mpirun(4, ["train", "--resume", str(run), "--set", f"data.dir={joined}",
+    job = local_mpirun(4, ["train", "--resume", str(run), "--set", f"data.dir={joined}",
                      "--set", "rounds=4", "--sites-changed"], timeout=240)
     assert job.returncode == 0, job.output[-3000:]
     assert "site 3 joins the federation" in job.stderr

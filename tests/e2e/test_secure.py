@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_shards
-from helpers import fedsilo_cli, mpirun
+from helpers import fedsilo_cli
+from localjobs import local_mpirun
 from test_dp_train import crash_copy
 from test_faults import assert_agreed_failure
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+#: the jobs run on ranks forked in-process (tests/localjobs.py; faithful to mpirun by
+#: test_local_faithful.py)
+pytestmark = [pytest.mark.local, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,7 +49,7 @@ def train(shards: Path, out: Path, *extra: str, ranks: int = 3, rounds: int = 2,
     if fault:
         os.environ["FEDSILO_TEST_FAULT"] = fault
     try:
-        return mpirun(ranks, argv, timeout=240,
+        return local_mpirun(ranks, argv, timeout=240,
                       python_args=(str(HERE / "inject.py"),) if fault else ("-m", "fedsilo"))
     finally:
         os.environ.pop("FEDSILO_TEST_FAULT", None)
@@ -104,13 +107,13 @@ def test_masks_compose_with_dp_and_resume_bit_identically(shards4, ids4, tmp_pat
     plain = train(shards4, tmp_path / "plain", *dp)
     assert plain.returncode == 0, plain.output[-3000:]
     switched = crash_copy(tmp_path / "plain", tmp_path / "switched", after_round=1)
-    job = mpirun(3, ["train", "--resume", str(switched), *masks(ids4)], timeout=240)
+    job = local_mpirun(3, ["train", "--resume", str(switched), *masks(ids4)], timeout=240)
     assert job.returncode == 0, job.output[-3000:]
     assert "masks" in rows(switched)[1]
     assert_close(tmp_path / "plain", switched, atol=1e-6)
 
     crashed = crash_copy(switched, tmp_path / "crashed", after_round=1)
-    job = mpirun(3, ["train", "--resume", str(crashed)], timeout=240)
+    job = local_mpirun(3, ["train", "--resume", str(crashed)], timeout=240)
     assert job.returncode == 0, job.output[-3000:]
     a, b = weights(switched), weights(crashed)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed masked run differs"

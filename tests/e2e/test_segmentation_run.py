@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import mpirun
+from localjobs import local_mpirun
 from PIL import Image
 
 from fedsilo.prep.segmentation import pair_folders, prepare_segmentation
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+#: the jobs run on ranks forked in-process (tests/localjobs.py; faithful to mpirun by
+#: test_local_faithful.py), except the one killed, which is a real mpirun
+pytestmark = [pytest.mark.local, pytest.mark.mpi, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def test_federated_segmentation_trains_and_resumes_bit_identically_after_a_kill(
                                                                                 tmp_path):
     rounds = 4
     crashed, full = tmp_path / "crashed", tmp_path / "full"
-    job = mpirun(3, _args(seg_shards, full, rounds), timeout=240)
+    job = local_mpirun(3, _args(seg_shards, full, rounds), timeout=240)
     assert job.returncode == 0, job.output[-4000:]
     rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == list(range(1, rounds + 1))
@@ -92,7 +94,7 @@ def test_federated_segmentation_trains_and_resumes_bit_identically_after_a_kill(
     process.wait()
     assert marker.exists()
     assert not (crashed / "summary.json").exists(), "the run finished before it was killed"
-    job = mpirun(3, ["train", "--resume", str(crashed)], timeout=240)
+    job = local_mpirun(3, ["train", "--resume", str(crashed)], timeout=240)
     assert job.returncode == 0, job.output[-4000:]
     assert "resuming" in job.stderr
     assert _same(_load(crashed / "model.pt"), _load(full / "model.pt"))
@@ -106,9 +108,9 @@ def test_streamed_and_in_memory_segmentation_end_with_identical_weights(seg_shar
     windows of a few images) and cuts the same patches: the same model as held in memory."""
     models = {}
     for mode in ("true", "false"):
-        job = mpirun(3, _args(seg_shards, tmp_path / mode, 2, "--set",
-                              f"data.in_memory={mode}", "--set", "data.memory_limit_mb=1"),
-                     timeout=240)
+        job = local_mpirun(3, _args(seg_shards, tmp_path / mode, 2, "--set",
+                                    f"data.in_memory={mode}", "--set",
+                                    "data.memory_limit_mb=1"), timeout=240)
         assert job.returncode == 0, job.output[-4000:]
         models[mode] = _load(tmp_path / mode / "model.pt")
     assert "the coordinator streams test.h5" in job.stderr

@@ -1,5 +1,6 @@
 """Strategies, partial participation, stragglers, many sites per rank and dropped
-participants, end to end on real MPI jobs (4 synthetic sites; 2 or 4 participant ranks)."""
+participants, end to end on in-process multi-rank jobs (4 synthetic sites; 2 or 4
+participant ranks)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_shards
-from helpers import mpirun
+from localjobs import local_mpirun
 
 from fedsilo.participation import sample_sites
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+#: the jobs run on ranks forked in-process (tests/localjobs.py; faithful to mpirun by
+#: test_local_faithful.py)
+pytestmark = [pytest.mark.local, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
 #: one thread per rank: thread count changes the float rounding of torch's kernels, and
@@ -38,7 +41,7 @@ def train(shards: Path, out: Path, *extra: str, ranks: int = 3, rounds: int = 3,
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        job = mpirun(ranks, argv, timeout=300,
+        job = local_mpirun(ranks, argv, timeout=300,
                      python_args=(str(HERE / "inject.py"),) if fault else ("-m", "fedsilo"))
     finally:
         for k, v in before.items():
@@ -51,7 +54,7 @@ def train(shards: Path, out: Path, *extra: str, ranks: int = 3, rounds: int = 3,
 
 
 def resume(run: Path, *extra: str, ranks: int = 3):
-    job = mpirun(ranks, ["train", "--resume", str(run), *COMMON, *extra], timeout=300)
+    job = local_mpirun(ranks, ["train", "--resume", str(run), *COMMON, *extra], timeout=300)
     assert job.returncode == 0, job.output[-4000:]
 
 

@@ -1,4 +1,4 @@
-"""Streamed shards train the same model as shards held in memory, as a real MPI job."""
+"""Streamed shards train the same model as shards held in memory, as a multi-rank job."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import mpirun
+from localjobs import local_mpirun
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+#: the jobs run on ranks forked in-process (tests/localjobs.py; faithful to mpirun by
+#: test_local_faithful.py)
+pytestmark = [pytest.mark.local, pytest.mark.slow]
 
 
 def test_streamed_and_in_memory_runs_end_with_identical_weights(shards3: Path,
@@ -16,7 +18,7 @@ def test_streamed_and_in_memory_runs_end_with_identical_weights(shards3: Path,
     models = {}
     for mode in ("true", "false"):
         run = tmp_path / mode
-        job = mpirun(4, ["train", "--set", f"data.dir={shards3}", "--set", "rounds=2",
+        job = local_mpirun(4, ["train", "--set", f"data.dir={shards3}", "--set", "rounds=2",
                          "--set", "train.batch_size=32", "--set", "train.max_steps=6",
                          "--set", f"data.in_memory={mode}", "--set", "data.memory_limit_mb=1",
                          "--out", str(run)], timeout=240)

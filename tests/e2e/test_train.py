@@ -1,4 +1,5 @@
-"""prep → train → resume, as real MPI jobs."""
+"""prep → train → resume, as multi-rank jobs: in-process ranks, and a real mpirun where a
+launch, a signal or a kill is the point."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 import yaml
 from helpers import mpirun
+from localjobs import local_mpirun
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
@@ -77,7 +79,7 @@ def test_train_writes_the_run_directory(shards3: Path, tmp_path: Path) -> None:
 
 
 def test_two_ranks_one_participant(shards1: Path, tmp_path: Path) -> None:
-    job = mpirun(2, train_args(shards1, tmp_path / "run", "--set", "runtime.progress=on",
+    job = local_mpirun(2, train_args(shards1, tmp_path / "run", "--set", "runtime.progress=on",
                                rounds=2), timeout=180)
     assert job.returncode == 0, job.output[-4000:]
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -94,7 +96,7 @@ def test_resume_after_a_crash_is_bit_identical(shards3: Path, tmp_path: Path) ->
     checkpoints and model as done in turn (the reference)."""
     rounds = 6
     reference = tmp_path / "reference"
-    job = mpirun(4, train_args(shards3, reference, "--set", "runtime.overlap_eval=false",
+    job = local_mpirun(4, train_args(shards3, reference, "--set", "runtime.overlap_eval=false",
                                rounds=rounds), timeout=300)
     assert job.returncode == 0, job.output[-4000:]
 
@@ -113,7 +115,7 @@ def test_resume_after_a_crash_is_bit_identical(shards3: Path, tmp_path: Path) ->
     assert marker.exists()
     assert not (crashed / "summary.json").exists(), "the run finished before it was killed"
 
-    job = mpirun(4, ["train", "--resume", str(crashed)], timeout=300)
+    job = local_mpirun(4, ["train", "--resume", str(crashed)], timeout=300)
     assert job.returncode == 0, job.output[-4000:]
     assert "resuming" in job.stderr
 
@@ -139,9 +141,9 @@ def test_resume_after_a_crash_is_bit_identical(shards3: Path, tmp_path: Path) ->
 def test_resume_extends_a_finished_run(shards1: Path, tmp_path: Path) -> None:
     """A finished 2-round run resumed with rounds=3 equals a 3-round run."""
     short, full = tmp_path / "short", tmp_path / "full"
-    assert mpirun(2, train_args(shards1, short, rounds=2), timeout=180).returncode == 0
-    assert mpirun(2, train_args(shards1, full, rounds=3), timeout=180).returncode == 0
-    job = mpirun(2, ["train", "--resume", str(short), "--set", "rounds=3"], timeout=180)
+    assert local_mpirun(2, train_args(shards1, short, rounds=2), timeout=180).returncode == 0
+    assert local_mpirun(2, train_args(shards1, full, rounds=3), timeout=180).returncode == 0
+    job = local_mpirun(2, ["train", "--resume", str(short), "--set", "rounds=3"], timeout=180)
     assert job.returncode == 0, job.output[-3000:]
     a, b = load_model(short / "model.pt"), load_model(full / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)

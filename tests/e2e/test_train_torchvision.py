@@ -1,4 +1,4 @@
-"""A torchvision model through the federation, as a real MPI job: ``tv:resnet18`` adapted to
+"""A torchvision model through the federation, as a multi-rank job: ``tv:resnet18`` adapted to
 28 px grey images, made DP-ready (BatchNorm → GroupNorm, residuals out of place), trained
 under DP-SGD with its first blocks frozen."""
 
@@ -10,18 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import mpirun
+from localjobs import local_mpirun
 
 from fedsilo.config import config_from_dict
 from fedsilo.models import build_for
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+#: the jobs run on ranks forked in-process (tests/localjobs.py; faithful to mpirun by
+#: test_local_faithful.py)
+pytestmark = [pytest.mark.local, pytest.mark.slow]
 
 
 def test_a_torchvision_model_trains_under_dp_with_frozen_blocks(shards1: Path,
                                                                 tmp_path: Path) -> None:
     run = tmp_path / "run"
-    job = mpirun(2, ["train", "--set", f"data.dir={shards1}", "--set", "rounds=1",
+    job = local_mpirun(2, ["train", "--set", f"data.dir={shards1}", "--set", "rounds=1",
                      "--set", "model.name=tv:resnet18", "--set", "model.train_layers=1",
                      "--set", "dp.enabled=true", "--set", "dp.noise_multiplier=1.0",
                      "--set", "train.batch_size=16", "--set", "train.max_steps=2",

@@ -12,11 +12,11 @@ import sys
 import traceback
 from typing import Callable
 
-from mpi4py import MPI
+from fedsilo.comm.guard import world_comm
 
 
 def run_tests(tests: dict[str, Callable[[], None]]) -> None:
-    comm = MPI.COMM_WORLD
+    comm = world_comm()  # MPI's under mpirun, fedsilo.comm.local's in the in-process tier
     rank, size = comm.Get_rank(), comm.Get_size()
     passed = failed = 0
     for name, test in tests.items():

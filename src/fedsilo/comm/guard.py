@@ -13,9 +13,26 @@ from typing import Any, Callable
 
 from mpi4py import MPI
 
+from fedsilo.comm.communicator import Communicator
 from fedsilo.errors import AgreedError, FedsiloError
 
 log = logging.getLogger("fedsilo")
+
+
+#: the job's communicator when it is not MPI's (fedsilo.comm.local: ranks forked for tests)
+_WORLD_COMM: Any = None
+
+
+def use_world_comm(comm: Any) -> None:
+    """Make ``comm`` (a :class:`fedsilo.comm.communicator.Communicator`) this process's
+    ``COMM_WORLD`` for :class:`~fedsilo.comm.World` and :func:`run_guarded`."""
+    global _WORLD_COMM
+    _WORLD_COMM = comm
+
+
+def world_comm() -> Any:
+    """The job's communicator: ``MPI.COMM_WORLD`` unless :func:`use_world_comm` set another."""
+    return MPI.COMM_WORLD if _WORLD_COMM is None else _WORLD_COMM
 
 
 def run_guarded(body: Callable[[], int]) -> int:
@@ -26,7 +43,7 @@ def run_guarded(body: Callable[[], int]) -> int:
     - any other exception happened on this rank alone: log rank and traceback, then
       ``MPI_Abort`` so that ranks blocked in a collective are ended too.
     """
-    comm = MPI.COMM_WORLD
+    comm = world_comm()
     where = f"[rank {comm.Get_rank()}/{comm.Get_size()}]"
     try:
         return body()
@@ -43,7 +60,7 @@ def run_guarded(body: Callable[[], int]) -> int:
     return 1  # only reached without MPI (Abort does not return)
 
 
-def abort_hung(comm: "MPI.Comm", message: str, *, stage: str, silent: list[int],
+def abort_hung(comm: Communicator, message: str, *, stage: str, silent: list[int],
                handler: Callable[..., None] | None,
                hosts: dict[int, str] | None = None) -> None:
     """The watchdog's end of the job: let ``handler`` check the last checkpoint and leave a
@@ -73,7 +90,7 @@ def _emit(text: str) -> None:
 ABORT_GRACE_S = 5.0
 
 
-def _abort(comm: "MPI.Comm", code: int) -> None:
+def _abort(comm: Communicator, code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     # MPI_Abort asks the launcher to end the job; with a node cut off the launcher may wait

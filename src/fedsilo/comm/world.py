@@ -21,6 +21,7 @@ import numpy as np
 from mpi4py import MPI
 
 from fedsilo.comm import guard
+from fedsilo.comm.communicator import Communicator
 from fedsilo.errors import AgreedError, CommunicationError, FedsiloError
 
 COORDINATOR = 0
@@ -45,9 +46,9 @@ class World:
     #: sub-communicators kept for reuse (partial participation repeats few rank sets)
     SUBSETS_KEPT = 8
 
-    def __init__(self, comm: "MPI.Comm | None" = None, *, poll_s: float = 0.001,
+    def __init__(self, comm: Communicator | None = None, *, poll_s: float = 0.001,
                  _dup: bool = True, _parent: "World | None" = None) -> None:
-        base = comm if comm is not None else MPI.COMM_WORLD
+        base = comm if comm is not None else guard.world_comm()
         self.comm = base.Dup() if _dup else base
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
@@ -78,8 +79,8 @@ class World:
             self._deadline = None if self.size < 2 else guard.Deadline(
                 tick=self._answer_pings, fire=self._fire)
         else:
-            self.world_ranks = MPI.Group.Translate_ranks(
-                self.comm.Get_group(), list(range(self.size)), self._root.comm.Get_group())
+            self.world_ranks = list(self.comm.Get_group().Translate_ranks(
+                list(range(self.size)), self._root.comm.Get_group()))
         # node-local rank from the machines themselves, not MPI_COMM_TYPE_SHARED: Open MPI
         # groups by hostname, and ranks of two machines under one hostname hang there
         machines = [self._root.machines[r] for r in self.world_ranks]

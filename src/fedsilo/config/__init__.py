@@ -45,7 +45,8 @@ from fedsilo.config.train import TrainConfig
 __all__ = [
     "MAX_NOISE_MULTIPLIER", "MAX_TARGET_EPSILON", "MIN_NOISE_MULTIPLIER", "SITE_DP_KEYS",
     "TORCHVISION", "AggregationConfig", "AugmentConfig", "CheckpointConfig", "Config",
-    "DPConfig", "DPValidationConfig", "DataConfig", "EvalConfig", "HEConfig", "ModelConfig", "ParticipationConfig",
+    "DPConfig", "DPValidationConfig", "DataConfig", "EvalConfig", "HEConfig", "ModelConfig",
+    "ParticipationConfig",
     "RuntimeConfig", "SegmentationConfig", "SiteDP", "StrategyConfig", "TrainConfig",
     "UserDPConfig", "apply_override", "coerce_value", "config_from_dict", "dump_config",
     "load_config", "names_torchvision_weights",
