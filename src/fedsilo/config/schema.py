@@ -137,6 +137,7 @@ def config_error(exc: pydantic.ValidationError, root: Any, prefix: str = "") -> 
     """The first of pydantic's errors, as one line naming the key (``prefix`` + its path)."""
     error = exc.errors(include_url=False)[0]
     keys, hint, info, parent = _walk(root, error["loc"])
+    keys = [_shown(k) for k in keys]
     key = prefix + ".".join(keys) if keys else prefix.rstrip(".") or "config"
     kind, value = error["type"], error.get("input")
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
@@ -144,6 +145,17 @@ def config_error(exc: pydantic.ValidationError, root: Any, prefix: str = "") -> 
         return ConfigError(f"unknown config key '{key}'; known keys of '{where}': "
                            f"{', '.join(sorted(_keys(parent)))}")
     return ConfigError(f"config key '{key}' {_what(kind, error, value, hint, info)}")
+
+
+def _shown(key: Any) -> str:
+    """A key as the message shows it: escaped where it holds a line break or another
+    unprintable character, so that the error stays on one line.
+
+    >>> _shown("train.lr"), _shown("a\\nb")
+    ('train.lr', 'a\\\\nb')
+    """
+    text = str(key)
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _what(kind: str, error: Any, value: Any, hint: Any, info: Any) -> str:
