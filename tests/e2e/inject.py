@@ -18,6 +18,8 @@ FEDSILO_TEST_FAULT=KIND:RANK:CALL makes the CALL-th local training on RANK fail:
            aggregation.secure=none (CALL is ignored)
   stall  - the process stops (SIGSTOP) without failing: in the CALL-th local training on a
            participant, or at the CALL-th end of a round on the coordinator (RANK 0)
+  stallreduce - a participant stops (SIGSTOP) inside the CALL-th reduction of the updates
+           (plain or masked), after the others have entered it: a rank lost mid-Reduce
 """
 
 import os
@@ -36,7 +38,22 @@ if int(os.environ["OMPI_COMM_WORLD_RANK"]) == int(rank):
 
     calls = [0]
 
-    if kind == "stall" and int(rank) == 0:
+    if kind == "stallreduce":
+        import signal
+
+        from fedsilo.comm import World
+
+        def stalling(original):
+            def reduce(self, *args, **kwargs):
+                calls[0] += 1
+                if calls[0] == int(call):
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                return original(self, *args, **kwargs)
+            return reduce
+
+        World.reduce_sum = stalling(World.reduce_sum)
+        World.reduce_ring = stalling(World.reduce_ring)
+    elif kind == "stall" and int(rank) == 0:
         import signal
 
         original_finish = coordinator.Coordinator.finish_round

@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import mpirun
+from helpers import fedsilo_cli, mpirun
 from localjobs import local_mpirun
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
@@ -286,6 +286,44 @@ def test_a_silent_participant_is_named_and_the_run_resumes(shards, tmp_path):
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 3
     assert not (run / "hung.json").exists()
+
+
+@pytest.mark.parametrize("secure", ["none", "masks"])
+def test_a_rank_lost_mid_reduce_ends_the_job_and_it_resumes_bit_exactly(shards, tmp_path,
+                                                                        secure):
+    """Participant 3 stops (SIGSTOP) inside round 2's reduction of the updates, plain or
+    masked, while the others are in it: the watchdog bounds the collective, hung.json names
+    rank 3 and the stage, every rank ends with EXIT_HUNG, and the resumed run ends with the
+    weights of a run that was never interrupted (the masks cancel exactly)."""
+    import torch
+
+    from fedsilo.stopping import EXIT_HUNG
+
+    extra: list[str] = ["--set", "runtime.threads=1"]
+    if secure == "masks":
+        keys = tmp_path / "keys"
+        made = fedsilo_cli(["keys", "--identity", "--sites", "3", "--out", str(keys)])
+        assert made.returncode == 0, made.output
+        extra += ["--set", "aggregation.secure=masks", "--set", f"aggregation.keys={keys}"]
+    run = tmp_path / "run"
+    job = run_with_fault("stallreduce:3:2", shards, run, "--set", "runtime.hang_timeout_s=3",
+                         *extra)
+    assert job.returncode == EXIT_HUNG, job.output[-3000:]
+    assert job.seconds < LIMIT_S, f"took {job.seconds:.1f} s"
+    hung = json.loads((run / "hung.json").read_text())
+    assert hung["silent_ranks"] == [3], hung
+    assert "reduction of the" in hung["stage"] and "round 2" in hung["stage"], hung
+    assert hung["last_checkpoint_round"] == 1 and hung["exit_status"] == EXIT_HUNG, hung
+    resumed = local_mpirun(4, ["train", "--resume", str(run)], timeout=240)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    whole = tmp_path / "whole"
+    reference = local_mpirun(4, ["train", "--set", f"data.dir={shards}", "--set", "rounds=3",
+                                 "--set", "runtime.hang_timeout_s=3", *extra,
+                                 "--out", str(whole)], timeout=240)
+    assert reference.returncode == 0, reference.output[-3000:]
+    got = torch.load(run / "model.pt", weights_only=True)
+    want = torch.load(whole / "model.pt", weights_only=True)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
 def test_a_silent_coordinator_ends_every_participant(shards, tmp_path):
