@@ -65,6 +65,36 @@ def mpirun(num_ranks: int, argv: Sequence[str], *, timeout: float, cwd: Path | N
 _LAUNCHER_FLAKE = "PMIx server's listener thread failed to start"
 
 
+def kill_after_checkpoint(num_ranks: int, argv: Sequence[str], run: Path, round_index: int, *,
+                          timeout: float = 240) -> None:
+    """Start ``fedsilo ARGV`` on ``num_ranks`` real MPI ranks and SIGKILL every process of
+    the job once ``run``'s checkpoint of ``round_index`` is complete (its coordinator.pt),
+    before the run can finish: a crash at a known point."""
+    from fedsilo.launch import mpirun_command, rank_environment
+
+    process = subprocess.Popen(mpirun_command(num_ranks, list(argv)),
+                               env=rank_environment(num_ranks), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = run / "checkpoints" / f"round-{round_index:04d}" / "coordinator.pt"
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert marker.exists(), f"no checkpoint of round {round_index} within {timeout} s"
+    assert not (run / "summary.json").exists(), "the run finished before it was killed"
+
+
+def assert_every_rank_logged(job: Job, *needles: str, ranks: int) -> None:
+    """Every rank's first ERROR line holds every needle, and no traceback was printed."""
+    error_lines = [line for line in job.stderr.splitlines() if " ERROR " in line]
+    for rank in range(ranks):
+        mine = [line for line in error_lines if line.startswith(f"[rank {rank}/{ranks}]")]
+        assert mine, f"rank {rank} did not report the error:\n{job.stderr[-3000:]}"
+        assert all(n in mine[0] for n in needles), mine[0]
+    assert "Traceback" not in job.stderr, "a foreseeable error must not print a traceback"
+
+
 def fedsilo_cli(argv: Sequence[str], *, timeout: float = 120, cwd: Path | None = None) -> Job:
     """Run ``python -m fedsilo ARGV`` as a plain process (no MPI launcher)."""
     start = time.monotonic()

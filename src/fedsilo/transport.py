@@ -91,6 +91,14 @@ def transport_for(config: Any, strategy: Any, *, codec: Any = None,
     return TRANSPORTS.get("plain")()
 
 
+def ring_buffer(current: np.ndarray | None, size: int) -> np.ndarray:
+    """``current`` if it is a uint64 buffer of ``size`` values, else a new one (a rank keeps
+    its ring buffer between rounds)."""
+    if current is None or current.size != size:
+        return np.empty(size, dtype=np.uint64)
+    return current
+
+
 def headroom_error(contribution: Contribution, *, plan: RoundPlan, rank: int,
                    frac_bits: int) -> UpdateError | None:
     """The error, if any, of a rank whose fixed-point sum would not fit the int64 range with
@@ -159,8 +167,7 @@ class FixedPointReduce:
         from fedsilo.crypto.masks import dequantize, quantize
 
         total = contribution.total
-        if self.ring is None or self.ring.size != total.size:
-            self.ring = np.empty(total.size, dtype=np.uint64)
+        self.ring = ring_buffer(self.ring, total.size)
         if team.is_coordinator:
             team.reduce_ring(self.ring, what="the reduction of the updates")
             return Aggregate(total=dequantize(self.ring, frac_bits=self.frac_bits, out=total))
@@ -206,8 +213,7 @@ class MaskedReduce:
         self.session: bytes | None = None
 
     def _ring(self, size: int) -> np.ndarray:
-        if self.ring is None or self.ring.size != size:
-            self.ring = np.empty(size, dtype=np.uint64)
+        self.ring = ring_buffer(self.ring, size)
         return self.ring
 
     def prepare(self, contribution: Contribution, *, plan: RoundPlan,
@@ -314,8 +320,7 @@ class CKKSThroughCoordinator:
         begin = time.perf_counter()
         terms = len(plan.ranks)
         encoding = self.encoding(terms)
-        if self.ring is None or self.ring.size != contribution.total.size:
-            self.ring = np.empty(contribution.total.size, dtype=np.uint64)
+        self.ring = ring_buffer(self.ring, contribution.total.size)
         try:
             to_ring(contribution.total, encoding, num_terms=terms, out=self.ring)
         except UpdateError as exc:

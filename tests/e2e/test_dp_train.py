@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_every_rank_logged
 from localjobs import local_mpirun
 
 from fedsilo.privacy import PrivacyAccountant, plan_steps
@@ -157,12 +158,8 @@ def test_budget_abort_ends_every_rank(shards3: Path, tmp_path: Path) -> None:
                                   "--set", "dp.budget_policy=abort",
                                   "--set", f"dp.sites.1.target_epsilon={budget}"), timeout=300)
     assert job.returncode != 0
-    needle = "participant 1 (site-001) would exceed its privacy budget in round 3"
-    for rank in range(4):
-        mine = [line for line in job.stderr.splitlines()
-                if line.startswith(f"[rank {rank}/4]") and " ERROR " in line]
-        assert mine and needle in mine[0] and "PrivacyBudgetError" in mine[0], job.stderr[-3000:]
-    assert "Traceback" not in job.stderr
+    assert_every_rank_logged(job, "participant 1 (site-001) would exceed its privacy budget "
+                             "in round 3", "PrivacyBudgetError", ranks=4)
     assert [r["round"] for r in rows_of(tmp_path / "run")] == [1, 2]
 
 

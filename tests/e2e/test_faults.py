@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import fedsilo_cli, mpirun
+from helpers import assert_every_rank_logged, fedsilo_cli, mpirun
 from localjobs import local_mpirun
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
@@ -44,12 +44,7 @@ def assert_agreed_failure(job, *needles: str, ranks: int = 4) -> None:
     assert job.seconds < LIMIT_S, f"took {job.seconds:.1f} s"
     for needle in needles:
         assert needle in job.stderr, f"{needle!r} not in:\n{job.stderr[-3000:]}"
-    error_lines = [line for line in job.stderr.splitlines() if " ERROR " in line]
-    for rank in range(ranks):
-        mine = [line for line in error_lines if line.startswith(f"[rank {rank}/{ranks}]")]
-        assert mine, f"rank {rank} did not report the error:\n{job.stderr[-3000:]}"
-        assert all(n in mine[0] for n in needles), mine[0]
-    assert "Traceback" not in job.stderr, "a foreseeable error must not print a traceback"
+    assert_every_rank_logged(job, *needles, ranks=ranks)
 
 
 def site(shards: Path, k: int) -> Path:

@@ -6,15 +6,12 @@ of a run that holds them in memory."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import kill_after_checkpoint
 from localjobs import local_mpirun
 from PIL import Image
 
@@ -81,19 +78,7 @@ def test_federated_segmentation_trains_and_resumes_bit_identically_after_a_kill(
     assert summary["ending"] == "finished"
 
     # the same run, killed (SIGKILL, every rank) once round 2 has a complete checkpoint
-    from fedsilo.launch import mpirun_command, rank_environment
-
-    process = subprocess.Popen(mpirun_command(3, _args(seg_shards, crashed, rounds)),
-                               env=rank_environment(3), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = crashed / "checkpoints" / "round-0002" / "coordinator.pt"
-    deadline = time.monotonic() + 240
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert marker.exists()
-    assert not (crashed / "summary.json").exists(), "the run finished before it was killed"
+    kill_after_checkpoint(3, _args(seg_shards, crashed, rounds), crashed, 2)
     job = local_mpirun(3, ["train", "--resume", str(crashed)], timeout=240)
     assert job.returncode == 0, job.output[-4000:]
     assert "resuming" in job.stderr

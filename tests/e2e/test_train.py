@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import mpirun
+from helpers import kill_after_checkpoint, mpirun
 from localjobs import local_mpirun
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
@@ -102,18 +102,7 @@ def test_resume_after_a_crash_is_bit_identical(shards3: Path, tmp_path: Path) ->
 
     # Same run, killed (SIGKILL, every rank) once round 2 has a complete checkpoint.
     crashed = tmp_path / "crashed"
-    from fedsilo.launch import mpirun_command, rank_environment
-    command = mpirun_command(4, train_args(shards3, crashed, rounds=rounds))
-    process = subprocess.Popen(command, env=rank_environment(4), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 240
-    marker = crashed / "checkpoints" / "round-0002" / "coordinator.pt"
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert marker.exists()
-    assert not (crashed / "summary.json").exists(), "the run finished before it was killed"
+    kill_after_checkpoint(4, train_args(shards3, crashed, rounds=rounds), crashed, 2)
 
     job = local_mpirun(4, ["train", "--resume", str(crashed)], timeout=300)
     assert job.returncode == 0, job.output[-4000:]
