@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -204,6 +204,16 @@ def _check_split(
     n = images.shape[0]
     if labels.shape[0] != n:
         raise ShardError(f"{where}: {n} images but {labels.shape[0]} labels")
+    # the attributes first: a damaged header that declares 2**31 rows is named at once,
+    # before any scan of the rows it claims
+    attrs = group.attrs
+    missing = [k for k in ("num_samples", "class_counts", *_STATS_ATTRS) if k not in attrs]
+    if missing:
+        raise ShardError(f"{where}: missing split attributes {missing}")
+    if int(attrs["num_samples"]) != n:
+        raise ShardError(
+            f"{where}: num_samples attribute is {int(attrs['num_samples'])} but it holds {n}"
+        )
 
     counts = np.zeros(num_classes, dtype=np.int64)
     for start, stop in _blocks(labels):
@@ -219,14 +229,6 @@ def _check_split(
             if not np.isfinite(images[start:stop]).all():
                 raise ShardError(f"{where}: non-finite pixel values (NaN or Inf) in images")
 
-    attrs = group.attrs
-    missing = [k for k in ("num_samples", "class_counts", *_STATS_ATTRS) if k not in attrs]
-    if missing:
-        raise ShardError(f"{where}: missing split attributes {missing}")
-    if int(attrs["num_samples"]) != n:
-        raise ShardError(
-            f"{where}: num_samples attribute is {int(attrs['num_samples'])} but it holds {n}"
-        )
     if np.asarray(attrs["class_counts"]).tolist() != counts.tolist():
         raise ShardError(
             f"{where}: class_counts attribute {np.asarray(attrs['class_counts']).tolist()} "
@@ -240,10 +242,11 @@ def _check_split(
     return n, tuple(int(v) for v in counts), split_stats
 
 
-def _blocks(dataset: h5py.Dataset) -> list[tuple[int, int]]:
+def _blocks(dataset: h5py.Dataset) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each block of rows, lazily: a declared size costs no memory."""
     step = (dataset.chunks[0] if dataset.chunks else 256) * _CHUNKS_PER_BLOCK
     n = dataset.shape[0]
-    return [(start, min(start + step, n)) for start in range(0, n, step)]
+    return ((start, min(start + step, n)) for start in range(0, n, step))
 
 
 def _fmt_shape(shape: Sequence[int]) -> str:
